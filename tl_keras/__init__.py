@@ -1,0 +1,19 @@
+"""tl_keras: fast, correct, ready-to-serve transfer learning with Keras 3.
+
+Typical use::
+
+    from tl_keras import Config, run_training
+    report = run_training(Config(data="photos/", backbone="mobilenet_v2",
+                                 weights="imagenet", output_dir="out"))
+"""
+
+__version__ = "0.1.0"
+
+from tl_keras.config import Config, ConfigError  # noqa: E402,F401
+
+
+def run_training(config):
+    """Runs the two-stage pipeline; see `tl_keras.pipeline.train`."""
+    from tl_keras import pipeline
+
+    return pipeline.train(config)

@@ -1,0 +1,168 @@
+"""The one configuration object of tl_keras.
+
+The CLI (`tl_keras.cli`) builds its absl flags from the fields below, so the
+defaults live here and only here. The library takes a `Config` (or plain
+arguments) and never reads flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad setting. Its message is one line that names the flag and value."""
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run needs. Field names are the CLI flag names.
+
+    Defaults were chosen by measurement on real photos (see `flags/*.flags`
+    and the README); each comment says what the field controls.
+    """
+
+    # --- data ---------------------------------------------------------------
+    # Training data: a folder of class subfolders or `tfds:NAME`.
+    data: str = ""
+    # Validation data; empty: a seeded, stratified split of `data`.
+    val_data: str = ""
+    # Test data, evaluated once at the end; empty: none.
+    test_data: str = ""
+    # Fraction of `data` held out for validation when `val_data` is empty.
+    val_fraction: float = 0.2
+    # Split of a TFDS dataset used for training (TFDS split syntax).
+    tfds_split: str = "train"
+    # Where TFDS finds or stores its datasets; empty: its own default.
+    tfds_data_dir: str = ""
+
+    # --- outputs ------------------------------------------------------------
+    output_dir: str = "runs/latest"
+
+    # --- backbone -----------------------------------------------------------
+    # Lower-case family name, e.g. mobilenet_v2, efficientnet_b0, resnet50.
+    backbone: str = "mobilenet_v2"
+    # Width multiplier for families that have one; 0: the family default.
+    alpha: float = 0.0
+    # imagenet | none | PATH to a weights file (loads offline, any size).
+    weights: str = "imagenet"
+    # Square input size in pixels; 0: the family's default size.
+    image_size: int = 0
+
+    # --- head ---------------------------------------------------------------
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+
+    # --- training -----------------------------------------------------------
+    batch_size: int = 32
+    seed: int = 42
+    # Stage 1: the head on frozen backbone features.
+    head_epochs: int = 40
+    head_learning_rate: float = 1e-3
+    head_weight_decay: float = 1e-4
+    # Stage 2: the top blocks of the backbone, BatchNorm kept frozen.
+    finetune_epochs: int = 10
+    finetune_blocks: int = 2
+    finetune_learning_rate: float = 1e-4
+    warmup_epochs: int = 1
+    # Early stopping patience (epochs without val_loss improvement).
+    patience: int = 8
+    # Augmented views of each training image whose features stage 1 caches.
+    cache_views: int = 4
+    # Augmentation strength; all 0 turns augmentation off.
+    flip: bool = True
+    rotation: float = 10.0  # degrees
+    zoom: float = 0.1
+    contrast: float = 0.1
+
+    # --- evaluation / export -------------------------------------------------
+    top_k: int = 3
+    export: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Builds a config from a dict, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def fields_with_help() -> list[tuple[dataclasses.Field, str]]:
+    """(field, help text) pairs, help taken from the comments above each field."""
+    import inspect
+    import re
+
+    src = inspect.getsource(Config)
+    helps: dict[str, str] = {}
+    pending: list[str] = []
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("#") and not s.startswith("# ---"):
+            pending.append(s.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+): [\w\[\]\.]+ = [^#]*(?:#\s*(.*))?$", s)
+        if m:
+            text = " ".join(pending)
+            if m.group(2):
+                text = (text + " " if text else "") + f"({m.group(2)})"
+            helps[m.group(1)] = text or m.group(1)
+        pending = []
+    return [(f, helps.get(f.name, f.name)) for f in dataclasses.fields(Config)]
+
+
+def fail(flag: str, value, why: str) -> "ConfigError":
+    """Returns a ConfigError whose one-line message names the flag and value."""
+    return ConfigError(f"--{flag}={value!r}: {why}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks values that need no data or model; raises ConfigError.
+
+    Backbone-dependent checks (known family, minimum size, number of blocks)
+    live in `backbones.validate`.
+    """
+    if not cfg.data:
+        raise fail("data", cfg.data, "required: a folder of class subfolders or tfds:NAME")
+    for name in ("head_learning_rate", "finetune_learning_rate"):
+        v = getattr(cfg, name)
+        if not v > 0:
+            raise fail(name, v, "must be > 0")
+    for name in ("batch_size", "cache_views", "top_k"):
+        v = getattr(cfg, name)
+        if int(v) < 1:
+            raise fail(name, v, "must be >= 1")
+    for name in ("head_epochs", "finetune_epochs", "finetune_blocks", "patience",
+                 "warmup_epochs"):
+        v = getattr(cfg, name)
+        if int(v) < 0:
+            raise fail(name, v, "must be >= 0")
+    if not 0 < cfg.val_fraction < 1 and not cfg.val_data:
+        raise fail("val_fraction", cfg.val_fraction, "must be between 0 and 1")
+    if not 0 <= cfg.dropout < 1:
+        raise fail("dropout", cfg.dropout, "must be in [0, 1)")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise fail("label_smoothing", cfg.label_smoothing, "must be in [0, 1)")
+    if cfg.head_weight_decay < 0:
+        raise fail("head_weight_decay", cfg.head_weight_decay, "must be >= 0")
+    if cfg.alpha < 0:
+        raise fail("alpha", cfg.alpha, "must be > 0 (or 0 for the family default)")
+    if cfg.image_size < 0:
+        raise fail("image_size", cfg.image_size, "must be > 0 (or 0 for the family default)")
+    if not 0 <= cfg.rotation <= 180:
+        raise fail("rotation", cfg.rotation, "degrees, must be in [0, 180]")
+    for name in ("zoom", "contrast"):
+        v = getattr(cfg, name)
+        if not 0 <= v < 1:
+            raise fail(name, v, "must be in [0, 1)")
+    if not cfg.output_dir:
+        raise fail("output_dir", cfg.output_dir, "required")
