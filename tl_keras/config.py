@@ -33,6 +33,8 @@ class Config:
     test_data: str = ""
     # Fraction of `data` held out for validation when `val_data` is empty.
     val_fraction: float = 0.2
+    # Fraction of `data` held out for testing when `test_data` is empty.
+    test_fraction: float = 0.0
     # Split of a TFDS dataset used for training (TFDS split syntax).
     tfds_split: str = "train"
     # Where TFDS finds or stores its datasets; empty: its own default.
@@ -146,6 +148,10 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if int(v) < 0:
             raise fail(name, v, "must be >= 0")
+    if not 0 <= cfg.test_fraction < 1:
+        raise fail("test_fraction", cfg.test_fraction, "must be in [0, 1)")
+    if cfg.test_fraction and cfg.test_data:
+        raise fail("test_fraction", cfg.test_fraction, "conflicts with --test_data; give one")
     if not 0 < cfg.val_fraction < 1 and not cfg.val_data:
         raise fail("val_fraction", cfg.val_fraction, "must be between 0 and 1")
     if not 0 <= cfg.dropout < 1:

@@ -1,0 +1,101 @@
+"""Command line: `tl-keras COMMAND --flag=value ...` (also `python -m tl_keras`).
+
+The only module that knows about absl flags. Flags are generated from the
+fields of `tl_keras.config.Config` (same names, same defaults) and turned
+into a Config; the library gets plain objects.
+
+Commands:
+  train     run both stages on --data and write --output_dir
+  evaluate  evaluate a finished run (--model=OUT) on --data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import flags
+
+from tl_keras.config import Config, ConfigError, fields_with_help
+
+FLAGS = flags.FLAGS
+COMMANDS = ("train", "evaluate")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines one flag per Config field, defaults taken from Config()."""
+    defaults = Config()
+    for field, help_text in fields_with_help():
+        default = getattr(defaults, field.name)
+        kind = type(default)
+        definer = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
+                   float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
+        definer(field.name, default, help_text, flag_values=flag_values)
+    flags.DEFINE_string("model", "", "evaluate: a finished run folder (OUT) or a .keras file",
+                        flag_values=flag_values)
+
+
+def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
+    """Builds a Config from parsed flags."""
+    return Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
+
+
+def _train(cfg: Config) -> int:
+    from tl_keras import pipeline
+
+    report = pipeline.train(cfg)
+    summary = {k: report[k] for k in ("stage1", "stage2", "kept", "test") if k in report}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _evaluate(cfg: Config, model_path: str) -> int:
+    from tl_keras import runs
+
+    result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Dispatches a parsed command line; returns the exit code."""
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        got = argv[1] if len(argv) > 1 else ""
+        raise ConfigError(f"command {got!r}: expected one of {', '.join(COMMANDS)} "
+                          "(e.g. tl-keras train --flagfile=flags/smoke.flags)")
+    if len(argv) > 2:
+        raise ConfigError(f"unexpected argument {argv[2]!r} (flags are --name=value)")
+    cfg = config_from_flags()
+    if argv[1] == "train":
+        return _train(cfg)
+    if not FLAGS.model:
+        raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
+    return _evaluate(cfg, FLAGS.model)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, non-zero exit, no traceback."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv if argv is None else argv)
+    argv[0] = "tl-keras"
+    if "data" not in FLAGS:
+        define_flags()
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
+        sys.exit(0)
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        print(f"tl-keras: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        code = main(rest)
+    except ConfigError as e:
+        print(f"tl-keras: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("tl-keras: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

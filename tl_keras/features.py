@@ -1,0 +1,62 @@
+"""Cached backbone features for stage 1.
+
+A frozen backbone maps each image view to the same features every epoch, so
+they are computed once, in inference mode. To keep augmentation, K views of
+each training image are cached: view 0 is the clean image (what the model
+sees at test time), views 1..K-1 are random augmentations.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tl_keras import data as data_lib
+
+
+def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
+            views: int = 1, augmenter=None, seed: int = 0, progress: bool = True
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Computes pooled features of every (image, label) in `images`.
+
+    Args:
+        feature_model: images -> pooled features, in inference mode.
+        images: (uint8 image, int label) examples, ideally cached.
+        batch_size: inference batch size.
+        views: views per image; view 0 is never augmented.
+        augmenter: the training augmentation (called with training=True), or
+            None, which makes every view identical, so only one is computed.
+        seed: seeds the augmenter's random draws per view.
+        progress: print one line per view.
+
+    Returns:
+        (features [N*views, D] float32, labels [N*views] int, seconds).
+    """
+    if augmenter is None:
+        views = 1
+    t0 = time.perf_counter()
+    feats, labels = [], []
+    for v in range(views):
+        ds = images.batch(batch_size)
+        aug = augmenter if v > 0 else None
+
+        def prep(x, y, aug=aug):
+            x = tf.cast(x, tf.float32)
+            if aug is not None:
+                x = aug(x, training=True)
+            return x, y
+
+        ds = ds.map(prep, num_parallel_calls=data_lib.AUTOTUNE).prefetch(data_lib.AUTOTUNE)
+        fs, ys = [], []
+        for x, y in ds:
+            fs.append(np.asarray(feature_model.predict_on_batch(x), dtype=np.float32))
+            ys.append(y.numpy())
+        feats.append(np.concatenate(fs))
+        labels.append(np.concatenate(ys))
+        if progress:
+            print(f"  cached features: view {v + 1}/{views} "
+                  f"({len(feats[-1])} images, {time.perf_counter() - t0:.1f}s)", flush=True)
+    return np.concatenate(feats), np.concatenate(labels), time.perf_counter() - t0

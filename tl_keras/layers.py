@@ -1,0 +1,55 @@
+"""Serializable layers that live inside tl_keras models.
+
+They are registered with Keras so that `model.keras` files reload in safe mode
+(no Lambda layers, no pickled Python code).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+# ImageNet statistics used by keras.applications' preprocess_input.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+
+PREPROCESS_MODES = ("tf", "caffe", "torch", "none")
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class Preprocess(keras.layers.Layer):
+    """A backbone family's `preprocess_input`, as a layer.
+
+    Takes RGB images in 0..255 of any numeric dtype (uint8 or float) and
+    returns what the backbone expects, in the layer's compute dtype.
+
+    Args:
+        mode: "tf" (scale to -1..1), "caffe" (RGB->BGR, minus ImageNet mean),
+            "torch" (0..1, ImageNet mean/std) or "none" (pass 0..255 through).
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"Preprocess mode {mode!r} is not one of {PREPROCESS_MODES}")
+        self.mode = mode
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1)
+            return x - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(_TORCH_MEAN, dtype=self.compute_dtype)
+            std = ops.convert_to_tensor(_TORCH_STD, dtype=self.compute_dtype)
+            return (x / 255.0 - mean) / std
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}

@@ -1,0 +1,145 @@
+"""The two-stage transfer-learning run, top to bottom.
+
+data -> model -> stage 1 (head on cached features) -> unfreeze top blocks ->
+recompile -> stage 2 (fine-tune) -> keep the better stage -> evaluate ->
+write model, labels, config, report -> export SavedModel.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+
+from tl_keras import augment
+from tl_keras import backbones
+from tl_keras import data as data_lib
+from tl_keras import evaluate as evaluate_lib
+from tl_keras import export as export_lib
+from tl_keras import features
+from tl_keras import model as model_lib
+from tl_keras import outputs
+from tl_keras import train as train_lib
+from tl_keras.config import Config, fail, validate
+
+
+def log(msg: str) -> None:
+    print(f"[tl_keras] {msg}", flush=True)
+
+
+def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
+    return np.eye(n, dtype=np.float32)[labels]
+
+
+def _snapshot(model: keras.Model) -> list[np.ndarray]:
+    return [v.numpy() for v in model.weights]
+
+
+def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
+    for v, a in zip(model.weights, values):
+        v.assign(a)
+
+
+def train(cfg: Config) -> dict:
+    """Runs the whole two-stage pipeline described by `cfg`.
+
+    Returns:
+        The report (also written to `OUT/report.json`).
+    """
+    t_start = time.perf_counter()
+    validate(cfg)
+    family = backbones.get_family(cfg.backbone)
+    size = cfg.image_size or family.default_size
+    backbones.validate(family, size, cfg.alpha, cfg.weights)
+    out = outputs.ensure_writable_dir(cfg.output_dir)
+    keras.utils.set_random_seed(cfg.seed)
+
+    # --- data ----------------------------------------------------------------
+    data = data_lib.load_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
+                                 cfg.test_fraction, cfg.seed, cfg.tfds_split, cfg.tfds_data_dir)
+    classes = data.class_names
+    n_cls = len(classes)
+    counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
+    if data.test is not None:
+        counts["test"] = data.test.class_counts(n_cls)
+    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+
+    # --- model ---------------------------------------------------------------
+    backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
+    n_blocks = backbones.num_blocks(backbone, family)
+    if cfg.finetune_blocks > n_blocks:
+        raise fail("finetune_blocks", cfg.finetune_blocks,
+                   f"{family.name} has only {n_blocks} blocks")
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
+    train_images = data_lib.image_dataset(data.train, size)
+    val_images = data_lib.image_dataset(data.val, size)
+    log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}")
+
+    # --- stage 1: the head on cached features ------------------------------
+    log(f"stage 1: caching backbone features ({cfg.cache_views} view(s) per training image)")
+    tr_f, tr_y, t_cache_train = features.extract(clf.features, train_images, cfg.batch_size,
+                                                 cfg.cache_views, augmenter, cfg.seed)
+    va_f, va_y, t_cache_val = features.extract(clf.features, val_images, cfg.batch_size,
+                                               progress=False)
+    s1 = train_lib.fit_head(clf.head, tr_f, _one_hot(tr_y, n_cls), va_f, _one_hot(va_y, n_cls),
+                            epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
+                            weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
+                            patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+    s1.seconds += t_cache_train + t_cache_val
+    log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
+        f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
+    report = {"classes": classes, "class_counts": counts, "backbone": family.name,
+              "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
+    kept = "stage1"
+
+    # --- unfreeze the top blocks, recompile, stage 2 -------------------------
+    if cfg.finetune_epochs and cfg.finetune_blocks:
+        stage1_weights = _snapshot(clf.model)
+        unfrozen = backbones.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
+        log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
+            f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
+        train_ds = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+                                    seed=cfg.seed, augment=augmenter)
+        val_ds = data_lib.batched(val_images, cfg.batch_size, n_cls)
+        steps = -(-len(data.train) // cfg.batch_size)
+        s2 = train_lib.fit_finetune(clf.model, train_ds, val_ds, epochs=cfg.finetune_epochs,
+                                    initial_epoch=s1.epochs, steps_per_epoch=steps,
+                                    learning_rate=cfg.finetune_learning_rate,
+                                    warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
+                                    label_smoothing=cfg.label_smoothing)
+        report["stage2"] = {**s2.summary(), "blocks": unfrozen}
+        log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
+            f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
+        # Fine-tuning can hurt on small data: keep what validates best
+        # (accuracy first, loss breaks ties).
+        if (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss):
+            kept = "stage2"
+        else:
+            _restore(clf.model, stage1_weights)
+        clf.backbone.trainable = False
+    report["kept"] = kept
+    log(f"kept the weights of {kept}")
+
+    # --- evaluate ------------------------------------------------------------
+    if data.test is not None:
+        report["test"] = evaluate_lib.evaluate(clf.model, data.test, size, cfg.batch_size,
+                                               cfg.top_k)
+        log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} images")
+
+    # --- write outputs and export ----------------------------------------------
+    resolved = cfg.replace(image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
+    with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
+        clf.model.save(tmp)
+    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
+    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    if cfg.export:
+        path = export_lib.export_saved_model(clf.model, classes, size,
+                                             os.path.join(out, "export", "1"), cfg.top_k)
+        report["export"] = path
+        log(f"exported SavedModel to {path}")
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    return report

@@ -1,0 +1,58 @@
+"""Reading finished runs back: model, labels and resolved config of OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+
+from tl_keras import data as data_lib
+from tl_keras import evaluate as evaluate_lib
+from tl_keras import layers  # noqa: F401  (registers tl_keras layers for loading)
+from tl_keras import outputs
+from tl_keras.config import Config, fail
+
+
+def load_run(path: str, flag: str = "model") -> tuple[keras.Model, list[str], Config]:
+    """Loads a run folder (or a .keras file inside one) in Keras's safe mode.
+
+    Returns:
+        (model, class names, resolved config of the run).
+    """
+    run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+    model_file = path if path.endswith(".keras") else os.path.join(path, "model.keras")
+    if not os.path.isfile(model_file):
+        raise fail(flag, path, "no model.keras there (expected a tl-keras train --output_dir)")
+    labels_file = os.path.join(run_dir, "labels.txt")
+    config_file = os.path.join(run_dir, "config.json")
+    for f in (labels_file, config_file):
+        if not os.path.isfile(f):
+            raise fail(flag, path, f"missing {os.path.basename(f)} next to the model")
+    with open(labels_file, encoding="utf-8") as f:
+        classes = [line.rstrip("\n") for line in f if line.strip()]
+    with open(config_file, encoding="utf-8") as f:
+        cfg = Config.from_dict(json.load(f))
+    try:
+        model = keras.models.load_model(model_file, safe_mode=True, compile=False)
+    except Exception as e:  # noqa: BLE001
+        raise fail(flag, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
+    return model, classes, cfg
+
+
+def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> dict:
+    """Evaluates a finished run on a labelled source; writes OUT/evaluation.json.
+
+    Returns:
+        {"data": data, "test": {"accuracy", "n", ...}}, the same test block
+        `train` writes to report.json.
+    """
+    model, classes, cfg = load_run(path)
+    if not data:
+        raise fail("data", data, "required: the labelled data to evaluate on")
+    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir)
+    result = {"data": data,
+              "test": evaluate_lib.evaluate(model, split, cfg.image_size, batch_size, top_k)}
+    run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+    outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
+    return result

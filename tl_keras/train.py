@@ -1,0 +1,153 @@
+"""The two training stages: compile and fit.
+
+Stage 1 fits the head on cached pooled features (the backbone is frozen, so
+its features are a fixed function of the image view). Stage 2 fits the full
+model with the top blocks unfrozen, at a low learning rate with linear warmup
+and cosine decay; BatchNorm stays frozen and in inference mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What one stage did.
+
+    Attributes:
+        epochs: epochs run.
+        best_epoch: 1-based epoch (counted across stages) whose weights were kept.
+        seconds: wall time of the fit.
+        val_accuracy / val_loss: of the kept weights.
+        history: per-epoch logs (loss, accuracy, val_loss, val_accuracy, lr).
+    """
+
+    epochs: int
+    best_epoch: int
+    seconds: float
+    val_accuracy: float
+    val_loss: float
+    history: dict
+
+    def summary(self) -> dict:
+        return {"epochs": self.epochs, "best_epoch": self.best_epoch,
+                "seconds": round(self.seconds, 2), "val_accuracy": self.val_accuracy,
+                "val_loss": self.val_loss}
+
+
+def _loss(multi_label: bool, label_smoothing: float):
+    if multi_label:
+        return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+
+def _metrics(multi_label: bool):
+    if multi_label:
+        return [keras.metrics.BinaryAccuracy(name="accuracy")]
+    return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+
+
+class _LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's current learning rate to each epoch's logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch, callbacks,
+         class_weight=None, verbose=2) -> tuple[dict, int, float]:
+    """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds)."""
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
+                                         restore_best_weights=True)
+    if not patience:
+        stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
+    cbs = [stop, _LearningRateLogger()] + list(callbacks or [])
+    t0 = time.perf_counter()
+    hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
+                     initial_epoch=initial_epoch, validation_data=validation_data,
+                     callbacks=cbs, verbose=verbose, class_weight=class_weight)
+    seconds = time.perf_counter() - t0
+    # Keras numbers epochs absolutely (from initial_epoch), 0-based.
+    last = initial_epoch + len(hist.history.get("loss", [])) - 1
+    best = stop.best_epoch if stop.best_epoch is not None else last
+    return hist.history, best + 1, seconds
+
+
+def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.ndarray,
+             val_features: np.ndarray, val_targets: np.ndarray, *, epochs: int,
+             learning_rate: float, weight_decay: float, batch_size: int, patience: int,
+             label_smoothing: float, multi_label: bool = False,
+             class_weight: Optional[dict] = None, callbacks=(), verbose: int = 2) -> StageResult:
+    """Stage 1: trains the head on cached features.
+
+    Args:
+        head: features -> probabilities (its layers are the full model's head).
+        train_features: [N, D] pooled features (all cached views).
+        train_targets: [N, C] one-hot (or multi-hot) targets.
+        val_features / val_targets: the validation split, same form.
+        epochs: maximum epochs; early stopping on val_loss keeps the best.
+        learning_rate: peak learning rate of AdamW with cosine decay.
+        weight_decay: AdamW decoupled weight decay.
+        patience: epochs without val_loss improvement before stopping.
+
+    Returns:
+        The StageResult; the head holds the best weights.
+    """
+    steps = math.ceil(len(train_features) / batch_size) * max(epochs, 1)
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
+    head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
+                 loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label))
+    history, best_epoch, seconds = _fit(
+        head, train_features, train_targets, (val_features, val_targets), epochs, batch_size,
+        patience, 0, list(callbacks), class_weight=class_weight, verbose=verbose)
+    val_loss, val_acc = head.evaluate(val_features, val_targets, verbose=0,
+                                      batch_size=batch_size)[:2]
+    return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
+                       float(val_loss), history)
+
+
+def fit_finetune(model: keras.Model, train_ds, val_ds, *, epochs: int, initial_epoch: int,
+                 steps_per_epoch: int, learning_rate: float, warmup_epochs: int,
+                 patience: int, label_smoothing: float, multi_label: bool = False,
+                 class_weight: Optional[dict] = None, callbacks=(),
+                 verbose: int = 2) -> StageResult:
+    """Stage 2: fine-tunes the unfrozen top blocks and the head.
+
+    The model must already have its top blocks unfrozen (see
+    `backbones.set_trainable_top_blocks`); this recompiles it, as Keras
+    requires after changing `trainable`.
+
+    Args:
+        model: the full model.
+        train_ds / val_ds: batched (images, targets) datasets; training
+            batches are augmented by the pipeline.
+        epochs: maximum epochs of this stage.
+        initial_epoch: epochs already run by stage 1 (numbering continues).
+        steps_per_epoch: batches per epoch (for the schedule).
+        learning_rate: peak learning rate after warmup.
+        warmup_epochs: linear warmup length.
+
+    Returns:
+        The StageResult; the model holds the best weights of this stage.
+    """
+    total = max(steps_per_epoch * epochs, 1)
+    warmup = min(steps_per_epoch * warmup_epochs, total - 1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else learning_rate, decay_steps=total - warmup, alpha=0.0,
+        warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label))
+    history, best_epoch, seconds = _fit(model, train_ds, None, val_ds, epochs, None, patience,
+                                        initial_epoch, list(callbacks),
+                                        class_weight=class_weight, verbose=verbose)
+    val_loss, val_acc = model.evaluate(val_ds, verbose=0)[:2]
+    return StageResult(len(history["loss"]), best_epoch, seconds,
+                       float(val_acc), float(val_loss), history)
