@@ -1,0 +1,45 @@
+"""Shared fixtures: paths to the real shared data, tiny real models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+WEIGHTS_MNV2_035 = DATA / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+FLOWERS_MINI = DATA / "flowers_mini"
+
+
+def run_cli(*args: str, timeout: int = 900, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Runs `python -m tl_keras ARGS` in a subprocess; returns the completed process."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "tl_keras", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA.is_dir(), f"the shared data is missing at {DATA} (see its README)"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """One real end-to-end CLI run on flowers_mini with the real MobileNetV2-0.35 weights.
+
+    Shared by the CLI, evaluate and export tests so the suite trains once.
+    """
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_cli(
+        "train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=128",
+        "--finetune_epochs=2", "--finetune_blocks=1", f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return out

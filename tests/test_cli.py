@@ -1,0 +1,104 @@
+"""The command line: one-line errors for bad input, and a real end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
+
+
+def _assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    last = err[-1] if err else ""
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("tl-keras: error:"), proc.stderr[-2000:]
+    for n in needles:
+        assert n in last, (n, last)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--backbone=mobilenet_v9"], ["--backbone", "mobilenet_v9"]),
+    (["--image_size=16"], ["--image_size", "16", "at least"]),
+    (["--head_learning_rate=0"], ["--head_learning_rate", "0"]),
+    (["--finetune_learning_rate=-1e-3"], ["--finetune_learning_rate", "-0.001"]),
+    (["--finetune_blocks=99", "--weights=none", "--image_size=32"], ["--finetune_blocks", "99"]),
+    (["--data=/nonexistent/folder"], ["--data", "/nonexistent/folder", "no such folder"]),
+    (["--batch_size=abc"], ["batch_size", "abc"]),
+    (["--no_such_flag=1"], ["no_such_flag"]),
+    (["--weights=/no/such/file.h5"], ["--weights", "/no/such/file.h5"]),
+])
+def test_bad_flags_give_one_line_errors(args, needles, tmp_path):
+    base = [f"--data={FLOWERS_MINI}", f"--output_dir={tmp_path / 'out'}"]
+    proc = run_cli("train", *base, *args, timeout=300)
+    _assert_one_line_error(proc, *needles)
+
+
+def test_empty_data_folder_is_refused(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    proc = run_cli("train", f"--data={tmp_path / 'data'}", f"--output_dir={tmp_path / 'o'}")
+    _assert_one_line_error(proc, "--data")
+
+
+def test_unknown_command():
+    proc = run_cli("trian")
+    _assert_one_line_error(proc, "trian")
+
+
+def test_end_to_end_train_writes_the_output_contract(trained_run):
+    out = trained_run
+    for f in ("model.keras", "labels.txt", "config.json", "report.json",
+              "export/1/saved_model.pb"):
+        assert (out / f).exists(), f
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes"] == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert (out / "labels.txt").read_text().split() == report["classes"]
+    for stage in ("stage1", "stage2"):
+        assert {"epochs", "seconds", "val_accuracy"} <= set(report[stage])
+    assert report["stage2"]["epochs"] >= 1
+    # 5 classes: chance is 0.2. Real ImageNet weights on real photos do far better.
+    assert report["test"]["n"] == 30
+    assert report["test"]["accuracy"] >= 0.6, report["test"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["image_size"] == 128 and cfg["alpha"] == 0.35
+
+
+def test_evaluate_command_reproduces_the_test_block(trained_run, tmp_path):
+    # Evaluate on a folder of the run's own test images: the same numbers as report.json.
+    import shutil
+    from tl_keras import data as data_lib
+
+    cfg = json.loads((trained_run / "config.json").read_text())
+    ds = data_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+                               val_fraction=cfg["val_fraction"])
+    for path, label in zip(ds.test.items, ds.test.labels):
+        dst = tmp_path / "test" / ds.class_names[label]
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dst)
+    proc = run_cli("evaluate", f"--model={trained_run}", f"--data={tmp_path / 'test'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    report = json.loads((trained_run / "report.json").read_text())
+    assert printed["test"]["n"] == report["test"]["n"]
+    assert printed["test"]["accuracy"] == pytest.approx(report["test"]["accuracy"])
+    written = json.loads((trained_run / "evaluation.json").read_text())
+    assert written["test"] == printed["test"]
+
+
+def test_flagfile_with_override(tmp_path):
+    flagfile = tmp_path / "x.flags"
+    flagfile.write_text(f"--data={FLOWERS_MINI}\n--backbone=mobilenet_v2\n--image_size=64\n")
+    proc = run_cli("train", f"--flagfile={flagfile}", "--backbone=nope",
+                   f"--output_dir={tmp_path / 'o'}")
+    _assert_one_line_error(proc, "--backbone", "nope")
+
+
+def test_python_dash_m_help_lists_core_flags():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--data", "--val_data", "--test_data", "--output_dir", "--backbone", "--alpha",
+                 "--weights", "--image_size", "--batch_size", "--head_epochs",
+                 "--finetune_epochs", "--finetune_blocks", "--seed"):
+        assert flag in proc.stdout, flag

@@ -1,0 +1,104 @@
+"""The transfer model: frozen really means frozen, raw pixels in, float32 out."""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+import pytest
+
+from tl_keras import backbones
+from tl_keras import model as model_lib
+from tl_keras.layers import Preprocess
+
+
+def _tiny(num_classes=3, size=32, dropout=0.0):
+    keras.utils.set_random_seed(0)
+    fam = backbones.get_family("mobilenet_v2")
+    bb = backbones.build_backbone(fam, "none", size, 0.35)
+    return model_lib.build_classifier(bb, fam, num_classes, dropout)
+
+
+def _bn_layers(model):
+    return [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+
+
+def test_stage2_step_changes_only_unfrozen_blocks_and_keeps_bn_statistics():
+    clf = _tiny()
+    fam = clf.family
+    unfrozen = backbones.set_trainable_top_blocks(clf.backbone, fam, 2)
+    blocks = dict(backbones.block_map(clf.backbone, fam))
+    unfrozen_layers = {n for b in unfrozen for n in blocks[b]}
+    before = {w.path: w.numpy().copy() for w in clf.model.weights}
+
+    clf.model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    # Images far from ImageNet statistics: BN in training mode would move its statistics.
+    x = rng.uniform(200, 255, size=(16, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 16), 3)
+    clf.model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+    changed_unfrozen = 0
+    for layer in clf.backbone.layers:
+        for w in layer.weights:
+            same = np.array_equal(before[w.path], w.numpy())
+            if layer.name in unfrozen_layers and not isinstance(layer, keras.layers.BatchNormalization):
+                changed_unfrozen += not same
+            else:
+                assert same, f"frozen weight {w.path} changed"
+    assert changed_unfrozen > 0, "the unfrozen blocks did not train"
+    for bn in _bn_layers(clf.backbone):
+        assert not bn.trainable
+        assert np.array_equal(before[bn.moving_mean.path], bn.moving_mean.numpy())
+        assert np.array_equal(before[bn.moving_variance.path], bn.moving_variance.numpy())
+    head = clf.model.get_layer(model_lib.HEAD_LAYER)
+    assert not np.array_equal(before[head.bias.path], head.bias.numpy())
+
+
+def test_uint8_and_float_inputs_give_identical_predictions():
+    clf = _tiny()
+    img = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    p_uint8 = clf.model.predict(img, verbose=0)
+    p_float = clf.model.predict(img.astype("float32"), verbose=0)
+    np.testing.assert_array_equal(p_uint8, p_float)
+    assert p_uint8.dtype == np.float32
+    np.testing.assert_allclose(p_uint8.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_output_is_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        clf = _tiny()
+        assert clf.backbone.layers[2].compute_dtype == "float16"
+        out = clf.model.predict(np.zeros((2, 32, 32, 3), "uint8"), verbose=0)
+        assert out.dtype == np.float32
+        assert clf.model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_head_model_shares_weights_with_full_model():
+    clf = _tiny()
+    x = np.random.default_rng(2).uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    feats = clf.features.predict(x, verbose=0)
+    np.testing.assert_allclose(clf.head.predict(feats, verbose=0), clf.model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["tf", "caffe", "torch", "none"])
+def test_preprocess_layer_matches_keras_applications(mode):
+    from keras.applications import imagenet_utils
+
+    x = np.random.default_rng(3).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    got = np.asarray(Preprocess(mode)(x))
+    want = x if mode == "none" else imagenet_utils.preprocess_input(x.copy(), mode=mode)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_model_file_reloads_in_safe_mode(tmp_path):
+    clf = _tiny()
+    path = tmp_path / "m.keras"
+    clf.model.save(path)
+    again = keras.models.load_model(path, safe_mode=True)
+    x = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(again.predict(x, verbose=0), clf.model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
