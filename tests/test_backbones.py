@@ -1,9 +1,9 @@
 """Tests for tl_keras.backbones: the family table, blocks and freezing.
 
 Every family is built once, with weights=None at its minimum input size (the
-build cost is the graph, not the pixels), and all per-family checks run on
-that one model; the Keras session is cleared after each so the ~40 graphs do
-not pile up in memory.
+build cost is the graph, not the pixels) and without drawing initial values
+(see `_build`), and all per-family checks run on that one model; the Keras
+session is cleared after each so the ~40 graphs do not pile up in memory.
 """
 
 from __future__ import annotations
@@ -34,24 +34,6 @@ EXPECTED_NAMES = (
     + [f"convnext_{s}" for s in ("tiny", "small", "base", "large", "xlarge")]
     + ["nasnet_mobile", "nasnet_large"]
 )
-
-# Module of keras.applications whose preprocess_input each family must match.
-PREPROCESS_MODULE = {
-    "mobilenet": "mobilenet", "mobilenet_v2": "mobilenet_v2",
-    "mobilenet_v3": "mobilenet_v3", "efficientnet_v2": "efficientnet_v2",
-    "efficientnet": "efficientnet", "resnet": "resnet", "xception": "xception",
-    "inception_v3": "inception_v3", "inception_resnet_v2": "inception_resnet_v2",
-    "densenet": "densenet", "vgg16": "vgg16", "vgg19": "vgg19",
-    "convnext": "convnext", "nasnet": "nasnet",
-}
-
-
-def _preprocess_module(name: str) -> str:
-    if name.endswith("_v2") and name.startswith("resnet"):
-        return "resnet_v2"
-    # Longest prefix wins ("efficientnet_v2" over "efficientnet").
-    return max((k for k in PREPROCESS_MODULE if name.startswith(k)), key=len)
-
 
 def _parents(model: keras.Model) -> dict[str, list[str]]:
     """Direct producers of every operation (layers and bare ops), by name.
@@ -166,6 +148,19 @@ def _check_freezing(model, family, blocks):
         set_trainable_top_blocks(model, family, n + 1)
 
 
+def _build(fam, size):
+    """Builds for structure checks only, without drawing initial values.
+
+    Drawing random initial values is about half the build time, and these
+    tests read no value: in a StatelessScope that does not initialize on
+    exit, the graph, the variables and their trainable flags are the same,
+    just never filled (keras.backend.clear_session drops them).
+    """
+    keras.backend.clear_session()
+    with keras.StatelessScope(initialize_variables=False):
+        return build_backbone(fam, "none", size)
+
+
 def test_family_table_is_complete():
     assert sorted(FAMILIES) == sorted(EXPECTED_NAMES)
     for name, fam in FAMILIES.items():
@@ -180,7 +175,8 @@ def test_family_table_is_complete():
 def test_preprocess_matches_keras(name):
     """The mode reproduces the family's own keras preprocess_input."""
     fam = FAMILIES[name]
-    module = importlib.import_module(f"keras.applications.{_preprocess_module(name)}")
+    # The module that defines the constructor holds its preprocess_input.
+    module = importlib.import_module(fam.constructor.__module__)
     x = np.linspace(0, 255, 2 * 4 * 4 * 3, dtype="float32").reshape(2, 4, 4, 3)
     got = np.asarray(module.preprocess_input(x.copy()))
     from keras.applications import imagenet_utils
@@ -195,13 +191,8 @@ def test_preprocess_matches_keras(name):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_blocks_and_freezing(name):
     fam = get_family(name)
-    keras.backend.clear_session()
     try:
-        # StatelessScope defers the random initialization of the variables
-        # (about a third of the build time); the graph, the variables and
-        # their trainable flags are the same, and no value is read here.
-        with keras.StatelessScope():
-            model = build_backbone(fam, "none", fam.min_size)
+        model = _build(fam, fam.min_size)
         blocks = block_map(model, fam)
         names = [n for _, ns in blocks for n in ns]
         assert sorted(names) == sorted(l.name for l in model.layers)  # each exactly once
@@ -209,6 +200,9 @@ def test_family_blocks_and_freezing(name):
         assert len(blocks) >= 3, [b for b, _ in blocks]
         assert all(ns for _, ns in blocks)
         assert blocks[0][1][0] == model.layers[0].name  # the input opens the first block
+        if fam.preprocess == "none":  # it must then scale 0..255 inputs itself
+            assert any(isinstance(l, (keras.layers.Rescaling, keras.layers.Normalization))
+                       for l in model.layers[:4]), [l.name for l in model.layers[:4]]
         parents = _parents(model)
         _check_whole_units(model, fam, blocks, parents)
         if name in ("resnet50", "mobilenet_v2", "efficientnet_b0"):
@@ -233,8 +227,7 @@ def test_min_size_is_the_keras_minimum(name):
 def test_split_residual_unit_is_detected():
     """The structural check itself fails on a block map that halves a unit."""
     fam = get_family("resnet50")
-    keras.backend.clear_session()
-    model = build_backbone(fam, "none", 32)
+    model = _build(fam, 32)
     blocks = block_map(model, fam)
     i = next(i for i, (b, _) in enumerate(blocks) if b == "conv2_block2")
     names = blocks[i][1]
@@ -251,17 +244,28 @@ def test_split_residual_unit_is_detected():
 
 def test_block_names():
     """Spot checks that blocks are the units a reader would expect."""
-    keras.backend.clear_session()
     fam = get_family("inception_v3")
-    blocks = block_map(build_backbone(fam, "none", 75), fam)
+    blocks = block_map(_build(fam, 75), fam)
     assert [b for b, _ in blocks] == ["stem"] + [f"mixed{i}" for i in range(11)]
     assert all(ns[-1] == b for b, ns in blocks[1:])  # each closes at its concat
-    keras.backend.clear_session()
     fam = get_family("resnet50")
-    blocks = dict(block_map(build_backbone(fam, "none", 32), fam))
+    blocks = dict(block_map(_build(fam, 32), fam))
     assert "conv2_block1_0_conv" in blocks["conv2_block1"]  # shortcut with its unit
     assert list(blocks)[:3] == ["stem", "conv2_block1", "conv2_block2"]
     assert len(blocks) == 17
+    keras.backend.clear_session()
+
+
+@pytest.mark.parametrize("name,size", [("xception", 71), ("inception_v3", 75), ("nasnet_mobile", 32)])
+def test_blocks_ignore_name_suffixes(name, size):
+    """A second build in one process gets "add_12", "conv2d_94", ...: same blocks."""
+    fam = get_family(name)
+    first = block_map(_build(fam, size), fam)
+    with keras.StatelessScope(initialize_variables=False):
+        second_model = build_backbone(fam, "none", size)  # no clear_session
+    second = block_map(second_model, fam)
+    assert set(l.name for l in second_model.layers) - set(n for _, ns in first for n in ns)
+    assert [(b, len(ns)) for b, ns in second] == [(b, len(ns)) for b, ns in first]
     keras.backend.clear_session()
 
 

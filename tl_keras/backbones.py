@@ -129,11 +129,13 @@ _NASNET_RULES = (
 
 
 def _efficientnet(name, ctor, size, extra=()):
+    """An EfficientNet (V1 or V2) family; they share layer names and min size."""
     return Family(name=name, constructor=ctor, preprocess="none", default_size=size,
                   min_size=32, block_rules=_EFFICIENTNET_RULES, extra_kwargs=extra)
 
 
 def _convnext(name, ctor):
+    """A ConvNeXt family; all five share rules, sizes and built-in preprocessing."""
     return Family(name=name, constructor=ctor, preprocess="none", default_size=224,
                   min_size=32, block_rules=_CONVNEXT_RULES, extra_kwargs=_SELF_PREPROCESSING)
 
@@ -387,6 +389,7 @@ def _graph(model: keras.Model) -> tuple[list, list[list[int]]]:
 
 
 def _rule_block(rules, name: str) -> Optional[str]:
+    """The block the first matching rule names for a layer name, or None."""
     for rx, tpl in rules:
         m = rx.fullmatch(name)
         if m:
