@@ -95,6 +95,9 @@ class Config:
     jit_compile: str = "auto"
 
     # --- evaluation / export -------------------------------------------------
+    # Average the predictions of each image and its mirror (only with --flip,
+    # whose augmentation says a mirror is a valid image).
+    tta: bool = True
     top_k: int = 3
     export: bool = True
 

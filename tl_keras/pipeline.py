@@ -188,21 +188,24 @@ def train(cfg: Config) -> dict:
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")
+    mirror = cfg.tta and cfg.flip
+    final = clf.inference_model(mirror_average=mirror)
+    report["tta"] = "mirror_average" if mirror else "none"
 
     # --- evaluate ------------------------------------------------------------
     if data.test is not None:
-        report["test"] = evaluate_lib.evaluate(clf.model, data.test, size, cfg.batch_size,
+        report["test"] = evaluate_lib.evaluate(final, data.test, size, cfg.batch_size,
                                                cfg.top_k)
         log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} images")
 
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
     with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
-        clf.model.save(tmp)
+        final.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
     if cfg.export:
-        path = export_lib.export_saved_model(clf.model, classes, size,
+        path = export_lib.export_saved_model(final, classes, size,
                                              os.path.join(out, "export", "1"), cfg.top_k)
         report["export"] = path
         log(f"exported SavedModel to {path}")
