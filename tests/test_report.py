@@ -170,6 +170,33 @@ def test_pngs_are_real_images_of_the_expected_size(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "cm.png", "m.png"]
 
 
+def test_a_perfect_evaluation_leaves_no_stale_mistakes_png(tmp_path):
+    (tmp_path / "evaluation_mistakes.png").write_bytes(b"from an earlier evaluation")
+    probs = np.full((3, 3), 0.1) + np.eye(3) * 0.7
+    ev = report_lib.evaluation(probs, np.array([0, 1, 2]), CLASSES)
+    written = report_lib.write_evaluation_files(str(tmp_path), {"data": "d", "test": ev},
+                                                ["unused"] * 3)
+    assert written == ["evaluation.md", "evaluation_confusion_matrix.png"]
+    assert not (tmp_path / "evaluation_mistakes.png").exists()
+    assert "No mistakes." in (tmp_path / "evaluation.md").read_text()
+
+
+def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
+    ev = _known()
+    hist = {"loss": [1.0, 0.8], "accuracy": [0.5, 0.6], "val_loss": [0.9, 0.85],
+            "val_accuracy": [0.55, 0.6], "lr": [1e-3, 1e-4]}
+    report = {"classes": CLASSES, "backbone": "mobilenet_v2", "image_size": 96,
+              "stage1": {"epochs": 2, "best_epoch": 2, "val_accuracy": 0.6, "val_loss": 0.85,
+                         "seconds": 1.0}, "stage2": {"epochs": 0}, "kept": "stage1", "val": ev}
+    photo = str(sorted((FLOWERS_MINI / "tulip").glob("*.jpg"))[0])
+    written = report_lib.write_run_files(str(tmp_path), report, [hist], [photo] * 8)
+    assert written == ["report.md", "learning_curves.png", "confusion_matrix.png", "mistakes.png"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Validation (8 images; no test split" in md and "optimistic" in md
+    assert "| a | 0.667 | 0.667 | 0.667 | 3 |" in md
+    assert _png(tmp_path / "mistakes.png") == (900, 350)  # 3 mistakes in one row
+
+
 def test_split_hash_names_examples_and_labels_not_order_or_location(tmp_path):
     from tl_keras import data as data_lib
     from tl_keras import manifest

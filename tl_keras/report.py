@@ -399,6 +399,12 @@ def _evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> di
         images["mistakes"] = prefix + MISTAKES_PNG
         plots.mistakes_png(ev["mistakes"], [items[m["index"]] for m in ev["mistakes"]],
                            os.path.join(out_dir, images["mistakes"]))
+    # A figure this evaluation has no content for must not survive from an
+    # earlier run in the same folder, where it would pass for this one's.
+    for name in (CONFUSION_PNG, MISTAKES_PNG):
+        if prefix + name not in images.values() and os.path.isfile(os.path.join(out_dir,
+                                                                               prefix + name)):
+            os.remove(os.path.join(out_dir, prefix + name))
     return images
 
 
