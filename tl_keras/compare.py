@@ -43,19 +43,20 @@ def _eval(run: dict) -> dict:
     return r.get("test") or r.get("val") or {}
 
 
-def _num(v, digits=4) -> str:
+def _num(v, spec: str = ".4f") -> str:
     if v is None or v == "":
         return "-"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
-    return str(v) if isinstance(v, int) else f"{v:.{digits}f}"
+    return str(v) if isinstance(v, int) else format(v, spec)
 
 
 def _topk(ev: dict):
     return next((ev[k] for k in ev if k.startswith("top_") and k.endswith("_accuracy")), None)
 
 
-# (row label, how to get it from a loaded run)
+# (row label, how to get it from a loaded run); floats print with 4 decimals
+# unless FORMATS says otherwise.
 ROWS: list[tuple[str, Callable[[dict], object]]] = [
     ("backbone", lambda r: r["report"].get("backbone", r["config"].get("backbone"))),
     ("alpha", lambda r: r["config"].get("alpha")),
@@ -78,6 +79,7 @@ ROWS: list[tuple[str, Callable[[dict], object]]] = [
     ("ECE", lambda r: _eval(r).get("ece")),
     ("seconds", lambda r: r["report"].get("seconds")),
 ]
+FORMATS = {"alpha": "g", "seconds": ".1f"}
 
 
 def table(run_dirs: Sequence[str]) -> str:
@@ -86,7 +88,8 @@ def table(run_dirs: Sequence[str]) -> str:
         raise ConfigError("compare: no run folders given (tl-keras compare OUT1 OUT2 ...)")
     runs = [load(d) for d in run_dirs]
     header = ["", *[d.rstrip("/\\") for d in run_dirs]]
-    body = [[label, *[_num(get(r)) for r in runs]] for label, get in ROWS]
+    body = [[label, *[_num(get(r), FORMATS.get(label, ".4f")) for r in runs]]
+            for label, get in ROWS]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
 
     def fmt(row):

@@ -153,10 +153,11 @@ def evaluation(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
-    n, n_cls = probs.shape[0], len(class_names)
+    n_cls = len(class_names)
     if probs.ndim != 2 or probs.shape[1] != n_cls:
         raise ValueError(f"probabilities of shape {probs.shape} do not match "
                          f"{n_cls} classes")
+    n = probs.shape[0]
     names = list(names) if names is not None else [f"#{i}" for i in range(n)]
     if labels.ndim == 2:
         return _multi_label_evaluation(probs, labels.astype(int), class_names, names,
