@@ -101,6 +101,10 @@ class Config:
     top_k: int = 3
     export: bool = True
 
+    # --- reports and TensorBoard (issue 6) -------------------------------------
+    # Write TensorBoard logs of both stages to OUTPUT_DIR/tensorboard.
+    tensorboard: bool = True
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -7,6 +7,7 @@ write model, labels, config, report -> export SavedModel.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -18,12 +19,14 @@ from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
-from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
 from tl_keras import features
+from tl_keras import manifest as manifest_lib
 from tl_keras import model as model_lib
 from tl_keras import outputs
 from tl_keras import precision
+from tl_keras import report as report_lib
+from tl_keras import tensorboard_logs
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -132,6 +135,8 @@ def train(cfg: Config) -> dict:
         f"precision {policy}, device {precision.describe_device()}")
     key_parts = _cache_key_parts(cfg, family, size, data, policy)
 
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
+
     # --- stage 1: the head on cached features ------------------------------
     t0 = time.perf_counter()
     (tr_f, tr_y), hit = cache.get_or_compute(
@@ -149,13 +154,15 @@ def train(cfg: Config) -> dict:
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
-                            jit_compile=jit)
+                            jit_compile=jit,
+                            callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
     s1.seconds += t_cache
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
     kept = "stage1"
+    histories = [s1.history]
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
     if cfg.finetune_epochs and cfg.finetune_blocks:
@@ -174,8 +181,11 @@ def train(cfg: Config) -> dict:
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                                     label_smoothing=cfg.label_smoothing,
-                                    batch_size=cfg.batch_size, jit_compile=jit)
+                                    batch_size=cfg.batch_size, jit_compile=jit,
+                                    callbacks=tensorboard_logs.stage_callbacks(
+                                        tb, 2, "fine-tuning " + ", ".join(unfrozen)))
         s2.seconds += t_cache
+        histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
@@ -192,11 +202,15 @@ def train(cfg: Config) -> dict:
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
 
-    # --- evaluate ------------------------------------------------------------
-    if data.test is not None:
-        report["test"] = evaluate_lib.evaluate(final, data.test, size, cfg.batch_size,
-                                               cfg.top_k)
-        log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} images")
+    # --- evaluate (the validation split when there is no test split) ----------
+    eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
+    report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
+                                                  cfg.batch_size, cfg.top_k)
+    log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
+        f"{report[eval_name]['n']} images")
+    if tb is not None:
+        tb.log_evaluation(eval_name, report[eval_name], sum(len(h["loss"]) for h in histories))
+        tb.close()
 
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
@@ -204,11 +218,17 @@ def train(cfg: Config) -> dict:
         final.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    run_manifest = manifest_lib.build(resolved.to_dict(), data,
+                                      {"kept": kept, "precision_policy": policy})
+    outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
     if cfg.export:
         path = export_lib.export_saved_model(final, classes, size,
-                                             os.path.join(out, "export", "1"), cfg.top_k)
+                                             os.path.join(out, "export", "1"), cfg.top_k,
+                                             {"manifest.json": json.dumps(run_manifest, indent=2)})
         report["export"] = path
         log(f"exported SavedModel to {path}")
+    written = report_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
+    log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
     return report
