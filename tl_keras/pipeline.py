@@ -67,39 +67,46 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
                 augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast])
 
 
-def _stage2_inputs(cfg: Config, clf, data, train_images, val_images, augmenter, cache,
-                   key_parts: dict, n_cls: int):
-    """Chooses how stage 2 trains: on cached activations below the first
-    unfrozen block when they fit --cache_max_mb, else through the full model.
+def _plan_cut(cfg: Config, clf, data):
+    """The cut below the first block stage 2 unfreezes, when stage 2 can train
+    on cached activations within --cache_max_mb; None otherwise (said why)."""
+    if not (cfg.finetune_epochs and cfg.finetune_blocks):
+        return None
+    cut = activations.cut(clf, cfg.finetune_blocks)
+    if cut is None:
+        log("stage 2: no single boundary below the unfrozen blocks; "
+            "it will train through the full model")
+        return None
+    need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
+    need += activations.estimate_bytes(cut, len(data.val), 1)
+    if need > cfg.cache_max_mb * 2 ** 20:
+        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
+            f"> --cache_max_mb={cfg.cache_max_mb}; it will train through the full model")
+        return None
+    return cut
+
+
+def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augmenter, cache,
+                  key_parts: dict) -> tuple[dict, bool]:
+    """Backbone outputs of `views` views of a split, from the cache or one
+    inference pass: pooled features ("f") for stage 1 and, with a cut, the
+    activations below the unfrozen blocks ("a") for stage 2.
 
     Returns:
-        (model to fit, train data, val data, mode name).
+        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
     """
-    cut = activations.cut(clf, cfg.finetune_blocks)
-    if cut is not None:
-        need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
-        need += activations.estimate_bytes(cut, len(data.val), 1)
-        if need <= cfg.cache_max_mb * 2 ** 20:
-            key = dict(what="activations", blocks=cfg.finetune_blocks, shape=cut.shape,
-                       **key_parts)
-            (tr_x, tr_y), hit = cache.get_or_compute(
-                cache_lib.make_key(split="train", views=cfg.cache_views, **key), ("x", "y"),
-                lambda: activations.extract(cut.bottom, train_images, cfg.batch_size,
-                                            cfg.cache_views, augmenter)[:2], log)
-            (va_x, va_y), _ = cache.get_or_compute(
-                cache_lib.make_key(split="val", **key), ("x", "y"),
-                lambda: activations.extract(cut.bottom, val_images, cfg.batch_size,
-                                            progress=False)[:2], log)
-            log(f"stage 2: training the top on cached activations {cut.shape} "
-                f"({need / 2 ** 20:.0f} MB, {'read from cache' if hit else 'computed'})")
-            return (cut.trainer, (tr_x, _one_hot(tr_y, n_cls)), (va_x, _one_hot(va_y, n_cls)),
-                    "cached_activations")
-        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
-            f"> --cache_max_mb={cfg.cache_max_mb}; training through the full model")
-    train_ds = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
-                                seed=cfg.seed, augment=augmenter)
-    val_ds = data_lib.batched(val_images, cfg.batch_size, n_cls)
-    return clf.model, train_ds, val_ds, "full_model"
+    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    key = cache_lib.make_key(what="views", split=split, views=views,
+                             blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
+
+    def compute():
+        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+                                          cfg.batch_size, views, augmenter,
+                                          progress=split == "train")
+        return (*out, labels) if cut is not None else (out, labels)
+
+    arrays, hit = cache.get_or_compute(key, names, compute, log)
+    return dict(zip(names, arrays)), hit
 
 
 def train(cfg: Config) -> dict:
@@ -150,19 +157,18 @@ def train(cfg: Config) -> dict:
     tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
 
     # --- stage 1: the head on cached features ------------------------------
+    # One inference pass per view feeds both stages: pooled features for the
+    # head and, below the blocks stage 2 unfreezes, activations for stage 2.
     t0 = time.perf_counter()
-    (tr_f, tr_y), hit = cache.get_or_compute(
-        cache_lib.make_key(what="features", split="train", views=cfg.cache_views, **key_parts),
-        ("x", "y"), lambda: features.extract(clf.features, train_images, cfg.batch_size,
-                                             cfg.cache_views, augmenter)[:2], log)
-    (va_f, va_y), _ = cache.get_or_compute(
-        cache_lib.make_key(what="features", split="val", **key_parts), ("x", "y"),
-        lambda: features.extract(clf.features, val_images, cfg.batch_size, progress=False)[:2],
-        log)
+    cut = _plan_cut(cfg, clf, data)
+    tr, hit = _cached_views(cfg, clf, cut, train_images, "train", cfg.cache_views, augmenter,
+                            cache, key_parts)
+    va, _ = _cached_views(cfg, clf, cut, val_images, "val", 1, None, cache, key_parts)
     t_cache = time.perf_counter() - t0
-    log(f"stage 1: features of {cfg.cache_views} view(s) per training image "
+    log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    s1 = train_lib.fit_head(clf.head, tr_f, _one_hot(tr_y, n_cls), va_f, _one_hot(va_y, n_cls),
+    s1 = train_lib.fit_head(clf.head, tr["f"], _one_hot(tr["y"], n_cls), va["f"],
+                            _one_hot(va["y"], n_cls),
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
@@ -182,10 +188,16 @@ def train(cfg: Config) -> dict:
         unfrozen = backbones.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
             f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
-        t0 = time.perf_counter()
-        trainer, train_data, val_data, mode = _stage2_inputs(
-            cfg, clf, data, train_images, val_images, augmenter, cache, key_parts, n_cls)
-        t_cache = time.perf_counter() - t0
+        if cut is not None:
+            log(f"stage 2: training the top on cached activations {cut.shape}")
+            trainer, mode = cut.trainer, "cached_activations"
+            train_data = (tr["a"], _one_hot(tr["y"], n_cls))
+            val_data = (va["a"], _one_hot(va["y"], n_cls))
+        else:
+            trainer, mode = clf.model, "full_model"
+            train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+                                          seed=cfg.seed, augment=augmenter)
+            val_data = data_lib.batched(val_images, cfg.batch_size, n_cls)
         n_train = len(train_data[0]) if isinstance(train_data, tuple) else len(data.train)
         s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs,
@@ -196,7 +208,6 @@ def train(cfg: Config) -> dict:
                                     batch_size=cfg.batch_size, jit_compile=jit,
                                     callbacks=tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
-        s2.seconds += t_cache
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
