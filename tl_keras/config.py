@@ -25,7 +25,8 @@ class Config:
     """
 
     # --- data ---------------------------------------------------------------
-    # Training data: a folder of class subfolders or `tfds:NAME`.
+    # Training data: a folder of class subfolders, a CSV/TSV list of PATH,LABEL rows (LABEL a|b:
+    # multi-label) or `tfds:NAME[:SPLIT]`.
     data: str = ""
     # Validation data; empty: a seeded, stratified split of `data`.
     val_data: str = ""
@@ -83,6 +84,22 @@ class Config:
     top_k: int = 3
     export: bool = True
 
+    # --- data: pre-flight scan, class balance, image cache, more augmentation (issue 3) ---
+    # Images with more pixels than this are skipped by the pre-flight scan (decompression bombs).
+    max_pixels: int = 100000000
+    # Drop training (and validation) images byte-identical to a validation or test image.
+    drop_leakage: bool = False
+    # auto: weight each class by n / (classes * n_class) in both stages (balanced); none: 1.
+    class_weight: str = "auto"
+    # RAM budget for decoded, resized images; what does not fit is cached in files on disk.
+    cache_ram_mb: int = 2048
+    # Scan cache, converted images and spilled image caches; empty: OUTPUT_DIR/cache.
+    cache_dir: str = ""
+    # Augmentation: maximum random shift, as a fraction of height and width; 0: off.
+    translation: float = 0.0
+    # Augmentation: random resized crop keeping at least this fraction of the area; 0: off.
+    crop_min_area: float = 0.0
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -134,7 +151,8 @@ def validate(cfg: Config) -> None:
     live in `backbones.validate`.
     """
     if not cfg.data:
-        raise fail("data", cfg.data, "required: a folder of class subfolders or tfds:NAME")
+        raise fail("data", cfg.data, "required: a folder of class subfolders, a CSV/TSV list "
+                   "or tfds:NAME")
     for name in ("head_learning_rate", "finetune_learning_rate"):
         v = getattr(cfg, name)
         if not v > 0:
@@ -172,3 +190,14 @@ def validate(cfg: Config) -> None:
             raise fail(name, v, "must be in [0, 1)")
     if not cfg.output_dir:
         raise fail("output_dir", cfg.output_dir, "required")
+    # --- data: pre-flight scan, class balance, image cache (issue 3) ---
+    if cfg.max_pixels < 1:
+        raise fail("max_pixels", cfg.max_pixels, "must be >= 1")
+    if cfg.class_weight not in ("auto", "none"):
+        raise fail("class_weight", cfg.class_weight, "expected auto or none")
+    if cfg.cache_ram_mb < 0:
+        raise fail("cache_ram_mb", cfg.cache_ram_mb, "must be >= 0 (0: cache on disk only)")
+    if not 0 <= cfg.translation < 1:
+        raise fail("translation", cfg.translation, "must be in [0, 1)")
+    if not 0 <= cfg.crop_min_area < 1:
+        raise fail("crop_min_area", cfg.crop_min_area, "must be in [0, 1) (0: off)")

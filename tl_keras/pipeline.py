@@ -20,7 +20,9 @@ from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import model as model_lib
+from tl_keras import multilabel
 from tl_keras import outputs
+from tl_keras import preflight
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -57,10 +59,18 @@ def train(cfg: Config) -> dict:
     keras.utils.set_random_seed(cfg.seed)
 
     # --- data ----------------------------------------------------------------
-    data = data_lib.load_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
-                                 cfg.test_fraction, cfg.seed, cfg.tfds_split, cfg.tfds_data_dir)
+    # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
+    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    data, scan = preflight.prepare_dataset(
+        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
+        os.path.join(out, "preflight.json"), log=log)
     classes = data.class_names
     n_cls = len(classes)
+    multi = data.train.multi_label
+    class_weight = data_lib.class_weights(data.train, n_cls, cfg.class_weight)
+    if class_weight:
+        log("class weights: " + ", ".join(f"{classes[i]} {w:.3f}" for i, w in class_weight.items()))
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
@@ -72,10 +82,13 @@ def train(cfg: Config) -> dict:
     if cfg.finetune_blocks > n_blocks:
         raise fail("finetune_blocks", cfg.finetune_blocks,
                    f"{family.name} has only {n_blocks} blocks")
-    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout)
-    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
-    train_images = data_lib.image_dataset(data.train, size)
-    val_images = data_lib.image_dataset(data.val, size)
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
+    cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    train_images = data_lib.image_dataset(data.train, size, budget=cache, name="train",
+                                          order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(data.val, size, budget=cache, name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}")
 
     # --- stage 1: the head on cached features ------------------------------
@@ -84,15 +97,20 @@ def train(cfg: Config) -> dict:
                                                  cfg.cache_views, augmenter, cfg.seed)
     va_f, va_y, t_cache_val = features.extract(clf.features, val_images, cfg.batch_size,
                                                progress=False)
-    s1 = train_lib.fit_head(clf.head, tr_f, _one_hot(tr_y, n_cls), va_f, _one_hot(va_y, n_cls),
+    s1 = train_lib.fit_head(clf.head, tr_f, data_lib.targets(tr_y, n_cls), va_f,
+                            data_lib.targets(va_y, n_cls),
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
-                            patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+                            patience=cfg.patience, label_smoothing=cfg.label_smoothing,
+                            multi_label=multi, class_weight=class_weight)
     s1.seconds += t_cache_train + t_cache_val
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
+    report.update({"multi_label": multi, "class_weight": class_weight and {
+                       classes[i]: w for i, w in class_weight.items()},
+                   "preflight": scan["summary"], "image_cache": cache.plan})
     kept = "stage1"
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
@@ -109,7 +127,8 @@ def train(cfg: Config) -> dict:
                                     initial_epoch=s1.epochs, steps_per_epoch=steps,
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                                    label_smoothing=cfg.label_smoothing)
+                                    label_smoothing=cfg.label_smoothing, multi_label=multi,
+                                    class_weight=class_weight)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
@@ -122,11 +141,18 @@ def train(cfg: Config) -> dict:
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")
+    cache.cleanup()
+    thresholds = None
+    if multi:  # per-label thresholds, chosen on validation (issue 3)
+        thresholds, thresholds_doc = multilabel.calibrate(clf.model, data.val, classes, size,
+                                                          cfg.batch_size)
+        report["thresholds"] = thresholds_doc["thresholds"]
 
     # --- evaluate ------------------------------------------------------------
     if data.test is not None:
         report["test"] = evaluate_lib.evaluate(clf.model, data.test, size, cfg.batch_size,
-                                               cfg.top_k)
+                                               cfg.top_k, thresholds=thresholds,
+                                               class_names=classes)
         log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} images")
 
     # --- write outputs and export ----------------------------------------------
@@ -140,6 +166,8 @@ def train(cfg: Config) -> dict:
                                              os.path.join(out, "export", "1"), cfg.top_k)
         report["export"] = path
         log(f"exported SavedModel to {path}")
+    if multi:
+        multilabel.write_thresholds(out, thresholds_doc, report.get("export", ""))
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
     return report

@@ -50,9 +50,19 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> 
     model, classes, cfg = load_run(path)
     if not data:
         raise fail("data", data, "required: the labelled data to evaluate on")
-    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir)
-    result = {"data": data,
-              "test": evaluate_lib.evaluate(model, split, cfg.image_size, batch_size, top_k)}
     run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+    # Multi-label runs and the pre-flight scan of the data (issue 3).
+    from tl_keras import multilabel, preflight
+
+    multi = getattr(model.get_layer("head").activation, "__name__", "") == "sigmoid"
+    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir,
+                                    multi_label=multi)
+    split, scan = preflight.scan_for_evaluation(split, classes, cfg.max_pixels,
+                                                cfg.cache_dir or os.path.join(run_dir, "cache"))
+    thresholds = multilabel.read_thresholds(run_dir, classes) if multi else None
+    result = {"data": data,
+              "test": evaluate_lib.evaluate(model, split, cfg.image_size, batch_size, top_k,
+                                            thresholds=thresholds, class_names=classes),
+              "skipped": scan["skipped"]}
     outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
     return result
