@@ -583,8 +583,7 @@ def image_dataset(split: Split, size: int, cache: bool = True,
 
     With `cache`, decoded images are kept after the first pass, so later
     epochs and views cost no decoding: in RAM, or, with a `budget`, in RAM as
-    far as it allows and in a tf.data cache file beyond. The two parts are
-    interleaved evenly so a shuffle buffer sees both.
+    far as it allows and in a tf.data cache file beyond.
 
     Args:
         split: the examples.
@@ -613,14 +612,10 @@ def image_dataset(split: Split, size: int, cache: bool = True,
     if n_ram == 0:
         return disk
     ram = _decoded(items[:n_ram], labels[:n_ram], size, read).cache()
-    # Spread the RAM part evenly through the stream: choice i is 0 (RAM)
-    # when floor((i+1) * n_ram / n) steps up.
-    i = np.arange(n, dtype=np.int64)
-    choice = np.where((i + 1) * n_ram // n > i * n_ram // n, 0, 1).astype(np.int64)
-    mixed = tf.data.Dataset.choose_from_datasets(
-        [ram, disk], tf.data.Dataset.from_tensor_slices(choice), stop_on_empty_dataset=False)
-    # Known length, so Keras knows the steps per epoch.
-    return mixed.apply(tf.data.experimental.assert_cardinality(n))
+    # Concatenated, so each part is read to its end every pass (tf.data only
+    # keeps a cache whose input was read to the end). With `order_seed` both
+    # parts are random samples of the split, so classes stay mixed.
+    return ram.concatenate(disk)
 
 
 def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: bool = False,
@@ -646,5 +641,9 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
             y = tf.one_hot(y, num_classes)
         return x, y
 
-    ds = ds.map(prep, num_parallel_calls=AUTOTUNE)
+    # The augmenter draws from one seeded random state: batches mapped in
+    # parallel would take draws in a racing order and a seeded run would not
+    # repeat. One vectorised call per batch, prefetched, keeps up anyway
+    # (benchmarks/input_pipeline.py).
+    ds = ds.map(prep, num_parallel_calls=None if augment is not None else AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

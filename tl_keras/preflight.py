@@ -65,17 +65,29 @@ class FileResult:
         reason: why it was skipped or converted; for "ok", a note on anything
             odd that TensorFlow handles correctly ("grayscale", ...) or "".
         sha1: hex digest of the file's bytes ("" when unreadable).
-        pixels: width * height from the header (0 when unknown).
+        width, height: from the header (0 when unknown).
         bomb: skipped only for being over the pixel limit (rescanned when the
             limit is raised).
+        fixed: the converted PNG's path, for "converted" files.
     """
 
     status: str
     reason: str = ""
     sha1: str = ""
-    pixels: int = 0
+    width: int = 0
+    height: int = 0
     bomb: bool = False
     fixed: str = ""
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _bomb(width: int, height: int, sha1: str, max_pixels: int) -> FileResult:
+    return FileResult("skipped", f"{width}x{height} = {width * height} pixels is over "
+                      f"--max_pixels={max_pixels} (decompression bomb?)", sha1, width, height,
+                      bomb=True)
 
 
 def _describe_non_image(data: bytes) -> str:
@@ -152,24 +164,23 @@ def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np
         tf_img, tf_err = _tf_decode(data)
         if tf_err is None:
             # A format TensorFlow reads and Pillow does not know: trust TF.
-            return FileResult("ok", "decoded by TensorFlow only", sha1,
-                              tf_img.shape[0] * tf_img.shape[1]), None
+            return FileResult("ok", "decoded by TensorFlow only", sha1, tf_img.shape[1],
+                              tf_img.shape[0]), None
         return FileResult("skipped", _describe_non_image(data), sha1), None
     fmt = im.format or "image"
-    w, h = im.size
-    pixels = int(w) * int(h)
-    if pixels > max_pixels:
-        return FileResult("skipped", f"{w}x{h} = {pixels} pixels is over --max_pixels="
-                          f"{max_pixels} (decompression bomb?)", sha1, pixels, bomb=True), None
+    w, h = (int(v) for v in im.size)
+    if w * h > max_pixels:
+        return _bomb(w, h, sha1, max_pixels), None
     try:
         im.load()
         ref, notes = _reference_rgb(im)
     except Exception as e:  # noqa: BLE001
-        return FileResult("skipped", f"truncated or corrupt {fmt}: {_short(e)}", sha1, pixels), None
+        return FileResult("skipped", f"truncated or corrupt {fmt}: {_short(e)}", sha1, w,
+                          h), None
     tf_img, tf_err = _tf_decode(data)
     if tf_err is not None:
         return FileResult("converted", f"{fmt}: TensorFlow cannot decode it ({tf_err}); "
-                          "converted to PNG", sha1, pixels), ref
+                          "converted to PNG", sha1, w, h), ref
     if tf_img.shape != ref.shape:
         if im.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
             why = (f"EXIF orientation {im.getexif().get(_EXIF_ORIENTATION)}: TensorFlow ignores "
@@ -177,13 +188,13 @@ def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np
         else:
             why = (f"TensorFlow decodes it as {tf_img.shape[1]}x{tf_img.shape[0]}, not {w}x{h}; "
                    "converted")
-        return FileResult("converted", why, sha1, pixels), ref
+        return FileResult("converted", why, sha1, w, h), ref
     diff = float(np.mean(np.abs(tf_img.astype(np.int16) - ref.astype(np.int16))))
     if diff > PIXEL_TOLERANCE:
         what = ", ".join(n for n in notes if not n.startswith("grayscale")) or im.mode
         return FileResult("converted", f"{fmt} ({what}): TensorFlow's pixels differ from the "
-                          f"image's (mean |diff| {diff:.1f}); converted", sha1, pixels), ref
-    return FileResult("ok", "; ".join(notes), sha1, pixels), None
+                          f"image's (mean |diff| {diff:.1f}); converted", sha1, w, h), ref
+    return FileResult("ok", "; ".join(notes), sha1, w, h), None
 
 
 def _short(e: Exception) -> str:
@@ -197,7 +208,7 @@ def _tf_decode(data: bytes):
         return data_lib.decode_image(tf.constant(data)).numpy(), None
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
         msg = _short(e).split("}}")[-1].strip()
-        return None, msg[:120]
+        return None, msg.split(". ")[0][:120]
 
 
 @contextlib.contextmanager
@@ -251,9 +262,10 @@ class Scanner:
         if not e or e.get("size") != st.st_size or e.get("mtime_ns") != st.st_mtime_ns:
             return None
         r = FileResult(**e["result"])
-        if r.pixels > self.max_pixels and not r.bomb:
-            return None  # the limit was lowered: rescan to get the bomb reason
-        if r.bomb and r.pixels <= self.max_pixels:
+        if r.pixels > self.max_pixels:
+            # Decided from the cached header size, under the current limit.
+            return _bomb(r.width, r.height, r.sha1, self.max_pixels)
+        if r.bomb:
             return None  # the limit was raised: this one must be decoded now
         if r.status == "converted" and not os.path.isfile(r.fixed):
             return None
