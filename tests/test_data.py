@@ -265,9 +265,23 @@ def test_spill_folders_of_dead_runs_are_removed(tmp_path):
 def test_rotation_is_given_in_degrees():
     assert augment.degrees_to_turn_fraction(36) == pytest.approx(0.1)
     aug = augment.build_augmenter(flip=False, rotation=36, zoom=0, contrast=0)
-    (layer,) = aug.layers
-    assert tuple(layer.factor) == pytest.approx((-0.1, 0.1))
+    assert aug.rotation == pytest.approx(0.1)  # Keras's fraction of a turn
+    # The drawn angles stay within +-36 degrees and use the range.
+    t = aug.transforms(2000, 100, 100, seed=tf.constant([3, 4], tf.int64)).numpy()
+    angles = np.degrees(np.arctan2(t[:, 3], t[:, 0]))
+    assert np.abs(angles).max() <= 36.0 + 1e-3 and np.abs(angles).max() > 35.0
     assert augment.build_augmenter(False, 0, 0, 0, translation=0, crop_min_area=0) is None
+
+
+def test_flip_is_an_exact_mirror_and_zoom_keeps_the_centre():
+    img = _all(data_lib.image_dataset(_mini_split(1), 41))[0].astype(np.float32)
+    out = augment.Augment(flip=True)(img, seed=tf.constant([1, 2], tf.int64)).numpy()
+    for o, i in zip(out, img):
+        assert np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]), "not a mirror"
+    assert any(not np.array_equal(o, i) for o, i in zip(out, img))
+    # Zooming (any factor) maps the centre pixel onto itself.
+    z = augment.Augment(flip=False, zoom=0.3)(img, seed=tf.constant([5, 6], tf.int64)).numpy()
+    np.testing.assert_allclose(z[:, 20, 20], img[:, 20, 20], atol=1e-3)
 
 
 def test_training_epochs_see_new_augmented_images_and_validation_never_does():
@@ -299,62 +313,19 @@ def test_training_epochs_see_new_augmented_images_and_validation_never_does():
                                       clean.astype(np.float32))
 
 
-def test_random_resized_crop_keeps_the_size_and_is_identity_at_inference():
+def test_random_resized_crop_stays_inside_the_image_and_is_identity_at_inference():
     x = tf.constant(_all(data_lib.image_dataset(_mini_split(1), 40))[0], tf.float32)
-    crop = augment.RandomResizedCrop(0.3, seed=1)
+    crop = augment.Augment(flip=False, crop_min_area=0.3, seed=1)
     y = crop(x, training=True)
     assert y.shape == x.shape
     assert float(tf.reduce_mean(tf.abs(y - x))) > 1.0
     np.testing.assert_array_equal(crop(x, training=False).numpy(), x.numpy())
-
-
-# --------------------------------------------------------------------------
-# Multi-label, end to end on real photos (CSV list with a|b rows)
-# --------------------------------------------------------------------------
-
-ASTERACEAE = {"daisy", "dandelion", "sunflower"}  # the daisy family; rose and tulip are not
-
-
-def test_multi_label_list_trains_with_sigmoid_head_thresholds_and_per_label_metrics(tmp_path):
-    from tl_keras import pipeline, runs
-    from tl_keras.config import Config
-
-    rows = []
-    for c in CLASSES:
-        for p in _photos(c):
-            rows.append(f"{p},{c}|asteraceae" if c in ASTERACEAE else f"{p},{c}")
-    rows.append("missing/photo.jpg,rose")  # reported by the scan, not fatal
-    (tmp_path / "tags.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
-    out = tmp_path / "run"
-    cfg = Config(data=str(tmp_path / "tags.csv"), test_fraction=0.3, output_dir=str(out),
-                 weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=96, head_epochs=15,
-                 finetune_epochs=1, finetune_blocks=1, cache_views=2, label_smoothing=0.0)
-    report = pipeline.train(cfg)
-    names = ["asteraceae"] + CLASSES
-    assert report["classes"] == names and report["multi_label"] is True
-    assert report["class_weight"] is None
-    assert report["preflight"]["skipped"] == 1
-    test = report["test"]
-    assert set(test["per_label"]) == set(names)
-    for m in test["per_label"].values():
-        assert {"threshold", "precision", "recall", "f1", "average_precision", "support"} <= set(m)
-    # Real ImageNet features separate the daisy family from roses and tulips
-    # (base rate 0.6); chance AP would be about 0.6.
-    assert test["per_label"]["asteraceae"]["average_precision"] >= 0.8, test
-    assert test["mean_average_precision"] >= 0.6, test
-    # Thresholds: chosen on validation, in OUT, the report and the export.
-    saved = json.loads((out / "thresholds.json").read_text())
-    assert list(saved["thresholds"]) == names
-    assert saved["thresholds"] == report["thresholds"]
-    assert json.loads((out / "export" / "1" / "assets" / "thresholds.json").read_text()) == saved
-    assert [m["threshold"] for m in test["per_label"].values()] == list(saved["thresholds"].values())
-    # The model's outputs are independent sigmoids, not a softmax.
-    import keras
-
-    model = keras.models.load_model(out / "model.keras", compile=False)
-    assert model.get_layer("head").activation.__name__ == "sigmoid"
-    # `evaluate` on the list reads the run's thresholds back and skips the missing file.
-    result = runs.evaluate_run(str(out), str(tmp_path / "tags.csv"))
-    assert result["test"]["n"] == 100 and len(result["skipped"]) == 1
-    assert [m["threshold"] for m in result["test"]["per_label"].values()] == \
-        list(saved["thresholds"].values())
+    # Output corners map into the image: no reflected border is ever needed.
+    t = crop.transforms(500, 40, 40, seed=tf.constant([7, 8], tf.int64)).numpy()
+    for cx, cy in ((0, 0), (39, 0), (0, 39), (39, 39)):
+        xin = t[:, 0] * cx + t[:, 1] * cy + t[:, 2]
+        yin = t[:, 3] * cx + t[:, 4] * cy + t[:, 5]
+        assert (xin > -1e-3).all() and (xin < 39 + 1e-3).all()
+        assert (yin > -1e-3).all() and (yin < 39 + 1e-3).all()
+    areas = np.abs(t[:, 0] * t[:, 4] - t[:, 1] * t[:, 3])
+    assert areas.min() >= 0.3 - 1e-4 and areas.max() <= 1.0 + 1e-4

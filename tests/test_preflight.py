@@ -190,27 +190,71 @@ def test_stops_with_one_line_only_when_a_class_is_left_empty(tmp_path):
     assert len(json.loads(report_path.read_text())["sources"]["train"]["skipped"]) == 2
 
 
-def test_training_and_evaluation_complete_on_messy_data(messy, tmp_path):
+ASTERACEAE = {"daisy", "dandelion", "sunflower"}  # the daisy family; rose and tulip are not
+ALL_CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+
+
+def test_messy_multi_label_list_trains_exports_and_evaluates(tmp_path):
+    """One real run (the CPU budget allows one) covering, end to end: a CSV
+    list with multi-label rows, bad and odd files of every kind mixed in, a
+    missing file, a duplicate row, everything spilled to the disk cache;
+    sigmoid head, per-label thresholds and metrics, export, and `evaluate`."""
+    import keras
+
+    from conftest import DATA, WEIGHTS_MNV2_035
     from tl_keras import pipeline, runs
 
+    def tags(c):
+        return f"{c}|asteraceae" if c in ASTERACEAE else c
+
+    rows = [f"{p},{tags(c)}" for c in ALL_CLASSES for p in _photos(c, 20)]
+    mini = {p.name for p in _photos("daisy", 20)}
+    others = [p for p in sorted((DATA / "flowers" / "daisy").glob("*.jpg")) if p.name not in mini]
+    odds = odd_images.make_odd_files(others[:6], tmp_path / "odd")
+    rows += [f"odd/{o.path.name},{tags('daisy')}" for o in odds]
+    rows += ["odd/never_downloaded.jpg,rose", rows[0]]  # a missing file; a duplicate row
+    (tmp_path / "tags.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
-    cfg = Config(data=str(messy["root"] / "train"), val_data=str(messy["root"] / "val"),
-                 test_data=str(messy["root"] / "val"), output_dir=str(out), weights="none",
-                 image_size=32, head_epochs=2, finetune_epochs=1, finetune_blocks=1,
-                 cache_views=2, batch_size=8, export=False, cache_ram_mb=0)
+    cfg = Config(data=str(tmp_path / "tags.csv"), test_fraction=0.3, output_dir=str(out),
+                 weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=96, head_epochs=15,
+                 finetune_epochs=1, finetune_blocks=1, cache_views=2, label_smoothing=0.0,
+                 cache_ram_mb=0)
     report = pipeline.train(cfg)
+
+    # Every bad file is listed with its reason; the run went on.
+    bad = {str(o.path): o.reason for o in odds if o.status == "skipped"}
+    bad[str(tmp_path / "odd" / "never_downloaded.jpg")] = "missing file"
+    pre = json.loads((out / "preflight.json").read_text())
+    listed = {e["path"]: e["reason"] for e in pre["sources"]["train"]["skipped"]}
+    assert set(listed) == set(bad)
+    assert all(bad[p] in listed[p] for p in bad), listed
+    assert len(pre["sources"]["train"]["duplicates"]) == 1
+    assert report["preflight"]["skipped"] == len(bad)
+    assert report["image_cache"]["train"]["ram"] == 0  # all spilled to disk ...
+    assert not [d for d in os.listdir(out / "cache") if d.startswith("tfdata-")]  # ... and removed
+
+    # Multi-label end to end.
+    names = ["asteraceae"] + ALL_CLASSES
+    assert report["classes"] == names and report["multi_label"] is True
+    assert report["class_weight"] is None
     assert report["stage2"]["epochs"] == 1
-    assert report["test"]["n"] == 10
-    assert report["preflight"]["skipped"] == sum(o.status == "skipped" for o in messy["odds"])
-    assert report["image_cache"]["train"]["disk"] == sum(report["class_counts"]["train"])
-    skipped = json.loads((out / "preflight.json").read_text())["sources"]["train"]["skipped"]
-    assert {e["path"] for e in skipped} == {str(o.path) for o in messy["odds"]
-                                            if o.status == "skipped"}
-    assert not [d for d in os.listdir(out / "cache") if d.startswith("tfdata-")]
-    # `evaluate` on the messy training folder skips the same files instead of dying.
-    result = runs.evaluate_run(str(out), str(messy["root"] / "train"), batch_size=8)
-    n_bad = sum(o.status == "skipped" for o in messy["odds"])
-    files = [p for p in (messy["root"] / "train").rglob("*") if p.is_file()]
-    assert result["test"]["n"] == len(files) - n_bad
-    assert {e["path"] for e in result["skipped"]} == {str(o.path) for o in messy["odds"]
-                                                      if o.status == "skipped"}
+    test = report["test"]
+    for m in test["per_label"].values():
+        assert {"threshold", "precision", "recall", "f1", "average_precision", "support"} <= set(m)
+    # Real ImageNet features separate the daisy family from roses and tulips;
+    # a blind ranking would score about the base rate (0.6).
+    assert test["per_label"]["asteraceae"]["average_precision"] >= 0.8, test
+    assert test["mean_average_precision"] >= 0.6, test
+    saved = json.loads((out / "thresholds.json").read_text())
+    assert list(saved["thresholds"]) == names and saved["thresholds"] == report["thresholds"]
+    assert [m["threshold"] for m in test["per_label"].values()] == list(saved["thresholds"].values())
+    assert json.loads((out / "export" / "1" / "assets" / "thresholds.json").read_text()) == saved
+    model = keras.models.load_model(out / "model.keras", compile=False)
+    assert model.get_layer("head").activation.__name__ == "sigmoid"
+
+    # `evaluate` on the same messy list skips the same files and uses the run's thresholds.
+    result = runs.evaluate_run(str(out), str(tmp_path / "tags.csv"))
+    assert {e["path"] for e in result["skipped"]} == set(bad)
+    assert result["test"]["n"] == len(rows) - len(bad)
+    assert [m["threshold"] for m in result["test"]["per_label"].values()] == \
+        list(saved["thresholds"].values())

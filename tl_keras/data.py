@@ -624,7 +624,12 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
 
     Args:
         ds: (image, label) examples.
-        augment: a callable on a float32 image batch (training=True), or None.
+        augment: an `augment.Augment` layer (or any callable on a float32
+            image batch taking training=True), or None.
+        seed: seeds the shuffle and the augmentation draws: each batch gets
+            its own stateless seed from a seeded random stream that changes
+            every pass, so epochs differ, batches can be augmented in
+            parallel, and a run repeats exactly.
         one_hot: one-hot labels (for label smoothing) instead of ints;
             multi-hot label rows are passed through as they are.
     """
@@ -632,18 +637,27 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
         ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     multi_hot = ds.element_spec[1].shape.rank == 2
+    from tl_keras.augment import Augment
 
-    def prep(x, y):
+    seeded = isinstance(augment, Augment)
+    if seeded:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (xy[0], xy[1], s))
+    else:
+        ds = ds.map(lambda x, y: (x, y, tf.zeros([2], tf.int64)))
+
+    def prep(x, y, s):
         x = tf.cast(x, tf.float32)
-        if augment is not None:
+        if seeded:
+            x = augment(x, training=True, seed=s)
+        elif augment is not None:
             x = augment(x, training=True)
         if one_hot and not multi_hot:
             y = tf.one_hot(y, num_classes)
         return x, y
 
-    # The augmenter draws from one seeded random state: batches mapped in
-    # parallel would take draws in a racing order and a seeded run would not
-    # repeat. One vectorised call per batch, prefetched, keeps up anyway
-    # (benchmarks/input_pipeline.py).
-    ds = ds.map(prep, num_parallel_calls=None if augment is not None else AUTOTUNE)
+    # Any other augmenter draws from one stateful generator: mapped in
+    # parallel, batches would take draws in a racing order.
+    parallel = AUTOTUNE if (seeded or augment is None) else None
+    ds = ds.map(prep, num_parallel_calls=parallel, deterministic=True)
     return ds.prefetch(AUTOTUNE)

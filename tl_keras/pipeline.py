@@ -74,7 +74,8 @@ def train(cfg: Config) -> dict:
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
-    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
+    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
 
     # --- model ---------------------------------------------------------------
     backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
