@@ -63,9 +63,9 @@ class Augment(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     @property
-    def geometric(self) -> bool:
-        return bool(self.flip or self.rotation or self.zoom or self.translation
-                    or self.crop_min_area)
+    def warps(self) -> bool:
+        """Whether a resample is needed (a flip alone is a cheap reversal)."""
+        return bool(self.rotation or self.zoom or self.translation or self.crop_min_area)
 
     def _uniform(self, shape, low, high, seed, i):
         if seed is None:
@@ -120,15 +120,19 @@ class Augment(keras.layers.Layer):
         x = tf.cast(images, tf.float32)
         shape = tf.shape(x)
         n = shape[0]
-        if self.geometric:
+        if self.warps:
             x = tf.raw_ops.ImageProjectiveTransformV3(
                 images=x, transforms=self.transforms(n, shape[1], shape[2], seed),
                 output_shape=shape[1:3], fill_value=0.0, interpolation="BILINEAR",
                 fill_mode="REFLECT")
+        elif self.flip:
+            flip = self._uniform([n, 1, 1, 1], 0.0, 1.0, seed, 0) < 0.5
+            x = tf.where(flip, tf.reverse(x, axis=[2]), x)
         if self.contrast:
+            # (x - mean) * k + mean, as RandomContrast, in one multiply-add.
             k = self._uniform([n, 1, 1, 1], 1.0 - self.contrast, 1.0 + self.contrast, seed, 9)
             mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-            x = tf.clip_by_value((x - mean) * k + mean, 0.0, 255.0)
+            x = tf.clip_by_value(x * k + mean * (1.0 - k), 0.0, 255.0)
         return x
 
     def compute_output_shape(self, input_shape):
