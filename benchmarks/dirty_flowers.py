@@ -77,6 +77,7 @@ def train(variant: str, work: Path, seed: int, args) -> dict:
            "--export=false", f"--output_dir={out}"]
     t0 = time.time()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with open(str(out) + ".log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
