@@ -80,6 +80,23 @@ class Config:
     zoom: float = 0.1
     contrast: float = 0.1
 
+    # --- speed: caches, precision, compilation ---------------------------------
+    # Folder of cached features/activations, reused by reruns (also the pre-flight scan's
+    # cache, converted images and spilled decoded images); empty: OUT/cache.
+    cache_dir: str = ""
+    # Cached arrays up to this size stay in RAM; larger ones are memory-mapped from disk.
+    # Decoded training/validation images get the same RAM budget; beyond it, files on disk.
+    cache_ram_mb: int = 2048
+    # Stage 2 trains on cached activations when they need at most this much;
+    # beyond it stage 2 runs through the full model.
+    cache_max_mb: int = 8192
+    # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bf16 on GPUs of compute
+    # capability >= 8, fp16 with loss scaling on older GPUs, float32 on CPU).
+    precision: str = "auto"
+    # auto | true | false: XLA-compile training steps (auto: on GPUs); falls back
+    # to plain TensorFlow, saying so, when an op cannot be compiled.
+    jit_compile: str = "auto"
+
     # --- evaluation / export -------------------------------------------------
     top_k: int = 3
     export: bool = True
@@ -91,10 +108,6 @@ class Config:
     drop_leakage: bool = False
     # auto: weight each class by n / (classes * n_class) in both stages (balanced); none: 1.
     class_weight: str = "auto"
-    # RAM budget for decoded, resized images; what does not fit is cached in files on disk.
-    cache_ram_mb: int = 2048
-    # Scan cache, converted images and spilled image caches; empty: OUTPUT_DIR/cache.
-    cache_dir: str = ""
     # Augmentation: maximum random shift, as a fraction of height and width; 0: off.
     translation: float = 0.0
     # Augmentation: random resized crop keeping at least this fraction of the area; 0: off.
@@ -188,6 +201,14 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if not 0 <= v < 1:
             raise fail(name, v, "must be in [0, 1)")
+    if cfg.precision not in ("auto", "float32", "mixed_float16", "mixed_bfloat16"):
+        raise fail("precision", cfg.precision,
+                   "choose one of auto, float32, mixed_float16, mixed_bfloat16")
+    if cfg.jit_compile.lower() not in ("auto", "true", "false"):
+        raise fail("jit_compile", cfg.jit_compile, "choose one of auto, true, false")
+    for name in ("cache_ram_mb", "cache_max_mb"):
+        if getattr(cfg, name) < 0:
+            raise fail(name, getattr(cfg, name), "must be >= 0")
     if not cfg.output_dir:
         raise fail("output_dir", cfg.output_dir, "required")
     # --- data: pre-flight scan, class balance, image cache (issue 3) ---
@@ -195,8 +216,6 @@ def validate(cfg: Config) -> None:
         raise fail("max_pixels", cfg.max_pixels, "must be >= 1")
     if cfg.class_weight not in ("auto", "none"):
         raise fail("class_weight", cfg.class_weight, "expected auto or none")
-    if cfg.cache_ram_mb < 0:
-        raise fail("cache_ram_mb", cfg.cache_ram_mb, "must be >= 0 (0: cache on disk only)")
     if not 0 <= cfg.translation < 1:
         raise fail("translation", cfg.translation, "must be in [0, 1)")
     if not 0 <= cfg.crop_min_area < 1:

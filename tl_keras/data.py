@@ -15,7 +15,7 @@ import dataclasses
 import os
 import shutil
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf

@@ -13,8 +13,10 @@ import time
 import keras
 import numpy as np
 
+from tl_keras import activations
 from tl_keras import augment
 from tl_keras import backbones
+from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
 from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
@@ -22,6 +24,7 @@ from tl_keras import features
 from tl_keras import model as model_lib
 from tl_keras import multilabel
 from tl_keras import outputs
+from tl_keras import precision
 from tl_keras import preflight
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
@@ -44,6 +47,53 @@ def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
         v.assign(a)
 
 
+def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
+    """Everything that changes cached features or activations."""
+    w = cfg.weights
+    weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
+    return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
+                val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
+                backbone=family.name, alpha=cfg.alpha, weights=weights, size=size,
+                preprocess=family.preprocess, policy=policy, seed=cfg.seed,
+                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
+                         cfg.crop_min_area])
+
+
+def _stage2_inputs(cfg: Config, clf, data, train_images, val_images, augmenter, cache,
+                   key_parts: dict, n_cls: int):
+    """Chooses how stage 2 trains: on cached activations below the first
+    unfrozen block when they fit --cache_max_mb, else through the full model.
+
+    Returns:
+        (model to fit, train data, val data, mode name).
+    """
+    cut = activations.cut(clf, cfg.finetune_blocks)
+    if cut is not None:
+        need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
+        need += activations.estimate_bytes(cut, len(data.val), 1)
+        if need <= cfg.cache_max_mb * 2 ** 20:
+            key = dict(what="activations", blocks=cfg.finetune_blocks, shape=cut.shape,
+                       **key_parts)
+            (tr_x, tr_y), hit = cache.get_or_compute(
+                cache_lib.make_key(split="train", views=cfg.cache_views, **key), ("x", "y"),
+                lambda: activations.extract(cut.bottom, train_images, cfg.batch_size,
+                                            cfg.cache_views, augmenter)[:2], log)
+            (va_x, va_y), _ = cache.get_or_compute(
+                cache_lib.make_key(split="val", **key), ("x", "y"),
+                lambda: activations.extract(cut.bottom, val_images, cfg.batch_size,
+                                            progress=False)[:2], log)
+            log(f"stage 2: training the top on cached activations {cut.shape} "
+                f"({need / 2 ** 20:.0f} MB, {'read from cache' if hit else 'computed'})")
+            return (cut.trainer, (tr_x, data_lib.targets(tr_y, n_cls)),
+                    (va_x, data_lib.targets(va_y, n_cls)), "cached_activations")
+        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
+            f"> --cache_max_mb={cfg.cache_max_mb}; training through the full model")
+    train_ds = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+                                seed=cfg.seed, augment=augmenter)
+    val_ds = data_lib.batched(val_images, cfg.batch_size, n_cls)
+    return clf.model, train_ds, val_ds, "full_model"
+
+
 def train(cfg: Config) -> dict:
     """Runs the whole two-stage pipeline described by `cfg`.
 
@@ -56,11 +106,14 @@ def train(cfg: Config) -> dict:
     size = cfg.image_size or family.default_size
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
+    policy = precision.apply(cfg.precision)  # before any model is built
+    jit = train_lib.jit_setting(cfg.jit_compile)
     keras.utils.set_random_seed(cfg.seed)
+    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
     # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
-    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
     data, scan = preflight.prepare_dataset(
         cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
         cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
@@ -86,32 +139,41 @@ def train(cfg: Config) -> dict:
     clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                         cfg.translation, cfg.crop_min_area)
-    cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
-    train_images = data_lib.image_dataset(data.train, size, budget=cache, name="train",
+    image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
                                           order_seed=cfg.seed)
-    val_images = data_lib.image_dataset(data.val, size, budget=cache, name="val")
-    log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}")
+    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
+    log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
+        f"precision {policy}, device {precision.describe_device()}")
+    key_parts = _cache_key_parts(cfg, family, size, data, policy)
 
     # --- stage 1: the head on cached features ------------------------------
-    log(f"stage 1: caching backbone features ({cfg.cache_views} view(s) per training image)")
-    tr_f, tr_y, t_cache_train = features.extract(clf.features, train_images, cfg.batch_size,
-                                                 cfg.cache_views, augmenter, cfg.seed)
-    va_f, va_y, t_cache_val = features.extract(clf.features, val_images, cfg.batch_size,
-                                               progress=False)
+    t0 = time.perf_counter()
+    (tr_f, tr_y), hit = cache.get_or_compute(
+        cache_lib.make_key(what="features", split="train", views=cfg.cache_views, **key_parts),
+        ("x", "y"), lambda: features.extract(clf.features, train_images, cfg.batch_size,
+                                             cfg.cache_views, augmenter)[:2], log)
+    (va_f, va_y), _ = cache.get_or_compute(
+        cache_lib.make_key(what="features", split="val", **key_parts), ("x", "y"),
+        lambda: features.extract(clf.features, val_images, cfg.batch_size, progress=False)[:2],
+        log)
+    t_cache = time.perf_counter() - t0
+    log(f"stage 1: features of {cfg.cache_views} view(s) per training image "
+        f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
     s1 = train_lib.fit_head(clf.head, tr_f, data_lib.targets(tr_y, n_cls), va_f,
                             data_lib.targets(va_y, n_cls),
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
-                            multi_label=multi, class_weight=class_weight)
-    s1.seconds += t_cache_train + t_cache_val
+                            multi_label=multi, class_weight=class_weight, jit_compile=jit)
+    s1.seconds += t_cache
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
     report.update({"multi_label": multi, "class_weight": class_weight and {
                        classes[i]: w for i, w in class_weight.items()},
-                   "preflight": scan["summary"], "image_cache": cache.plan})
+                   "preflight": scan["summary"], "image_cache": image_cache.plan})
     kept = "stage1"
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
@@ -120,17 +182,21 @@ def train(cfg: Config) -> dict:
         unfrozen = backbones.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
             f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
-        train_ds = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
-                                    seed=cfg.seed, augment=augmenter)
-        val_ds = data_lib.batched(val_images, cfg.batch_size, n_cls)
-        steps = -(-len(data.train) // cfg.batch_size)
-        s2 = train_lib.fit_finetune(clf.model, train_ds, val_ds, epochs=cfg.finetune_epochs,
-                                    initial_epoch=s1.epochs, steps_per_epoch=steps,
+        t0 = time.perf_counter()
+        trainer, train_data, val_data, mode = _stage2_inputs(
+            cfg, clf, data, train_images, val_images, augmenter, cache, key_parts, n_cls)
+        t_cache = time.perf_counter() - t0
+        n_train = len(train_data[0]) if isinstance(train_data, tuple) else len(data.train)
+        s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
+                                    initial_epoch=s1.epochs,
+                                    steps_per_epoch=-(-n_train // cfg.batch_size),
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                                     label_smoothing=cfg.label_smoothing, multi_label=multi,
-                                    class_weight=class_weight)
-        report["stage2"] = {**s2.summary(), "blocks": unfrozen}
+                                    class_weight=class_weight,
+                                    batch_size=cfg.batch_size, jit_compile=jit)
+        s2.seconds += t_cache
+        report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
         # Fine-tuning can hurt on small data: keep what validates best
@@ -142,7 +208,7 @@ def train(cfg: Config) -> dict:
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")
-    cache.cleanup()
+    image_cache.cleanup()
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3)
         thresholds, thresholds_doc = multilabel.calibrate(clf.model, data.val, classes, size,
