@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035
+from conftest import FLOWERS_MINI
 from tl_keras import augment
 from tl_keras import data as data_lib
 from tl_keras.config import ConfigError
