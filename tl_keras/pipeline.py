@@ -34,10 +34,6 @@ def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
 
 
-def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)[labels]
-
-
 def _snapshot(model: keras.Model) -> list[np.ndarray]:
     return [v.numpy() for v in model.weights]
 
