@@ -67,8 +67,10 @@ class Config:
     head_weight_decay: float = 1e-4
     # Stage 2: the top blocks of the backbone, BatchNorm kept frozen.
     finetune_epochs: int = 10
-    finetune_blocks: int = 2
-    finetune_learning_rate: float = 1e-4
+    # Blocks unfrozen from the top; 0: auto, the top 40% of the backbone's blocks
+    # (8 of MobileNetV2's 18). --finetune_epochs=0 skips stage 2.
+    finetune_blocks: int = 0
+    finetune_learning_rate: float = 3e-4
     warmup_epochs: int = 1
     # Early stopping patience (epochs without val_loss improvement).
     patience: int = 8
@@ -98,8 +100,15 @@ class Config:
     jit_compile: str = "auto"
 
     # --- evaluation / export -------------------------------------------------
+    # Average the predictions of each image and its mirror (only with --flip,
+    # whose augmentation says a mirror is a valid image).
+    tta: bool = True
     top_k: int = 3
     export: bool = True
+
+    # --- reports and TensorBoard (issue 6) -------------------------------------
+    # Write TensorBoard logs of both stages to OUTPUT_DIR/tensorboard.
+    tensorboard: bool = True
 
     # --- data: pre-flight scan, class balance, image cache, more augmentation (issue 3) ---
     # Images with more pixels than this are skipped by the pre-flight scan (decompression bombs).

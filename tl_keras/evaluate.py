@@ -32,17 +32,6 @@ def metrics(probs: np.ndarray, labels: np.ndarray, top_k: int = 3) -> dict:
 
 
 def evaluate(model: keras.Model, split: data_lib.Split, image_size: int, batch_size: int = 64,
-             top_k: int = 3, thresholds=None, class_names=None) -> dict:
-    """Predicts `split` and returns its metrics (see `metrics`).
-
-    Multi-label splits get `multilabel.metrics` at `thresholds` (0.5 when
-    None), per label of `class_names`.
-    """
-    probs = predict(model, split, image_size, batch_size)
-    if split.multi_label:
-        from tl_keras import multilabel
-
-        names = class_names or [str(i) for i in range(probs.shape[1])]
-        thr = thresholds if thresholds is not None else [multilabel.DEFAULT_THRESHOLD] * len(names)
-        return multilabel.metrics(probs, split.labels, thr, names)
-    return metrics(probs, split.labels, top_k)
+             top_k: int = 3) -> dict:
+    """Predicts `split` and returns its metrics (see `metrics`)."""
+    return metrics(predict(model, split, image_size, batch_size), split.labels, top_k)

@@ -48,7 +48,7 @@ def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_
 
 
 def export_saved_model(model: keras.Model, class_names: list[str], image_size: int,
-                       path: str, top_k: int = 3) -> str:
+                       path: str, top_k: int = 3, extra_files: dict | None = None) -> str:
     """Writes a SavedModel that TF Serving can load, atomically.
 
     Args:
@@ -58,6 +58,8 @@ def export_saved_model(model: keras.Model, class_names: list[str], image_size: i
         image_size: the square size the model was trained at.
         path: the version folder, e.g. OUT/export/1.
         top_k: how many classes and scores each prediction returns.
+        extra_files: {file name: text} written to `assets.extra/` (e.g. the
+            run manifest), which TF Serving keeps but does not load.
 
     Returns:
         `path`.
@@ -71,6 +73,10 @@ def export_saved_model(model: keras.Model, class_names: list[str], image_size: i
         os.makedirs(os.path.join(tmp, "assets"), exist_ok=True)
         with open(os.path.join(tmp, "assets", "labels.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(class_names) + "\n")
+        for name, text in (extra_files or {}).items():
+            os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+            with open(os.path.join(tmp, "assets.extra", name), "w", encoding="utf-8") as f:
+                f.write(text)
     return path
 
 

@@ -152,3 +152,23 @@ def calibrate(model, val_split, class_names: list[str], image_size: int, batch_s
     thr = fit_thresholds(probs, val_split.labels)
     return thr, thresholds_document(class_names, thr,
                                     metrics(probs, val_split.labels, thr, class_names))
+
+
+def evaluate_split(model, split, class_names: list[str], image_size: int, batch_size: int,
+                   top_k: int, thresholds) -> dict:
+    """`report.evaluate_split` for multi-label data, at per-label thresholds.
+
+    The report's evaluation (exact match, per-class table, AUCs, calibration,
+    mistakes) decided with each label's own threshold, plus `metrics` above
+    (per-label threshold, precision, recall, F1, average precision).
+    """
+    from tl_keras import evaluate as evaluate_lib
+    from tl_keras import report as report_lib
+
+    probs = evaluate_lib.predict(model, split, image_size, batch_size)
+    thr = np.asarray(thresholds, dtype=np.float32)
+    ev = report_lib.evaluation(probs, split.labels, class_names, top_k,
+                               report_lib.describe_items(split.items, split.source), threshold=thr)
+    ev.update(metrics(probs, split.labels, thresholds, class_names))
+    ev["threshold"] = {c: float(t) for c, t in zip(class_names, thresholds)}
+    return ev
