@@ -25,7 +25,8 @@ class Config:
     """
 
     # --- data ---------------------------------------------------------------
-    # Training data: a folder of class subfolders or `tfds:NAME`.
+    # Training data: a folder of class subfolders, a CSV/TSV list of PATH,LABEL rows (LABEL a|b:
+    # multi-label) or `tfds:NAME[:SPLIT]`.
     data: str = ""
     # Validation data; empty: a seeded, stratified split of `data`.
     val_data: str = ""
@@ -83,9 +84,11 @@ class Config:
     contrast: float = 0.1
 
     # --- speed: caches, precision, compilation ---------------------------------
-    # Folder of cached features/activations, reused by reruns; empty: OUT/cache.
+    # Folder of cached features/activations, reused by reruns (also the pre-flight scan's
+    # cache, converted images and spilled decoded images); empty: OUT/cache.
     cache_dir: str = ""
     # Cached arrays up to this size stay in RAM; larger ones are memory-mapped from disk.
+    # Decoded training/validation images get the same RAM budget; beyond it, files on disk.
     cache_ram_mb: int = 2048
     # Stage 2 trains on cached activations when they need at most this much;
     # beyond it stage 2 runs through the full model.
@@ -107,6 +110,18 @@ class Config:
     # --- reports and TensorBoard (issue 6) -------------------------------------
     # Write TensorBoard logs of both stages to OUTPUT_DIR/tensorboard.
     tensorboard: bool = True
+
+    # --- data: pre-flight scan, class balance, image cache, more augmentation (issue 3) ---
+    # Images with more pixels than this are skipped by the pre-flight scan (decompression bombs).
+    max_pixels: int = 100000000
+    # Drop training (and validation) images byte-identical to a validation or test image.
+    drop_leakage: bool = False
+    # auto: weight each class by n / (classes * n_class) in both stages (balanced); none: 1.
+    class_weight: str = "auto"
+    # Augmentation: maximum random shift, as a fraction of height and width; 0: off.
+    translation: float = 0.0
+    # Augmentation: random resized crop keeping at least this fraction of the area; 0: off.
+    crop_min_area: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -159,7 +174,8 @@ def validate(cfg: Config) -> None:
     live in `backbones.validate`.
     """
     if not cfg.data:
-        raise fail("data", cfg.data, "required: a folder of class subfolders or tfds:NAME")
+        raise fail("data", cfg.data, "required: a folder of class subfolders, a CSV/TSV list "
+                   "or tfds:NAME")
     for name in ("head_learning_rate", "finetune_learning_rate"):
         v = getattr(cfg, name)
         if not v > 0:
@@ -205,3 +221,12 @@ def validate(cfg: Config) -> None:
             raise fail(name, getattr(cfg, name), "must be >= 0")
     if not cfg.output_dir:
         raise fail("output_dir", cfg.output_dir, "required")
+    # --- data: pre-flight scan, class balance, image cache (issue 3) ---
+    if cfg.max_pixels < 1:
+        raise fail("max_pixels", cfg.max_pixels, "must be >= 1")
+    if cfg.class_weight not in ("auto", "none"):
+        raise fail("class_weight", cfg.class_weight, "expected auto or none")
+    if not 0 <= cfg.translation < 1:
+        raise fail("translation", cfg.translation, "must be in [0, 1)")
+    if not 0 <= cfg.crop_min_area < 1:
+        raise fail("crop_min_area", cfg.crop_min_area, "must be in [0, 1) (0: off)")

@@ -24,8 +24,10 @@ from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import manifest as manifest_lib
 from tl_keras import model as model_lib
+from tl_keras import multilabel
 from tl_keras import outputs
 from tl_keras import precision
+from tl_keras import preflight
 from tl_keras import report as report_lib
 from tl_keras import tensorboard_logs
 from tl_keras import train as train_lib
@@ -41,10 +43,6 @@ AUTO_FINETUNE_FRACTION = 0.4
 
 def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
-
-
-def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)[labels]
 
 
 def _snapshot(model: keras.Model) -> list[np.ndarray]:
@@ -64,7 +62,8 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
                 val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
                 backbone=family.name, alpha=cfg.alpha, weights=weights, size=size,
                 preprocess=family.preprocess, policy=policy, seed=cfg.seed,
-                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast])
+                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
+                         cfg.crop_min_area])
 
 
 def _plan_cut(cfg: Config, clf, data):
@@ -124,17 +123,26 @@ def train(cfg: Config) -> dict:
     policy = precision.apply(cfg.precision)  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
     keras.utils.set_random_seed(cfg.seed)
-    cache = cache_lib.ArrayCache(cfg.cache_dir or os.path.join(out, "cache"), cfg.cache_ram_mb)
+    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
-    data = data_lib.load_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
-                                 cfg.test_fraction, cfg.seed, cfg.tfds_split, cfg.tfds_data_dir)
+    # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
+    data, scan = preflight.prepare_dataset(
+        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
+        os.path.join(out, "preflight.json"), log=log)
     classes = data.class_names
     n_cls = len(classes)
+    multi = data.train.multi_label
+    class_weight = data_lib.class_weights(data.train, n_cls, cfg.class_weight)
+    if class_weight:
+        log("class weights: " + ", ".join(f"{classes[i]} {w:.3f}" for i, w in class_weight.items()))
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
-    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
+    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
 
     # --- model ---------------------------------------------------------------
     backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
@@ -146,10 +154,13 @@ def train(cfg: Config) -> dict:
     # a 12-block Inception as for a 62-block DenseNet.
     cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks or
                       max(1, math.ceil(AUTO_FINETUNE_FRACTION * n_blocks)))
-    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout)
-    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
-    train_images = data_lib.image_dataset(data.train, size)
-    val_images = data_lib.image_dataset(data.val, size)
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
+    image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
+                                          order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
     key_parts = _cache_key_parts(cfg, family, size, data, policy)
@@ -167,18 +178,21 @@ def train(cfg: Config) -> dict:
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    s1 = train_lib.fit_head(clf.head, tr["f"], _one_hot(tr["y"], n_cls), va["f"],
-                            _one_hot(va["y"], n_cls),
+    s1 = train_lib.fit_head(clf.head, tr["f"], data_lib.targets(tr["y"], n_cls), va["f"],
+                            data_lib.targets(va["y"], n_cls),
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
-                            jit_compile=jit,
+                            multi_label=multi, class_weight=class_weight, jit_compile=jit,
                             callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
     s1.seconds += t_cache
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
+    report.update({"multi_label": multi, "class_weight": class_weight and {
+                       classes[i]: w for i, w in class_weight.items()},
+                   "preflight": scan["summary"], "image_cache": image_cache.plan})
     kept = "stage1"
     histories = [s1.history]
 
@@ -191,8 +205,8 @@ def train(cfg: Config) -> dict:
         if cut is not None:
             log(f"stage 2: training the top on cached activations {cut.shape}")
             trainer, mode = cut.trainer, "cached_activations"
-            train_data = (tr["a"], _one_hot(tr["y"], n_cls))
-            val_data = (va["a"], _one_hot(va["y"], n_cls))
+            train_data = (tr["a"], data_lib.targets(tr["y"], n_cls))
+            val_data = (va["a"], data_lib.targets(va["y"], n_cls))
         else:
             trainer, mode = clf.model, "full_model"
             train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
@@ -204,7 +218,8 @@ def train(cfg: Config) -> dict:
                                     steps_per_epoch=-(-n_train // cfg.batch_size),
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                                    label_smoothing=cfg.label_smoothing,
+                                    label_smoothing=cfg.label_smoothing, multi_label=multi,
+                                    class_weight=class_weight,
                                     batch_size=cfg.batch_size, jit_compile=jit,
                                     callbacks=tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
@@ -224,11 +239,19 @@ def train(cfg: Config) -> dict:
     mirror = cfg.tta and cfg.flip
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
+    image_cache.cleanup()
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
-    report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
-                                                  cfg.batch_size, cfg.top_k)
+    if multi:  # per-label thresholds, chosen on validation (issue 3)
+        thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
+                                                          cfg.batch_size)
+        report["thresholds"] = thresholds_doc["thresholds"]
+        report[eval_name] = multilabel.evaluate_split(final, eval_split, classes, size,
+                                                      cfg.batch_size, cfg.top_k, thresholds)
+    else:
+        report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
+                                                      cfg.batch_size, cfg.top_k)
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -250,6 +273,8 @@ def train(cfg: Config) -> dict:
                                              {"manifest.json": json.dumps(run_manifest, indent=2)})
         report["export"] = path
         log(f"exported SavedModel to {path}")
+    if multi:
+        multilabel.write_thresholds(out, thresholds_doc, report.get("export", ""))
     written = report_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
     log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
