@@ -99,7 +99,7 @@ def write_saved_model(model: keras.Model, class_names: list[str], image_size: in
     """Writes the SavedModel, its labels asset and its warmup requests into `path`.
 
     Not atomic by itself: `path` should be a temporary folder renamed into
-    place afterwards (`export_version`, `export_saved_model` do that).
+    place afterwards, as `export_version` does.
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -110,26 +110,6 @@ def write_saved_model(model: keras.Model, class_names: list[str], image_size: in
     with open(os.path.join(path, LABELS_ASSET), "w", encoding="utf-8") as f:
         f.write("\n".join(class_names) + "\n")
     write_warmup_requests(path, image_size)
-    return path
-
-
-def export_saved_model(model: keras.Model, class_names: list[str], image_size: int,
-                       path: str, top_k: int = 3) -> str:
-    """Writes a SavedModel that TF Serving can load to `path`, atomically (no gate).
-
-    Args:
-        model: the trained Keras model (images 0..255 -> probabilities).
-        class_names: class names, baked into the graph and written to
-            `assets/labels.txt`.
-        image_size: the square size the model was trained at.
-        path: the version folder, e.g. OUT/export/1 (replaced if it exists).
-        top_k: how many classes and scores each prediction returns.
-
-    Returns:
-        `path`.
-    """
-    with outputs.atomic_path(path) as tmp:
-        write_saved_model(model, class_names, image_size, tmp, top_k)
     return path
 
 

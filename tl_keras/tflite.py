@@ -51,7 +51,7 @@ def file_name(variant: str) -> str:
     return f"model_{variant}.tflite"
 
 
-class _Source:
+class ConversionSource:
     """What every conversion starts from: one traced, batch-1 forward pass.
 
     The variables are tracked by a plain tf.Module holding the backend
@@ -69,7 +69,12 @@ class _Source:
         self.trackable.tracked_variables = [getattr(v, "value", v) for v in model.variables]
 
 
-def convert(source: _Source, variant: str,
+def prepare(model: keras.Model, image_size: int) -> ConversionSource:
+    """Traces `model` once for any number of `convert` calls."""
+    return ConversionSource(model, image_size)
+
+
+def convert(source: ConversionSource, variant: str,
             representative: Optional[np.ndarray] = None) -> bytes:
     """Converts one variant; returns the .tflite flatbuffer.
 
@@ -103,11 +108,6 @@ def convert(source: _Source, variant: str,
     elif variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}")
     return conv.convert()
-
-
-def prepare(model: keras.Model, image_size: int) -> _Source:
-    """Traces `model` once for any number of `convert` calls."""
-    return _Source(model, image_size)
 
 
 def representative_images(split: data_lib.Split, image_size: int, n: int,
