@@ -3,19 +3,38 @@
 Each `Family` says how to build the model, how its inputs are preprocessed,
 which input sizes it takes, and how its layers group into blocks. Blocks are
 what stage 2 unfreezes: "the top N blocks" always means whole blocks (a whole
-residual or inverted-residual unit with its add/concat), never a raw layer
-count.
+residual, inverted-residual, inception, dense or NASNet unit with its
+add/concat), never a raw layer count.
 
 Block rules are an ordered tuple of `(regex, template)`: the first regex that
-`re.fullmatch`es a layer name assigns the layer to the block named by
-`template.format(*match.groups())`. Layers that match no rule belong to the
-block of the layer before them (the input layer belongs to the first block).
+`re.fullmatch`es a layer name names the layer's block,
+`template.format(*match.groups())`. Only layers that Keras names explicitly
+should be matched; auto-named layers ("conv2d_12", "add_3", "activation_7")
+get numeric suffixes that depend on what else was built in the process, so
+they are placed by graph structure instead, in one of two ways
+(`Family.grouping`):
+
+* "cuts" (every family but NASNet): the layer graph is split at its cut
+  points, layers that every input-to-output path passes through (the output
+  of a residual unit, an inception concat, a plain conv of a stem). No skip
+  connection crosses a cut, so a segment between two cuts can never hold half
+  a residual unit. A segment is named by the last layer in it that matches a
+  rule (the unit's closing add/concat decides); a segment with no matching
+  layer joins the block before it, or forms "stem" when it comes first. The
+  input layer joins the first block.
+* "names" (NASNet): each cell reads the outputs of the two cells before it, so
+  there are no cut points between cells. Layers matching a rule go to that
+  block; every other layer (the generic relus, paddings and concats inside a
+  cell) goes to the block of the layer that consumes it, or of its producer
+  when nothing consumes it (the final relu).
+
 Blocks are ordered by where their first layer appears in `model.layers`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import re
 from typing import Callable, Optional
 
@@ -41,6 +60,7 @@ class Family:
         default_alpha: alpha used when none is given (None if no alpha).
         block_rules: see the module docstring.
         extra_kwargs: extra constructor arguments (e.g. include_preprocessing).
+        grouping: "cuts" or "names"; see the module docstring.
     """
 
     name: str
@@ -52,13 +72,91 @@ class Family:
     alphas: tuple = ()
     default_alpha: Optional[float] = None
     extra_kwargs: tuple = ()
+    grouping: str = "cuts"
 
 
 _A = keras.applications
 
+# The preprocessing layers are part of the graph for these families, so
+# preprocess="none" is only right if they are built; pass the flag explicitly
+# rather than trusting Keras' default to stay True.
+_SELF_PREPROCESSING = (("include_preprocessing", True),)
+
+# Shared rules. Regexes end in `(?:_.*)?` or name whole layers so that they
+# never depend on auto-generated numeric suffixes.
+_RESNET_RULES = (
+    (r"(?:conv1|pool1)_.*", "stem"),
+    (r"(conv\d+_block\d+)_.*", "{0}"),
+    # ResNetV2's trailing post_bn/post_relu match nothing and so join the
+    # last unit: a "top" block of only a BatchNormalization (kept frozen)
+    # would have nothing to train.
+)
+_MOBILENET_V3_RULES = (
+    (r"conv(?:_bn)?", "stem"),
+    # The first unit is "expanded_conv_*" without a number.
+    (r"expanded_conv_(\d+)_.*", "block_{0}"),
+    (r"expanded_conv_.*", "block_0"),
+    (r"conv_1(?:_bn)?", "top"),
+)
+_EFFICIENTNET_RULES = (
+    (r"stem_.*", "stem"),
+    # One block per (inverted) residual unit, e.g. "block2b".
+    (r"(block\d+[a-z])_.*", "{0}"),
+    (r"top_.*", "top"),
+)
+_DENSENET_RULES = (
+    (r"conv1_.*|pool1", "stem"),
+    # One block per dense layer (its bn-relu-conv pair and concat) ...
+    (r"(conv\d+_block\d+)_.*", "{0}"),
+    # ... and one per transition layer between dense blocks.
+    (r"(pool\d+)_.*", "{0}"),
+    # The trailing "bn"/"relu" join the last dense layer (see _RESNET_RULES).
+)
+_VGG_RULES = ((r"(block\d+)_.*", "{0}"),)
+_CONVNEXT_RULES = (
+    # Layer names start with the model name ("convnext_tiny_...").
+    (r".*_(?:prestem_normalization|stem)", "stem"),
+    (r".*_stage_(\d+)_block_(\d+)_.*", "stage_{0}_block_{1}"),
+    (r".*_downsampling_block_(\d+)", "downsampling_block_{0}"),
+    # The final auto-named LayerNormalization joins stage_3's last block.
+)
+_NASNET_RULES = (
+    (r"stem_conv1|stem_bn1", "stem"),
+    # Cell layers end in the cell id: "stem_1", "reduce_4" or a number; the
+    # lazy `.*?` makes "..._add_1_stem_1" end in "stem_1", not "1".
+    (r"(?:.*_)?(?:normal|reduction|adjust)_.*?_(stem_\d+|reduce_\d+|\d+)", "cell_{0}"),
+)
+
+
+def _efficientnet(name, ctor, size, extra=()):
+    """An EfficientNet (V1 or V2) family; they share layer names and min size."""
+    return Family(name=name, constructor=ctor, preprocess="none", default_size=size,
+                  min_size=32, block_rules=_EFFICIENTNET_RULES, extra_kwargs=extra)
+
+
+def _convnext(name, ctor):
+    """A ConvNeXt family; all five share rules, sizes and built-in preprocessing."""
+    return Family(name=name, constructor=ctor, preprocess="none", default_size=224,
+                  min_size=32, block_rules=_CONVNEXT_RULES, extra_kwargs=_SELF_PREPROCESSING)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
+        Family(
+            name="mobilenet",
+            constructor=_A.MobileNet,
+            preprocess="tf",
+            default_size=224,
+            min_size=32,
+            alphas=(0.25, 0.5, 0.75, 1.0),
+            default_alpha=1.0,
+            block_rules=(
+                (r"conv1(?:_bn|_relu)?", "stem"),
+                # A depthwise-separable unit: pad (stride 2 only), dw, pw.
+                (r"conv_(?:dw|pw|pad)_(\d+)(?:_.*)?", "block_{0}"),
+            ),
+        ),
         Family(
             name="mobilenet_v2",
             constructor=_A.MobileNetV2,
@@ -73,6 +171,101 @@ FAMILIES: dict[str, Family] = {
                 (r"(?:Conv_1|Conv_1_bn|out_relu)", "top"),
             ),
         ),
+        Family(
+            name="mobilenet_v3_small",
+            constructor=_A.MobileNetV3Small,
+            preprocess="none",
+            default_size=224,
+            min_size=32,
+            alphas=(0.75, 1.0),
+            default_alpha=1.0,
+            block_rules=_MOBILENET_V3_RULES,
+            extra_kwargs=_SELF_PREPROCESSING,
+        ),
+        Family(
+            name="mobilenet_v3_large",
+            constructor=_A.MobileNetV3Large,
+            preprocess="none",
+            default_size=224,
+            min_size=32,
+            alphas=(0.75, 1.0),
+            default_alpha=1.0,
+            block_rules=_MOBILENET_V3_RULES,
+            extra_kwargs=_SELF_PREPROCESSING,
+        ),
+        # EfficientNet (V1) always builds its Rescaling/Normalization layers.
+        _efficientnet("efficientnet_b0", _A.EfficientNetB0, 224),
+        _efficientnet("efficientnet_b1", _A.EfficientNetB1, 240),
+        _efficientnet("efficientnet_b2", _A.EfficientNetB2, 260),
+        _efficientnet("efficientnet_b3", _A.EfficientNetB3, 300),
+        _efficientnet("efficientnet_b4", _A.EfficientNetB4, 380),
+        _efficientnet("efficientnet_b5", _A.EfficientNetB5, 456),
+        _efficientnet("efficientnet_b6", _A.EfficientNetB6, 528),
+        _efficientnet("efficientnet_b7", _A.EfficientNetB7, 600),
+        _efficientnet("efficientnet_v2_b0", _A.EfficientNetV2B0, 224, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_b1", _A.EfficientNetV2B1, 240, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_b2", _A.EfficientNetV2B2, 260, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_b3", _A.EfficientNetV2B3, 300, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_s", _A.EfficientNetV2S, 384, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_m", _A.EfficientNetV2M, 480, _SELF_PREPROCESSING),
+        _efficientnet("efficientnet_v2_l", _A.EfficientNetV2L, 480, _SELF_PREPROCESSING),
+        Family("resnet50", _A.ResNet50, "caffe", 224, 32, _RESNET_RULES),
+        Family("resnet101", _A.ResNet101, "caffe", 224, 32, _RESNET_RULES),
+        Family("resnet152", _A.ResNet152, "caffe", 224, 32, _RESNET_RULES),
+        Family("resnet50_v2", _A.ResNet50V2, "tf", 224, 32, _RESNET_RULES),
+        Family("resnet101_v2", _A.ResNet101V2, "tf", 224, 32, _RESNET_RULES),
+        Family("resnet152_v2", _A.ResNet152V2, "tf", 224, 32, _RESNET_RULES),
+        Family(
+            name="xception",
+            constructor=_A.Xception,
+            preprocess="tf",
+            default_size=299,
+            min_size=71,
+            block_rules=(
+                # block1 is two plain convs; blocks 2-13 are residual units
+                # whose shortcut conv and add are auto-named (placed by cuts);
+                # block14 is the two separable convs at the top.
+                (r"block1_.*", "stem"),
+                (r"(block\d+)_.*", "{0}"),
+            ),
+        ),
+        Family(
+            name="inception_v3",
+            constructor=_A.InceptionV3,
+            preprocess="tf",
+            default_size=299,
+            min_size=75,
+            # Only the closing concats are named ("mixed0".."mixed10"; the
+            # inner "mixed9_0"/"mixed9_1" do not match); every branch layer
+            # is auto-named and the stem is all auto-named, so it becomes
+            # "stem" by position.
+            block_rules=((r"(mixed\d+)", "{0}"),),
+        ),
+        Family(
+            name="inception_resnet_v2",
+            constructor=_A.InceptionResNetV2,
+            preprocess="tf",
+            default_size=299,
+            min_size=75,
+            block_rules=(
+                (r"(mixed_\w+)", "{0}"),  # mixed_5b, mixed_6a, mixed_7a
+                (r"(block(?:35|17|8)_\d+)_.*", "{0}"),
+                (r"conv_7b(?:_bn|_ac)?", "top"),
+            ),
+        ),
+        Family("densenet121", _A.DenseNet121, "torch", 224, 32, _DENSENET_RULES),
+        Family("densenet169", _A.DenseNet169, "torch", 224, 32, _DENSENET_RULES),
+        Family("densenet201", _A.DenseNet201, "torch", 224, 32, _DENSENET_RULES),
+        # VGG has no stem: the input joins block1.
+        Family("vgg16", _A.VGG16, "caffe", 224, 32, _VGG_RULES),
+        Family("vgg19", _A.VGG19, "caffe", 224, 32, _VGG_RULES),
+        _convnext("convnext_tiny", _A.ConvNeXtTiny),
+        _convnext("convnext_small", _A.ConvNeXtSmall),
+        _convnext("convnext_base", _A.ConvNeXtBase),
+        _convnext("convnext_large", _A.ConvNeXtLarge),
+        _convnext("convnext_xlarge", _A.ConvNeXtXLarge),
+        Family("nasnet_mobile", _A.NASNetMobile, "tf", 224, 32, _NASNET_RULES, grouping="names"),
+        Family("nasnet_large", _A.NASNetLarge, "tf", 331, 32, _NASNET_RULES, grouping="names"),
     ]
 }
 
@@ -152,32 +345,152 @@ def build_backbone(family: Family, weights: str, image_size: int,
         raise fail("weights", weights, f"could not build {family.name} with these weights: {msg[:300]}") from None
 
 
-def block_map(model: keras.Model, family: Family) -> list[tuple[str, list[str]]]:
-    """Groups the backbone's layers into ordered blocks.
+def _graph(model: keras.Model) -> tuple[list, list[list[int]]]:
+    """Returns the model's operations in topological order and their parents.
+
+    Operations, not just layers: Keras 3 records `a + b` on tensors (ConvNeXt's
+    residual add) as a bare Operation that `model.layers` leaves out, and a
+    cut point is only a cut if no such skip edge jumps over it.
 
     Returns:
-        A list of (block name, [layer names]) in model order; every layer is
-        in exactly one block.
+        (ops, parents): `parents[i]` are the indices in `ops` of the
+        operations feeding `ops[i]`.
+    """
+    ops = list(model.operations)
+    index = {id(op): i for i, op in enumerate(ops)}
+    parents: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        for node in op._inbound_nodes:  # Keras 3 Functional graph internals.
+            for parent in node.parent_nodes:
+                j = index.get(id(parent.operation))
+                # Layers reused in another graph have nodes there too.
+                if j is not None and j not in parents[i]:
+                    parents[i].append(j)
+    # Kahn's algorithm, stable in model order: `model.operations` is already
+    # topological in practice, but the cut test below relies on it.
+    children: list[list[int]] = [[] for _ in ops]
+    for i, ps in enumerate(parents):
+        for j in ps:
+            children[j].append(i)
+    missing = [len(ps) for ps in parents]
+    ready = [i for i, m in enumerate(missing) if m == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for c in children[i]:
+            missing[c] -= 1
+            if missing[c] == 0:
+                heapq.heappush(ready, c)
+    pos = {old: new for new, old in enumerate(order)}
+    return ([ops[i] for i in order],
+            [sorted(pos[j] for j in parents[i]) for i in order])
+
+
+def _rule_block(rules, name: str) -> Optional[str]:
+    """The block the first matching rule names for a layer name, or None."""
+    for rx, tpl in rules:
+        m = rx.fullmatch(name)
+        if m:
+            return tpl.format(*m.groups())
+    return None
+
+
+def _blocks_by_cuts(ops, parents, rules, family_name: str) -> list[tuple[str, list]]:
+    """Groups ops into blocks of whole segments between graph cut points."""
+    # An op is a cut point iff no edge jumps over its position in a
+    # topological order: such an edge would be a path that avoids it.
+    jumped = [0] * (len(ops) + 1)
+    for i, ps in enumerate(parents):
+        for j in ps:
+            if i - j > 1:
+                jumped[j + 1] += 1
+                jumped[i] -= 1
+    segments, seg, depth = [], [], 0
+    for i, op in enumerate(ops):
+        depth += jumped[i]
+        seg.append(op)
+        if depth == 0:
+            segments.append(seg)
+            seg = []
+    if seg:
+        segments.append(seg)
+
+    blocks: list[tuple[str, list]] = []
+    pending: list = []  # leading input layers, joining the first block
+    for seg in segments:
+        named = [b for b in (_rule_block(rules, op.name) for op in seg
+                             if isinstance(op, keras.layers.Layer)) if b]
+        # The last named layer is the unit's closing add/concat/activation.
+        block = named[-1] if named else (blocks[-1][0] if blocks else None)
+        if block is None:
+            if all(isinstance(op, keras.layers.InputLayer) for op in seg):
+                pending.extend(seg)
+                continue
+            block = "stem"
+        if blocks and blocks[-1][0] == block:
+            blocks[-1][1].extend(pending + seg)
+        elif any(b == block for b, _ in blocks):
+            # The rules would split a block around another one: a bug in the
+            # family's rules (or a Keras change), never silently "fixed".
+            raise RuntimeError(f"{family_name}: block {block!r} is not contiguous "
+                               f"(again at layer {seg[-1].name!r})")
+        else:
+            blocks.append((block, pending + seg))
+        pending = []
+    if pending:
+        blocks.append(("stem", pending))
+    return blocks
+
+
+def _blocks_by_names(ops, parents, rules) -> list[tuple[str, list]]:
+    """Groups ops by rule; unmatched ops follow their consumer (or producer)."""
+    block: list[Optional[str]] = [
+        _rule_block(rules, op.name) if isinstance(op, keras.layers.Layer) else None
+        for op in ops]
+    children: list[list[int]] = [[] for _ in ops]
+    for i, ps in enumerate(parents):
+        for j in ps:
+            children[j].append(i)
+    for i in reversed(range(len(ops))):  # consumers first
+        if block[i] is None:
+            block[i] = next((block[c] for c in children[i] if block[c]), None)
+    for i in range(len(ops)):  # ops nothing consumes (the output)
+        if block[i] is None:
+            block[i] = next((block[p] for p in parents[i] if block[p]), "stem")
+    members: dict[str, list] = {}
+    for op, b in zip(ops, block):
+        members.setdefault(b, []).append(op)
+    return list(members.items())
+
+
+def block_map(model: keras.Model, family: Family) -> list[tuple[str, list[str]]]:
+    """Groups the backbone's layers into ordered blocks of whole units.
+
+    Args:
+        model: a backbone built by `build_backbone` for `family`.
+        family: its family; `block_rules` and `grouping` drive the grouping
+            (see the module docstring).
+
+    Returns:
+        A list of (block name, [layer names]) in model order; every layer of
+        `model.layers` is in exactly one block.
+
+    Raises:
+        RuntimeError: if the family's rules do not fit the model's graph.
     """
     rules = [(re.compile(rx), tpl) for rx, tpl in family.block_rules]
-    order: list[str] = []
-    members: dict[str, list[str]] = {}
-    current = None
-    for layer in model.layers:
-        block = None
-        for rx, tpl in rules:
-            m = rx.fullmatch(layer.name)
-            if m:
-                block = tpl.format(*m.groups())
-                break
-        if block is None:
-            block = current if current is not None else (order[0] if order else "stem")
-        if block not in members:
-            order.append(block)
-            members[block] = []
-        members[block].append(layer.name)
-        current = block
-    return [(b, members[b]) for b in order]
+    ops, parents = _graph(model)
+    if family.grouping == "names":
+        blocks = _blocks_by_names(ops, parents, rules)
+    else:
+        blocks = _blocks_by_cuts(ops, parents, rules, family.name)
+    # Bare Operations (ConvNeXt's adds) have no weights and no place in
+    # `model.layers`, so they are left out of the result.
+    out = [(b, [op.name for op in members if isinstance(op, keras.layers.Layer)])
+           for b, members in blocks]
+    return [(b, names) for b, names in out if names]
 
 
 def num_blocks(model: keras.Model, family: Family) -> int:

@@ -7,6 +7,7 @@ into a Config; the library gets plain objects.
 Commands:
   train     run both stages on --data and write --output_dir
   evaluate  evaluate a finished run (--model=OUT) on --data
+  compare   print the key figures of finished runs side by side: compare OUT1 OUT2 ...
   predict   top-k classes of --images with an export (--model=OUT/export/1 or a .tflite)
 """
 
@@ -22,7 +23,7 @@ from absl import flags
 from tl_keras.config import Config, ConfigError, fields_with_help
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "predict")
+COMMANDS = ("train", "evaluate", "compare", "predict")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -46,9 +47,14 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
 
 def _train(cfg: Config) -> int:
     from tl_keras import pipeline
+    from tl_keras import report as report_lib
 
     report = pipeline.train(cfg)
     summary = {k: report[k] for k in ("stage1", "stage2", "kept", "test") if k in report}
+    # The full evaluation (per class, mistakes, ...) is in report.json / report.md.
+    for k in ("test", "val"):
+        if k in report:
+            summary[k] = report_lib.headline(report[k])
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -80,6 +86,11 @@ def main(argv: list[str]) -> int:
         got = argv[1] if len(argv) > 1 else ""
         raise ConfigError(f"command {got!r}: expected one of {', '.join(COMMANDS)} "
                           "(e.g. tl-keras train --flagfile=flags/smoke.flags)")
+    if argv[1] == "compare":
+        from tl_keras import compare
+
+        print(compare.table(argv[2:]))
+        return 0
     if len(argv) > 2:
         raise ConfigError(f"unexpected argument {argv[2]!r} (flags are --name=value)")
     cfg = config_from_flags()

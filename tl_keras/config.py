@@ -66,8 +66,10 @@ class Config:
     head_weight_decay: float = 1e-4
     # Stage 2: the top blocks of the backbone, BatchNorm kept frozen.
     finetune_epochs: int = 10
-    finetune_blocks: int = 2
-    finetune_learning_rate: float = 1e-4
+    # Blocks unfrozen from the top; 0: auto, the top 40% of the backbone's blocks
+    # (8 of MobileNetV2's 18). --finetune_epochs=0 skips stage 2.
+    finetune_blocks: int = 0
+    finetune_learning_rate: float = 3e-4
     warmup_epochs: int = 1
     # Early stopping patience (epochs without val_loss improvement).
     patience: int = 8
@@ -79,9 +81,31 @@ class Config:
     zoom: float = 0.1
     contrast: float = 0.1
 
+    # --- speed: caches, precision, compilation ---------------------------------
+    # Folder of cached features/activations, reused by reruns; empty: OUT/cache.
+    cache_dir: str = ""
+    # Cached arrays up to this size stay in RAM; larger ones are memory-mapped from disk.
+    cache_ram_mb: int = 2048
+    # Stage 2 trains on cached activations when they need at most this much;
+    # beyond it stage 2 runs through the full model.
+    cache_max_mb: int = 8192
+    # auto | float32 | mixed_float16 | mixed_bfloat16 (auto: bf16 on GPUs of compute
+    # capability >= 8, fp16 with loss scaling on older GPUs, float32 on CPU).
+    precision: str = "auto"
+    # auto | true | false: XLA-compile training steps (auto: on GPUs); falls back
+    # to plain TensorFlow, saying so, when an op cannot be compiled.
+    jit_compile: str = "auto"
+
     # --- evaluation / export -------------------------------------------------
+    # Average the predictions of each image and its mirror (only with --flip,
+    # whose augmentation says a mirror is a valid image).
+    tta: bool = True
     top_k: int = 3
     export: bool = True
+
+    # --- reports and TensorBoard (issue 6) -------------------------------------
+    # Write TensorBoard logs of both stages to OUTPUT_DIR/tensorboard.
+    tensorboard: bool = True
 
     # --- serving: export versions, TFLite, parity gate, predict ---------------
     # Replace the newest OUT/export/<version> instead of writing the next version.
@@ -192,6 +216,14 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if not 0 <= v < 1:
             raise fail(name, v, "must be in [0, 1)")
+    if cfg.precision not in ("auto", "float32", "mixed_float16", "mixed_bfloat16"):
+        raise fail("precision", cfg.precision,
+                   "choose one of auto, float32, mixed_float16, mixed_bfloat16")
+    if cfg.jit_compile.lower() not in ("auto", "true", "false"):
+        raise fail("jit_compile", cfg.jit_compile, "choose one of auto, true, false")
+    for name in ("cache_ram_mb", "cache_max_mb"):
+        if getattr(cfg, name) < 0:
+            raise fail(name, getattr(cfg, name), "must be >= 0")
     if not cfg.output_dir:
         raise fail("output_dir", cfg.output_dir, "required")
     # --- serving: export versions, TFLite, parity gate ------------------------

@@ -95,7 +95,7 @@ def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_
 
 
 def write_saved_model(model: keras.Model, class_names: list[str], image_size: int, path: str,
-                      top_k: int = 3) -> str:
+                      top_k: int = 3, extra_files: dict | None = None) -> str:
     """Writes the SavedModel, its labels asset and its warmup requests into `path`.
 
     Not atomic by itself: `path` should be a temporary folder renamed into
@@ -110,6 +110,10 @@ def write_saved_model(model: keras.Model, class_names: list[str], image_size: in
     with open(os.path.join(path, LABELS_ASSET), "w", encoding="utf-8") as f:
         f.write("\n".join(class_names) + "\n")
     write_warmup_requests(path, image_size)
+    for name, text in (extra_files or {}).items():
+        os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
+        with open(os.path.join(path, "assets.extra", name), "w", encoding="utf-8") as f:
+            f.write(text)
     return path
 
 
@@ -250,6 +254,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
                    eval_split: Optional[data_lib.Split] = None, eval_name: str = "test",
                    min_agreement: Optional[dict] = None, max_prob_diff: Optional[dict] = None,
                    check_path: Optional[str] = None, batch_size: int = 32, seed: int = 0,
+                   extra_files: Optional[dict] = None,
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports a new version: SavedModel + TFLite variants, parity-gated, renamed into place.
 
@@ -270,6 +275,8 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
         min_agreement, max_prob_diff: per-artifact limits (see `parity`).
         check_path: where the gate's comparison is written (OUT/export_check.json).
         seed: for the parity sample.
+        extra_files: {file name: text} written to `assets.extra/` (e.g. the
+            run manifest), which TF Serving keeps but does not load.
         log: progress messages.
 
     Returns:
@@ -288,7 +295,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
     # the final rename is atomic.
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
     try:
-        write_saved_model(model, class_names, image_size, tmp, top_k)
+        write_saved_model(model, class_names, image_size, tmp, top_k, extra_files)
         log("wrote the SavedModel; converting TFLite variants" if tflite_variants
             else "wrote the SavedModel")
         paths = tflite_lib.write_variants(model, image_size, tflite_variants, tmp,
