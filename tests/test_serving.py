@@ -333,7 +333,7 @@ def tflite_run(tmp_path_factory):
         # 15 validation images and a weak 96 px model: one flipped near-tie is
         # already 7 points of agreement, so the quantized limits are loosened
         # here (partial overrides: the other artifacts keep their defaults).
-        "--parity_min_agreement=dynamic=0.8,int8=0.6")
+        "--parity_min_agreement=float16=0.8,dynamic=0.7,int8=0.6")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out
 
@@ -354,7 +354,7 @@ def test_tflite_variants_are_exported_measured_and_gated(tflite_run):
         assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.1), (v, acc, keras_acc)
     check = json.loads((tflite_run / "export_check.json").read_text())
     arts = check["artifacts"]
-    assert arts["int8"]["min_agreement"] == 0.6 and arts["float"]["min_agreement"] == 0.99
+    assert arts["int8"]["min_agreement"] == 0.6 and arts["float"]["min_agreement"] == 0.98
     assert set(arts) == {"saved_model", *tflite_lib.VARIANTS}
     assert arts["float"]["max_prob_diff"] < 1e-4 and arts["float"]["top1_agreement"] == 1.0
     assert arts["saved_model"]["max_prob_diff"] <= 1e-4
