@@ -123,6 +123,28 @@ class Config:
     # Augmentation: random resized crop keeping at least this fraction of the area; 0: off.
     crop_min_area: float = 0.0
 
+    # --- serving: export versions, TFLite, parity gate, predict ---------------
+    # Replace the newest OUT/export/<version> instead of writing the next version.
+    overwrite: bool = False
+    # TFLite variants written next to the SavedModel, comma-separated:
+    # float, dynamic, float16, int8; empty: none.
+    tflite: str = ""
+    # Training images in the int8 variant's representative (calibration) dataset.
+    int8_calibration_images: int = 200
+    # Validation images the parity gate predicts with Keras, the SavedModel and
+    # each TFLite variant; 0: all.
+    parity_images: int = 100
+    # Parity gate: minimum top-1 agreement with the Keras model per artifact
+    # (NAME=VALUE,...; names left out keep these defaults).
+    parity_min_agreement: str = "saved_model=1.0,float=0.98,float16=0.9,dynamic=0.85,int8=0.85"
+    # Parity gate: maximum absolute probability difference from the Keras model
+    # per artifact (NAME=VALUE,...; names left out keep these defaults).
+    parity_max_prob_diff: str = "saved_model=1e-4,float=1e-3,float16=0.05,dynamic=0.3,int8=0.5"
+    # predict: image files or folders, comma-separated.
+    images: str = ""
+    # predict: print JSON instead of a table.
+    json: bool = False
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -230,3 +252,16 @@ def validate(cfg: Config) -> None:
         raise fail("translation", cfg.translation, "must be in [0, 1)")
     if not 0 <= cfg.crop_min_area < 1:
         raise fail("crop_min_area", cfg.crop_min_area, "must be in [0, 1) (0: off)")
+
+    # --- serving: export versions, TFLite, parity gate ------------------------
+    from tl_keras import parity, tflite
+
+    if tflite.parse_variants(cfg.tflite) and not cfg.export:
+        raise fail("tflite", cfg.tflite, "TFLite variants are written with the export; "
+                   "drop --noexport")
+    parity.min_agreement_limits(cfg.parity_min_agreement)
+    parity.max_prob_diff_limits(cfg.parity_max_prob_diff)
+    if cfg.parity_images < 0:
+        raise fail("parity_images", cfg.parity_images, "must be >= 0 (0: all validation images)")
+    if cfg.int8_calibration_images < 1:
+        raise fail("int8_calibration_images", cfg.int8_calibration_images, "must be >= 1")
