@@ -145,6 +145,24 @@ class Config:
     # predict: print JSON instead of a table.
     json: bool = False
 
+    # --- text classification (--task=text; tl_keras/text.py) -----------------
+    # What the run classifies: image | text.
+    task: str = "image"
+    # Pre-trained word vectors for --task=text: a GloVe or word2vec (text or binary)
+    # file; empty: random vectors, trained from stage 1 on.
+    embeddings: str = ""
+    # Word-vector size; 0: the size of --embeddings, or 100 without them.
+    embedding_dim: int = 0
+    # Vocabulary size: the most frequent training words, padding and [UNK] included.
+    max_tokens: int = 20000
+    # Tokens kept per text (longer texts are cut, shorter ones padded).
+    sequence_length: int = 128
+    # Encoder over the word vectors: pool (mean+max, then a ReLU layer), cnn (widths
+    # 3, 4, 5, max over time), lstm or gru (bidirectional, mean+max over its states).
+    encoder: str = "cnn"
+    # Hidden units (pool), filters per width (cnn) or units per direction (lstm, gru).
+    encoder_units: int = 100
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -265,3 +283,7 @@ def validate(cfg: Config) -> None:
         raise fail("parity_images", cfg.parity_images, "must be >= 0 (0: all validation images)")
     if cfg.int8_calibration_images < 1:
         raise fail("int8_calibration_images", cfg.int8_calibration_images, "must be >= 1")
+
+    # Text classification; its other checks are in text_pipeline.validate_text.
+    if cfg.task not in ("image", "text"):
+        raise fail("task", cfg.task, "must be image or text")

@@ -117,6 +117,10 @@ def train(cfg: Config) -> dict:
     Returns:
         The report (also written to `OUT/report.json`).
     """
+    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
+        from tl_keras import text_pipeline
+
+        return text_pipeline.train(cfg)
     t_start = time.perf_counter()
     validate(cfg)
     family = backbones.get_family(cfg.backbone)
