@@ -2,7 +2,8 @@
 
 data -> model -> stage 1 (head on cached features) -> unfreeze top blocks ->
 recompile -> stage 2 (fine-tune) -> keep the better stage -> evaluate ->
-write model, labels, config, report -> export SavedModel.
+write model, labels, config, report -> export a new version (SavedModel,
+TFLite variants) through the parity gate.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from tl_keras import manifest as manifest_lib
 from tl_keras import model as model_lib
 from tl_keras import multilabel
 from tl_keras import outputs
+from tl_keras import parity
 from tl_keras import precision
 from tl_keras import preflight
 from tl_keras import report as report_lib
 from tl_keras import tensorboard_logs
+from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -114,6 +117,10 @@ def train(cfg: Config) -> dict:
     Returns:
         The report (also written to `OUT/report.json`).
     """
+    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
+        from tl_keras import text_pipeline
+
+        return text_pipeline.train(cfg)
     t_start = time.perf_counter()
     validate(cfg)
     family = backbones.get_family(cfg.backbone)
@@ -267,16 +274,35 @@ def train(cfg: Config) -> dict:
     run_manifest = manifest_lib.build(resolved.to_dict(), data,
                                       {"kept": kept, "precision_policy": policy})
     outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
+    rejected = None
     if cfg.export:
-        path = export_lib.export_saved_model(final, classes, size,
-                                             os.path.join(out, "export", "1"), cfg.top_k,
-                                             {"manifest.json": json.dumps(run_manifest, indent=2)})
-        report["export"] = path
-        log(f"exported SavedModel to {path}")
+        # A new version (or the newest replaced, --overwrite): SavedModel, then
+        # TFLite, then the parity gate; published only if the gate passes.
+        variants = tflite_lib.parse_variants(cfg.tflite)
+        try:
+            report["export"] = export_lib.export_version(
+                final, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
+                overwrite=cfg.overwrite, tflite_variants=variants,
+                calibration_images=(tflite_lib.representative_images(
+                    data.train, size, cfg.int8_calibration_images, cfg.seed)
+                    if "int8" in variants else None),
+                parity_split=data.val, parity_images=cfg.parity_images,
+                eval_split=eval_split, eval_name=eval_name,
+                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+                seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+                log=log)
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
     if multi:
-        multilabel.write_thresholds(out, thresholds_doc, report.get("export", ""))
+        published = report.get("export") if rejected is None and cfg.export else None
+        multilabel.write_thresholds(out, thresholds_doc,
+                                    published.get("path", "") if published else "")
     written = report_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
     log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
     return report
