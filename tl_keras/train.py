@@ -9,12 +9,13 @@ and cosine decay; BatchNorm stays frozen and in inference mode.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Optional
 
 import keras
 import numpy as np
+
+from tl_keras import distribute
 
 
 @dataclasses.dataclass
@@ -52,6 +53,13 @@ def _metrics(multi_label: bool):
     if multi_label:
         return [keras.metrics.BinaryAccuracy(name="accuracy")]
     return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+
+
+def _metric_fns(model) -> dict:
+    """The per-example form of `_metrics`, for the strategy-aware loop (distribute.py)."""
+    if isinstance(model.loss, keras.losses.BinaryCrossentropy):
+        return {"accuracy": keras.metrics.binary_accuracy}
+    return {"accuracy": keras.metrics.categorical_accuracy}
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
@@ -108,9 +116,12 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
         stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
     cbs = [stop, _LearningRateLogger()] + list(callbacks or [])
     t0 = time.perf_counter()
-    hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
-                     initial_epoch=initial_epoch, validation_data=validation_data,
-                     callbacks=cbs, verbose=verbose, class_weight=class_weight)
+    # distribute.fit is model.fit, or a loop driving the same callbacks where
+    # the strategy needs one (multi-worker, mirrored, TPU).
+    hist = distribute.fit(model, x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
+                          initial_epoch=initial_epoch, validation_data=validation_data,
+                          callbacks=cbs, verbose=verbose, class_weight=class_weight,
+                          metric_fns=_metric_fns(model))
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
@@ -139,7 +150,7 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     Returns:
         The StageResult; the head holds the best weights.
     """
-    steps = math.ceil(len(train_features) / batch_size) * max(epochs, 1)
+    steps = distribute.steps_per_epoch(len(train_features), batch_size) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
@@ -147,8 +158,9 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     history, best_epoch, seconds = _fit(
         head, train_features, train_targets, (val_features, val_targets), epochs, batch_size,
         patience, 0, list(callbacks), class_weight=class_weight, verbose=verbose)
-    val_loss, val_acc = head.evaluate(val_features, val_targets, verbose=0,
-                                      batch_size=batch_size)[:2]
+    val_loss, val_acc = distribute.evaluate(head, val_features, val_targets,
+                                            batch_size=batch_size,
+                                            metric_fns=_metric_fns(head))[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
                        float(val_loss), history)
 
@@ -190,13 +202,12 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
     if isinstance(train_data, tuple):
         x, y, bs = train_data[0], train_data[1], batch_size
     else:
-        x, y, bs = train_data, None, None
+        x, y, bs = train_data, None, batch_size
     history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, list(callbacks),
                                         class_weight=class_weight, verbose=verbose)
-    if isinstance(val_data, tuple):
-        val_loss, val_acc = model.evaluate(*val_data, batch_size=batch_size, verbose=0)[:2]
-    else:
-        val_loss, val_acc = model.evaluate(val_data, verbose=0)[:2]
+    vx, vy = val_data if isinstance(val_data, tuple) else (val_data, None)
+    val_loss, val_acc = distribute.evaluate(model, vx, vy, batch_size=batch_size,
+                                            metric_fns=_metric_fns(model))[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds,
                        float(val_acc), float(val_loss), history)

@@ -1,0 +1,696 @@
+"""Running on tf.distribute: one GPU, several GPUs, several machines, TPUs.
+
+Everything that differs between strategies lives here, so the rest of
+tl_keras is written once:
+
+* `create` turns --strategy/--tpu (and TF_CONFIG) into a `Distribution`:
+  the tf.distribute strategy, the number of replicas and workers, whether
+  this process is the chief, and where this worker keeps its own files
+  (`worker_dir`). This is the one place that decides "am I the chief" and
+  which folder is this worker's: outputs are written by the chief only;
+  per-worker state (feature caches, resume checkpoints) goes under
+  `worker_dir(OUT)`.
+* `Distribution.scale` applies the stated replica-scaling rule to the batch
+  size and learning rates (`--replica_scaling`).
+* `Distribution.shard` gives each worker its own shard of the data, so each
+  worker computes and caches only its part of the features.
+* `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
+  features.py and evaluate.py call instead of the Keras methods. Under the
+  default and one-device strategies they are the Keras methods. Under
+  mirrored, multi-worker and TPU strategies they run a strategy-aware loop
+  (`strategy.run` over a distributed dataset, the model's own optimizer and
+  loss, per-example losses averaged over the global batch), because
+  `model.fit` fails under MultiWorkerMirroredStrategy with TF 2.21 /
+  Keras 3.15 (keras-team/keras#20585). The loop drives Keras callbacks with
+  the same hooks and logs as `model.fit` (loss, metrics, val_*), so early
+  stopping with best-weight restore, learning-rate logging and user
+  callbacks behave the same under every strategy.
+
+Both paths see training examples in the same order (`_example_batches`), so a
+run on several replicas takes the same steps as a run on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import weakref
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tl_keras.config import ConfigError, fail
+
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+SCALING_RULES = ("sqrt", "linear", "none")
+# Op-level seed of the per-epoch shuffle. Together with the global seed (set
+# from --seed by the pipeline) it fixes the example order under every strategy.
+_SHUFFLE_SEED = 1234
+_SUM = tf.distribute.ReduceOp.SUM
+# Compiled step functions per model (rebuilt when the model is recompiled).
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PREDICT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------
+# TF_CONFIG
+# --------------------------------------------------------------------------
+
+def _tf_config() -> dict:
+    """The parsed TF_CONFIG environment variable ({} when unset)."""
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return {}
+    try:
+        conf = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG={raw[:200]!r}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("cluster", {}), dict):
+        raise ConfigError(f"TF_CONFIG={raw[:200]!r}: expected "
+                          '{"cluster": {"worker": [...]}, "task": {"type": ..., "index": ...}}')
+    return conf
+
+
+def _cluster_size(conf: dict) -> int:
+    cluster = conf.get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+# --------------------------------------------------------------------------
+# Strategy creation
+# --------------------------------------------------------------------------
+
+def resolve_strategy(name: str, tpu: str, num_gpus: int, cluster_size: int) -> str:
+    """Maps --strategy (maybe `auto`) to a concrete strategy name.
+
+    auto: `tpu` when --tpu names one, `multi_worker` when TF_CONFIG lists more
+    than one worker, `mirrored` with more than one GPU, `default` otherwise.
+    """
+    if name not in STRATEGIES:
+        raise fail("strategy", name, "choose one of " + ", ".join(STRATEGIES))
+    if tpu and name not in ("auto", "tpu"):
+        raise fail("tpu", tpu, f"names a TPU but --strategy={name}; use --strategy=tpu or auto")
+    if name != "auto":
+        return name
+    if tpu:
+        return "tpu"
+    if cluster_size > 1:
+        return "multi_worker"
+    return "mirrored" if num_gpus > 1 else "default"
+
+
+def _make_strategy(kind: str, tpu: str) -> tf.distribute.Strategy:
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if kind == "mirrored":
+        # All GPUs; without GPUs, every logical CPU device (one unless the
+        # program split the CPU with tf.config.set_logical_device_configuration).
+        devices = (tf.config.list_logical_devices("GPU")
+                   or tf.config.list_logical_devices("CPU"))
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if kind == "multi_worker":
+        conf = _tf_config()
+        task = conf.get("task", {})
+        if conf and task.get("type") not in ("chief", "worker"):
+            raise ConfigError(f"TF_CONFIG task {task!r}: --strategy=multi_worker runs "
+                              "'chief' and 'worker' tasks only")
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise fail("strategy", kind, f"cannot start: {' '.join(str(e).split())[:300]} "
+                       "(it must be created before TensorFlow runs anything)") from None
+    if kind == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            return tf.distribute.TPUStrategy(resolver)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the TPU is one message
+            raise fail("tpu", tpu or "local",
+                       f"cannot connect to the TPU: {' '.join(str(e).split())[:300]}") from None
+    raise fail("strategy", kind, "choose one of " + ", ".join(STRATEGIES))
+
+
+def uses_custom_loop(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `fit`/`evaluate`/`predict` use the strategy-aware loop (not Keras's)."""
+    return isinstance(strategy, (tf.distribute.MirroredStrategy,
+                                 tf.distribute.MultiWorkerMirroredStrategy,
+                                 tf.distribute.TPUStrategy))
+
+
+def _kind_of(strategy: tf.distribute.Strategy) -> str:
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multi_worker"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored"
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        return "one_device"
+    return "default"
+
+
+@dataclasses.dataclass
+class Distribution:
+    """The strategy of a run and this process's place in it.
+
+    Attributes:
+        strategy: the tf.distribute strategy (the default strategy for `default`).
+        kind: default | one_device | mirrored | multi_worker | tpu.
+        num_replicas: replicas in sync (devices taking part in each step).
+        num_workers: worker processes (1 except under multi_worker).
+        worker_index: this worker's position, 0..num_workers-1 (the chief is 0).
+        task: this worker's TF_CONFIG task as "type-index" ("" without TF_CONFIG).
+        is_chief: whether this process writes the run's outputs.
+        scaling: the --replica_scaling rule applied by `scale`.
+    """
+
+    strategy: tf.distribute.Strategy
+    kind: str
+    num_replicas: int
+    num_workers: int
+    worker_index: int
+    task: str
+    is_chief: bool
+    scaling: str = "none"
+
+    @classmethod
+    def of(cls, strategy: tf.distribute.Strategy, scaling: str = "none") -> "Distribution":
+        """Describes `strategy` (e.g. the one in scope: `tf.distribute.get_strategy()`)."""
+        kind = _kind_of(strategy)
+        workers, index, task, chief = 1, 0, "", True
+        if kind == "multi_worker":
+            resolver = strategy.cluster_resolver
+            spec = resolver.cluster_spec().as_dict()
+            n_chief = len(spec.get("chief", []))
+            workers = max(n_chief + len(spec.get("worker", [])), 1)
+            if resolver.task_type:
+                task = f"{resolver.task_type}-{resolver.task_id}"
+                # MultiWorkerMirroredStrategy's own order: the chief first, then workers.
+                index = (0 if resolver.task_type == "chief"
+                         else n_chief + int(resolver.task_id))
+                chief = index == 0
+        return cls(strategy, kind, int(strategy.num_replicas_in_sync), workers, index, task,
+                   chief, scaling)
+
+    def scope(self):
+        """The strategy's scope: models, optimizers and metrics must be made inside it."""
+        return self.strategy.scope()
+
+    def worker_dir(self, out: str) -> str:
+        """Where this worker keeps its own files (caches, resume state).
+
+        The chief uses OUT itself; other workers use OUT/workers/TASK, so
+        workers that share a file system never write the same file and the
+        outputs in OUT are the chief's alone.
+        """
+        if self.is_chief:
+            return out
+        return os.path.join(out, "workers", self.task or f"worker-{self.worker_index}")
+
+    def shard(self, split):
+        """This worker's shard of a `data.Split` (every num_workers-th example)."""
+        if self.num_workers == 1:
+            return split
+        return split.subset(range(self.worker_index, len(split), self.num_workers))
+
+    def cache_key(self) -> dict:
+        """Extra cache-key parts: a worker's shard is its own cache entry."""
+        return {} if self.num_workers == 1 else {"shard": [self.worker_index, self.num_workers]}
+
+    def precision(self, name: str) -> str:
+        """--precision for this strategy: `auto` means bfloat16 on TPUs."""
+        return "mixed_bfloat16" if name == "auto" and self.kind == "tpu" else name
+
+    def scale(self, cfg):
+        """Applies the replica-scaling rule to a Config.
+
+        With N replicas, `sqrt` (the default) makes --batch_size the batch of
+        each replica (global batch = batch_size x N) and multiplies the
+        learning rates by sqrt(N), the square-root rule for Adam-type
+        optimizers (Malladi et al., 2022); `linear` multiplies them by N (the
+        rule of Goyal et al., 2017, for SGD); `none` keeps both as given, and
+        --batch_size is the global batch, split evenly over the replicas.
+        """
+        n = self.num_replicas
+        if self.scaling == "none" or n == 1:
+            if cfg.batch_size % n:
+                raise fail("batch_size", cfg.batch_size,
+                           f"must be a multiple of the {n} replicas with --replica_scaling=none")
+            return cfg
+        factor = math.sqrt(n) if self.scaling == "sqrt" else float(n)
+        return cfg.replace(batch_size=cfg.batch_size * n,
+                           head_learning_rate=cfg.head_learning_rate * factor,
+                           finetune_learning_rate=cfg.finetune_learning_rate * factor)
+
+    def barrier(self) -> None:
+        """Waits until every worker gets here (a no-op with one worker)."""
+        if self.num_workers > 1:
+            _gather_counts(self.strategy, 0)
+
+    def describe(self, model: Optional[keras.Model] = None, cfg=None) -> dict:
+        """The report block: strategy, replicas, workers, effective settings."""
+        d = {"strategy": self.kind, "replicas": self.num_replicas, "workers": self.num_workers,
+             "worker_index": self.worker_index, "replica_scaling": self.scaling}
+        if cfg is not None:
+            d.update(global_batch_size=cfg.batch_size,
+                     head_learning_rate=cfg.head_learning_rate,
+                     finetune_learning_rate=cfg.finetune_learning_rate)
+        if model is not None:
+            d["weights_fingerprint"] = weights_fingerprint(model)
+        return d
+
+    def __str__(self) -> str:
+        where = (f", worker {self.worker_index + 1}/{self.num_workers} ({self.task}"
+                 f"{', chief' if self.is_chief else ''})") if self.num_workers > 1 else ""
+        return f"{self.kind}: {self.num_replicas} replica(s){where}"
+
+
+def create(strategy: str = "auto", tpu: str = "", replica_scaling: str = "sqrt") -> Distribution:
+    """Creates the strategy named by --strategy / --tpu / --replica_scaling.
+
+    Call it before anything else runs TensorFlow ops: MultiWorkerMirroredStrategy
+    must configure collective ops before TensorFlow initializes, and a TPU
+    must be connected before its devices are used.
+
+    Raises:
+        ConfigError: a bad value, a bad TF_CONFIG, or a TPU that cannot be reached.
+    """
+    if replica_scaling not in SCALING_RULES:
+        raise fail("replica_scaling", replica_scaling,
+                   "choose one of " + ", ".join(SCALING_RULES))
+    if strategy not in STRATEGIES:
+        raise fail("strategy", strategy, "choose one of " + ", ".join(STRATEGIES))
+    conf = _tf_config() if strategy in ("auto", "multi_worker") else {}
+    num_gpus = len(tf.config.list_physical_devices("GPU")) if strategy == "auto" else 0
+    kind = resolve_strategy(strategy, tpu, num_gpus, _cluster_size(conf))
+    return Distribution.of(_make_strategy(kind, tpu), replica_scaling)
+
+
+def current() -> Distribution:
+    """The Distribution of the strategy in scope (the default one outside any scope)."""
+    return Distribution.of(tf.distribute.get_strategy())
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of all weight values: equal on workers that hold equal weights."""
+    h = hashlib.sha256()
+    for v in model.weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# Cross-worker counts
+# --------------------------------------------------------------------------
+
+def _gather_counts(strategy: tf.distribute.Strategy, local: int) -> np.ndarray:
+    """Every worker's `local` value, in worker order (a collective: all workers call it)."""
+    dist = Distribution.of(strategy)
+    local_replicas = len(strategy.extended.worker_devices)
+    onehot = np.zeros(dist.num_workers, np.float64)
+    onehot[dist.worker_index] = float(local) / local_replicas
+
+    @tf.function
+    def gather():
+        per_replica = strategy.run(lambda: tf.constant(onehot))
+        return strategy.reduce(_SUM, per_replica, axis=None)
+
+    return np.rint(gather().numpy()).astype(np.int64)
+
+
+def steps_per_epoch(n_local: int, global_batch: int) -> int:
+    """Training steps in one pass over the data, under the strategy in scope.
+
+    Each worker passes over its own `n_local` examples, global_batch /
+    num_workers per step; the epoch lasts as long as the largest shard.
+    """
+    dist = current()
+    if dist.num_workers == 1:
+        return max(1, math.ceil(n_local / global_batch))
+    biggest = int(_gather_counts(dist.strategy, n_local).max())
+    return max(1, math.ceil(biggest * dist.num_workers / global_batch))
+
+
+# --------------------------------------------------------------------------
+# Input pipelines (the same example order under every strategy)
+# --------------------------------------------------------------------------
+
+def _is_dataset(x) -> bool:
+    return isinstance(x, tf.data.Dataset)
+
+
+def _split(batches: tf.data.Dataset, parts: int, size: int) -> tf.data.Dataset:
+    """Cuts every batch into `parts` consecutive slices of `size` rows (the
+    last ones shorter or empty when the batch is short): one per local replica."""
+    if parts == 1:
+        return batches
+
+    def slices(*b):
+        n = tf.shape(b[0])[0]
+        check = tf.debugging.assert_less_equal(
+            n, parts * size, message="a batch is larger than this worker's share of the "
+            "global batch (global batch size / number of workers)")
+        with tf.control_dependencies([check]):
+            starts = tf.data.Dataset.range(parts)
+        if len(b) == 1:
+            return starts.map(lambda r: b[0][r * size:(r + 1) * size])
+        return starts.map(lambda r: tuple(t[r * size:(r + 1) * size] for t in b))
+
+    return batches.flat_map(slices)
+
+
+def _example_batches(arrays: tuple, batch: int, shuffle: bool, repeat: bool = False,
+                     parts: int = 1) -> tf.data.Dataset:
+    """Batches of rows of equal-length arrays, each epoch in a new seeded order.
+
+    Rows are gathered by index (as Keras does for arrays), so the arrays are
+    held once, never copied into a shuffle buffer. With `repeat`, epoch k of
+    the endless stream is the k-th permutation, however many iterators the
+    caller creates; with `parts`, each batch comes as `parts` replica slices.
+    """
+    n = len(arrays[0])
+    whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
+    idx = tf.data.Dataset.range(n)
+    if shuffle:
+        idx = idx.shuffle(max(n, 1), seed=_SHUFFLE_SEED, reshuffle_each_iteration=True)
+    idx = idx.batch(batch)
+    if repeat:
+        idx = idx.repeat()
+    idx = _split(idx, parts, batch // parts)
+    ds = tf.data.Dataset.zip((idx, whole))
+    ds = ds.map(lambda i, a: tuple(tf.gather(t, i) for t in a),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _num_batches(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(np.int64(0), lambda c, _: c + 1))  # unknown: count once
+
+
+def _class_weights(y, class_weight: Optional[dict]):
+    """Per-example weights from one-hot targets (ones without class weights)."""
+    if class_weight is None:
+        return tf.ones(tf.shape(y)[:1], tf.float32)
+    table = tf.constant([float(class_weight.get(i, 1.0)) for i in range(int(y.shape[-1]))],
+                        tf.float32)
+    return tf.gather(table, tf.argmax(y, axis=-1))
+
+
+class _Feed:
+    """The input of one fit or evaluation under a strategy-aware loop.
+
+    Each worker feeds its own data (no auto-sharding: the pipeline gave each
+    worker its shard): arrays, or a dataset batched at this worker's share of
+    the global batch (global batch / number of workers). Every local batch is
+    cut into one slice per local replica, so one global step sees the same
+    examples as one step of the whole batch on a single device.
+
+    Attributes:
+        dataset: the distributed dataset of (x, y, weight) per replica.
+        steps: global steps per epoch (equal on all workers: the longest shard's).
+    """
+
+    def __init__(self, strategy, x, y, global_batch: int, train: bool,
+                 class_weight: Optional[dict]):
+        dist = Distribution.of(strategy)
+        replicas = strategy.num_replicas_in_sync
+        if global_batch % replicas:
+            raise fail("batch_size", global_batch, f"must be a multiple of the {replicas} replicas")
+        local_replicas = len(strategy.extended.worker_devices)
+        local_batch = global_batch // dist.num_workers
+        if _is_dataset(x):
+            local_steps = _num_batches(x)
+        else:
+            local_steps = math.ceil(len(x) / local_batch)
+        self.steps = max(1, local_steps)
+        if dist.num_workers > 1:
+            self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
+
+        def make(_ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            if _is_dataset(x):
+                ds = _split(x.repeat() if train else x, local_replicas, local_batch // local_replicas)
+            else:
+                ds = _example_batches((x, y), local_batch, shuffle=train, repeat=train,
+                                      parts=local_replicas)
+            return ds.map(lambda a, b: (a, b, _class_weights(b, class_weight)))
+
+        self.dataset = strategy.distribute_datasets_from_function(make)
+
+
+# --------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------
+
+def _per_example_loss(model: keras.Model) -> Callable:
+    """The compiled loss as (y_true, y_pred) -> per-example losses (no reduction)."""
+    loss = model.loss
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    # A Loss object's `call` is its unreduced form; loss functions are unreduced.
+    return loss.call if isinstance(loss, keras.losses.Loss) else loss
+
+
+class _Steps:
+    """tf.functions running one global training / evaluation / inference step."""
+
+    def __init__(self, model: keras.Model, metric_fns: dict[str, Callable]):
+        self.model = model
+        self.strategy = model.distribute_strategy
+        self.metric_fns = dict(metric_fns)
+        self.loss = _per_example_loss(model) if model.loss is not None else None
+        n = self.strategy.num_replicas_in_sync
+        jit = bool(model.jit_compile) and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+        def forward(x, y, w, n_global, training):
+            pred = model(x, training=training)
+            pred = tf.cast(pred, tf.float32)
+            y = tf.cast(y, pred.dtype)
+            per_example = tf.reshape(self.loss(y, pred), [-1])
+            # Averaged over the global batch: the optimizer sums the replicas'
+            # gradients, which then equal the gradient of the global mean.
+            loss = tf.reduce_sum(per_example * w) / tf.maximum(n_global, 1.0)
+            if training and model.losses:
+                loss += tf.add_n(model.losses) / n
+            sums = [tf.reduce_sum(per_example * w), tf.cast(tf.shape(per_example)[0], tf.float32),
+                    tf.reduce_sum(w)]
+            for fn in self.metric_fns.values():
+                m = tf.reshape(tf.cast(fn(y, pred), tf.float32), [tf.shape(pred)[0], -1])
+                sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * w))
+            return loss, sums
+
+        def grads(x, y, w, n_global):
+            with tf.GradientTape() as tape:
+                loss, sums = forward(x, y, w, n_global, True)
+                scaled = model.optimizer.scale_loss(loss)
+            return tape.gradient(scaled, model.trainable_variables), sums
+
+        grads_fn = tf.function(grads, jit_compile=True) if jit else grads
+
+        def replica_train(x, y, w):
+            ctx = tf.distribute.get_replica_context()
+            n_global = ctx.all_reduce(_SUM, tf.cast(tf.shape(w)[0], tf.float32))
+            g, sums = grads_fn(x, y, w, n_global)
+            model.optimizer.apply_gradients(zip(g, model.trainable_variables))
+            return sums
+
+        def replica_test(x, y, w):
+            return forward(x, y, w, tf.constant(1.0), False)[1]
+
+        strategy = self.strategy
+
+        @tf.function
+        def train_step(batch):
+            return strategy.reduce(_SUM, strategy.run(replica_train, args=batch), axis=None)
+
+        @tf.function
+        def test_step(batch):
+            return strategy.reduce(_SUM, strategy.run(replica_test, args=batch), axis=None)
+
+        self.train_step, self.test_step = train_step, test_step
+
+    def logs(self, totals: np.ndarray) -> dict:
+        loss_sum, count, wsum = totals[:3]
+        logs = {"loss": float(loss_sum / max(count, 1.0))}
+        for name, value in zip(self.metric_fns, totals[3:]):
+            logs[name] = float(value / max(wsum, 1e-12))
+        return logs
+
+
+def _steps_for(model: keras.Model, metric_fns: dict) -> _Steps:
+    key = (id(model.optimizer), tuple(metric_fns), model.jit_compile)
+    cached = _STEPS.get(model)
+    if cached is None or cached[0] != key:
+        with model.distribute_strategy.scope():
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            cached = _STEPS[model] = (key, _Steps(model, metric_fns))
+    return cached[1]
+
+
+def _run_eval(steps: _Steps, dataset, callbacks=None) -> dict:
+    totals = None
+    if callbacks is not None:
+        callbacks.on_test_begin()
+    for i, batch in enumerate(dataset):
+        if callbacks is not None:
+            callbacks.on_test_batch_begin(i)
+        out = np.asarray([float(t) for t in steps.test_step(batch)])
+        totals = out if totals is None else totals + out
+        if callbacks is not None:
+            callbacks.on_test_batch_end(i, steps.logs(totals))
+    logs = steps.logs(totals if totals is not None else np.zeros(3 + len(steps.metric_fns)))
+    if callbacks is not None:
+        callbacks.on_test_end(logs)
+    return logs
+
+
+# --------------------------------------------------------------------------
+# What train.py, features.py and evaluate.py call
+# --------------------------------------------------------------------------
+
+def fit(model: keras.Model, x, y=None, *, batch_size: int, epochs: int = 1,
+        initial_epoch: int = 0, validation_data=None, callbacks=(), verbose=2,
+        class_weight: Optional[dict] = None,
+        metric_fns: Optional[dict] = None) -> keras.callbacks.History:
+    """`model.fit` that works under every strategy (the model must be compiled).
+
+    Args:
+        model: a compiled model, built in the scope of the strategy it trains under.
+        x, y: arrays (this worker's examples), or a batched dataset of (x, y) as x.
+        batch_size: the global batch size (all replicas together).
+        epochs / initial_epoch / callbacks / verbose / class_weight: as in `model.fit`.
+        validation_data: (x, y) arrays or a batched (x, y) dataset.
+        metric_fns: name -> per-example metric function (e.g.
+            keras.metrics.categorical_accuracy); the strategy-aware loop logs
+            these, `model.fit` logs the compiled metrics (give the same ones).
+
+    Returns:
+        The History, as `model.fit` returns it.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        # An endless stream with fixed steps per epoch: epoch k is the k-th
+        # permutation, as in the loop below, whatever iterators Keras makes.
+        if _is_dataset(x):
+            steps = _num_batches(x)
+            x = x.repeat()
+        else:
+            steps = math.ceil(len(x) / batch_size)
+            x = _example_batches((x, y), batch_size, shuffle=True, repeat=True)
+        if isinstance(validation_data, tuple):
+            validation_data = _example_batches(tuple(validation_data), batch_size, False)
+        return model.fit(x, epochs=epochs, initial_epoch=initial_epoch,
+                         steps_per_epoch=max(steps, 1), validation_data=validation_data,
+                         callbacks=list(callbacks), verbose=verbose, class_weight=class_weight)
+    return _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data,
+                     list(callbacks), verbose, class_weight, dict(metric_fns or {}))
+
+
+def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, callbacks,
+              verbose, class_weight, metric_fns) -> keras.callbacks.History:
+    """model.fit's sequence of callback hooks and logs around strategy.run steps."""
+    strategy = model.distribute_strategy
+    dist = Distribution.of(strategy)
+    steps = _steps_for(model, metric_fns)
+    train = _Feed(strategy, x, y, batch_size, True, class_weight)
+    val = None
+    if validation_data is not None:
+        vx, vy = (validation_data, None) if _is_dataset(validation_data) else validation_data
+        val = _Feed(strategy, vx, vy, batch_size, False, None)
+    history = keras.callbacks.History()
+    # Only the chief prints progress.
+    verbose = (1 if verbose == "auto" else verbose) if dist.is_chief else 0
+    cbs = keras.callbacks.CallbackList(
+        callbacks + [history], add_history=False, add_progbar=bool(verbose), model=model,
+        verbose=verbose, epochs=epochs, steps=train.steps)
+    model.stop_training = False
+    cbs.on_train_begin()
+    logs = {}
+    batches = iter(train.dataset)  # endless: epoch k reads the k-th permutation
+    for epoch in range(initial_epoch, epochs):
+        cbs.on_epoch_begin(epoch)
+        totals = np.zeros(3 + len(metric_fns))
+        for i in range(train.steps):
+            cbs.on_train_batch_begin(i)
+            totals += np.asarray([float(t) for t in steps.train_step(next(batches))])
+            cbs.on_train_batch_end(i, steps.logs(totals))
+        logs = steps.logs(totals)
+        if val is not None:
+            logs.update({f"val_{k}": v for k, v in _run_eval(steps, val.dataset, cbs).items()})
+        cbs.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    cbs.on_train_end(logs)
+    return history
+
+
+def evaluate(model: keras.Model, x, y=None, *, batch_size: int,
+             metric_fns: Optional[dict] = None) -> list[float]:
+    """`model.evaluate(..., verbose=0)` under every strategy: [loss, *metrics].
+
+    Under a multi-worker strategy each worker passes its own examples and
+    all get the metrics of all examples together.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        if _is_dataset(x):
+            return model.evaluate(x, verbose=0)
+        return model.evaluate(x, y, batch_size=batch_size, verbose=0)
+    metric_fns = dict(metric_fns or {})
+    logs = _run_eval(_steps_for(model, metric_fns),
+                     _Feed(strategy, x, y, batch_size, False, None).dataset)
+    return [logs["loss"]] + [logs[k] for k in metric_fns]
+
+
+def _predict_fn(model: keras.Model):
+    cached = _PREDICT.get(model)
+    if cached is None:
+        strategy = model.distribute_strategy
+
+        @tf.function(reduce_retracing=True)
+        def step(x):
+            return strategy.run(lambda a: model(a, training=False), args=(x,))
+
+        cached = _PREDICT[model] = step
+    return cached
+
+
+def predict_on_batch(model: keras.Model, x) -> np.ndarray:
+    """`model.predict_on_batch` under every strategy, computed on this worker's devices.
+
+    Under mirrored, multi-worker and TPU strategies the batch is split over
+    the local replicas; no other worker takes part, so workers may predict
+    different amounts of data.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        return np.asarray(model.predict_on_batch(x))
+    x = keras.ops.convert_to_numpy(x)
+    devices = len(strategy.extended.worker_devices)
+    pieces = np.array_split(x, devices)
+    first = Distribution.of(strategy).worker_index * devices
+    values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(pieces[ctx.replica_id_in_sync_group - first]))
+    out = strategy.experimental_local_results(_predict_fn(model)(values))
+    return np.concatenate([keras.ops.convert_to_numpy(o) for o in out])
+
+
+def predict(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+    """`model.predict(dataset, verbose=0)` under every strategy (batches of inputs)."""
+    if not uses_custom_loop(model.distribute_strategy):
+        return np.asarray(model.predict(dataset, verbose=0))
+    outs = [predict_on_batch(model, x) for x in dataset]
+    return np.concatenate(outs) if outs else np.zeros((0,) + tuple(model.output.shape[1:]))
