@@ -100,6 +100,17 @@ class Config:
     # to plain TensorFlow, saying so, when an op cannot be compiled.
     jit_compile: str = "auto"
 
+    # --- distribution: tf.distribute strategies (issue 8, tl_keras/distribute.py) ---
+    # auto | default | one_device | mirrored | multi_worker | tpu (auto: tpu when --tpu
+    # names one, multi_worker when TF_CONFIG lists several workers, mirrored with more
+    # than one GPU, default otherwise). See docs/distribute.md.
+    strategy: str = "auto"
+    # The TPU to run on: `local` on a Cloud TPU VM, or a TPU name / grpc:// address.
+    tpu: str = ""
+    # With N replicas: sqrt (global batch = batch_size x N, learning rates x sqrt(N)),
+    # linear (batch x N, rates x N) or none (batch_size is the global batch, rates as given).
+    replica_scaling: str = "sqrt"
+
     # --- evaluation / export -------------------------------------------------
     # Average the predictions of each image and its mirror (only with --flip,
     # whose augmentation says a mirror is a valid image).

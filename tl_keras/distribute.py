@@ -182,6 +182,8 @@ class Distribution:
     task: str
     is_chief: bool
     scaling: str = "none"
+    # (batch_size, head_learning_rate, finetune_learning_rate) before `scale`.
+    _given: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, strategy: tf.distribute.Strategy, scaling: str = "none") -> "Distribution":
@@ -242,6 +244,7 @@ class Distribution:
         --batch_size is the global batch, split evenly over the replicas.
         """
         n = self.num_replicas
+        self._given = (cfg.batch_size, cfg.head_learning_rate, cfg.finetune_learning_rate)
         if self.scaling == "none" or n == 1:
             if cfg.batch_size % n:
                 raise fail("batch_size", cfg.batch_size,
@@ -251,6 +254,13 @@ class Distribution:
         return cfg.replace(batch_size=cfg.batch_size * n,
                            head_learning_rate=cfg.head_learning_rate * factor,
                            finetune_learning_rate=cfg.finetune_learning_rate * factor)
+
+    def unscale(self, cfg):
+        """The Config with the batch size and learning rates as given before `scale`."""
+        if self._given is None:
+            return cfg
+        return cfg.replace(batch_size=self._given[0], head_learning_rate=self._given[1],
+                           finetune_learning_rate=self._given[2])
 
     def barrier(self) -> None:
         """Waits until every worker gets here (a no-op with one worker)."""
@@ -339,6 +349,15 @@ def steps_per_epoch(n_local: int, global_batch: int) -> int:
         return max(1, math.ceil(n_local / global_batch))
     biggest = int(_gather_counts(dist.strategy, n_local).max())
     return max(1, math.ceil(biggest * dist.num_workers / global_batch))
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This worker's share of a global batch, under the strategy in scope.
+
+    A dataset given to `fit` under a multi-worker strategy must be batched at
+    this size (each worker's input pipeline makes its part of every step).
+    """
+    return max(1, global_batch // current().num_workers)
 
 
 # --------------------------------------------------------------------------
@@ -668,29 +687,37 @@ def _predict_fn(model: keras.Model):
     return cached
 
 
-def predict_on_batch(model: keras.Model, x) -> np.ndarray:
+def predict_on_batch(model: keras.Model, x):
     """`model.predict_on_batch` under every strategy, computed on this worker's devices.
 
     Under mirrored, multi-worker and TPU strategies the batch is split over
     the local replicas; no other worker takes part, so workers may predict
     different amounts of data.
+
+    Returns:
+        What the model returns, as numpy: an array, or a list for several outputs.
     """
     strategy = model.distribute_strategy
     if not uses_custom_loop(strategy):
-        return np.asarray(model.predict_on_batch(x))
+        return model.predict_on_batch(x)
     x = keras.ops.convert_to_numpy(x)
     devices = len(strategy.extended.worker_devices)
     pieces = np.array_split(x, devices)
     first = Distribution.of(strategy).worker_index * devices
     values = strategy.experimental_distribute_values_from_function(
         lambda ctx: tf.constant(pieces[ctx.replica_id_in_sync_group - first]))
-    out = strategy.experimental_local_results(_predict_fn(model)(values))
-    return np.concatenate([keras.ops.convert_to_numpy(o) for o in out])
+    out = _predict_fn(model)(values)
+    parts = [np.concatenate([keras.ops.convert_to_numpy(t)
+                             for t in strategy.experimental_local_results(o)])
+             for o in tf.nest.flatten(out)]
+    return parts if isinstance(out, (list, tuple)) else parts[0]
 
 
-def predict(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+def predict(model: keras.Model, dataset: tf.data.Dataset):
     """`model.predict(dataset, verbose=0)` under every strategy (batches of inputs)."""
     if not uses_custom_loop(model.distribute_strategy):
-        return np.asarray(model.predict(dataset, verbose=0))
+        return model.predict(dataset, verbose=0)
     outs = [predict_on_batch(model, x) for x in dataset]
+    if outs and isinstance(outs[0], list):
+        return [np.concatenate(o) for o in zip(*outs)]
     return np.concatenate(outs) if outs else np.zeros((0,) + tuple(model.output.shape[1:]))

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import data as data_lib
+from tl_keras import distribute
 
 
 def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
@@ -54,7 +55,7 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
         ds = ds.map(prep, num_parallel_calls=data_lib.AUTOTUNE).prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:
-            out = feature_model.predict_on_batch(x)
+            out = distribute.predict_on_batch(feature_model, x)
             outs = out if isinstance(out, (list, tuple)) else [out]
             fs.append([np.asarray(o, dtype=np.float32) for o in outs])
             ys.append(y.numpy())

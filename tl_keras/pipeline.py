@@ -21,6 +21,7 @@ from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
+from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import manifest as manifest_lib
@@ -114,23 +115,41 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
 def train(cfg: Config) -> dict:
     """Runs the whole two-stage pipeline described by `cfg`.
 
+    Under a distribution strategy (--strategy, see `distribute.py`) every
+    worker runs this; only the chief evaluates and writes the outputs.
+
     Returns:
-        The report (also written to `OUT/report.json`).
+        The report (also written to `OUT/report.json` by the chief).
     """
     if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
         from tl_keras import text_pipeline
 
+        if cfg.strategy not in ("auto", "default"):
+            raise fail("strategy", cfg.strategy, "--task=text trains on one device")
         return text_pipeline.train(cfg)
+    validate(cfg)
+    # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.
+    dist = distribute.create(cfg.strategy, cfg.tpu, cfg.replica_scaling)
+    log(f"distribution: {dist}")
+    with dist.scope():
+        report = _train(cfg, dist)
+    dist.barrier()  # the other workers wait until the chief has written the outputs
+    return report
+
+
+def _train(cfg: Config, dist: distribute.Distribution) -> dict:
+    """The image pipeline inside the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
     validate(cfg)
     family = backbones.get_family(cfg.backbone)
     size = cfg.image_size or family.default_size
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
-    policy = precision.apply(cfg.precision)  # before any model is built
+    policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
     keras.utils.set_random_seed(cfg.seed)
-    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    cfg = dist.scale(cfg)  # --batch_size and learning rates per --replica_scaling
+    cache_dir = cfg.cache_dir or os.path.join(dist.worker_dir(out), "cache")
     cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
@@ -138,7 +157,7 @@ def train(cfg: Config) -> dict:
     data, scan = preflight.prepare_dataset(
         cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
         cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(out, "preflight.json"), log=log)
+        os.path.join(dist.worker_dir(out), "preflight.json"), log=log)
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label
@@ -165,14 +184,17 @@ def train(cfg: Config) -> dict:
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                         cfg.translation, cfg.crop_min_area)
     image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
-    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
-                                          order_seed=cfg.seed)
-    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
+    # Each worker reads, caches and trains on its own part of the data.
+    train_images = data_lib.image_dataset(dist.shard(data.train), size, budget=image_cache,
+                                          name="train", order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(dist.shard(data.val), size, budget=image_cache,
+                                        name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
-    key_parts = _cache_key_parts(cfg, family, size, data, policy)
+    key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
-    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(),
+                                cfg.tensorboard and dist.is_chief)  # only the chief writes
 
     # --- stage 1: the head on cached features ------------------------------
     # One inference pass per view feeds both stages: pooled features for the
@@ -216,13 +238,16 @@ def train(cfg: Config) -> dict:
             val_data = (va["a"], data_lib.targets(va["y"], n_cls))
         else:
             trainer, mode = clf.model, "full_model"
-            train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+            batch = distribute.local_batch_size(cfg.batch_size)  # this worker's share
+            train_data = data_lib.batched(train_images, batch, n_cls, shuffle=True,
                                           seed=cfg.seed, augment=augmenter)
-            val_data = data_lib.batched(val_images, cfg.batch_size, n_cls)
-        n_train = len(train_data[0]) if isinstance(train_data, tuple) else len(data.train)
+            val_data = data_lib.batched(val_images, batch, n_cls)
+        n_train = (len(train_data[0]) if isinstance(train_data, tuple)
+                   else len(dist.shard(data.train)))
         s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs,
-                                    steps_per_epoch=-(-n_train // cfg.batch_size),
+                                    steps_per_epoch=distribute.steps_per_epoch(
+                                        n_train, cfg.batch_size),
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                                     label_smoothing=cfg.label_smoothing, multi_label=multi,
@@ -247,6 +272,10 @@ def train(cfg: Config) -> dict:
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
     image_cache.cleanup()
+    report["distribution"] = dist.describe(clf.model, cfg)
+    log(f"weights fingerprint {report['distribution']['weights_fingerprint']}")
+    if not dist.is_chief:  # only the chief evaluates and writes outputs
+        return report
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
@@ -266,7 +295,8 @@ def train(cfg: Config) -> dict:
         tb.close()
 
     # --- write outputs and export ----------------------------------------------
-    resolved = cfg.replace(image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
+    resolved = dist.unscale(cfg).replace(  # the flags as given, not scaled per replica
+        image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
     with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
         final.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
