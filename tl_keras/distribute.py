@@ -368,48 +368,80 @@ def _is_dataset(x) -> bool:
     return isinstance(x, tf.data.Dataset)
 
 
-def _split(batches: tf.data.Dataset, parts: int, size: int) -> tf.data.Dataset:
-    """Cuts every batch into `parts` consecutive slices of `size` rows (the
-    last ones shorter or empty when the batch is short): one per local replica."""
-    if parts == 1:
-        return batches
+def _index_batches(n: int, batch: int, shuffle: bool, repeat: bool) -> tf.data.Dataset:
+    """Batches of row indices 0..n-1: the example order of every strategy.
+
+    Shuffled anew each epoch (seeded). With `repeat` the stream is endless
+    and epoch k is the k-th permutation, however many iterators the caller
+    (Keras or the loop) creates.
+    """
+    idx = tf.data.Dataset.range(n)
+    if shuffle:
+        idx = idx.shuffle(max(n, 1), seed=_SHUFFLE_SEED, reshuffle_each_iteration=True)
+    idx = idx.batch(batch)
+    return idx.repeat() if repeat else idx
+
+
+def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
+    """Maps (index batch, *rest) to (rows of each array, *rest).
+
+    Rows are gathered by index (as Keras does for arrays), so the arrays are
+    held once, never copied into a shuffle buffer.
+    """
+    whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
+
+    def gather(item, a):
+        item = item if isinstance(item, tuple) else (item,)
+        return tuple(tf.gather(t, item[0]) for t in a) + tuple(item[1:])
+
+    return tf.data.Dataset.zip((indices, whole)).map(
+        gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _example_batches(arrays: tuple, batch: int, shuffle: bool,
+                     repeat: bool = False) -> tf.data.Dataset:
+    """Batches of rows of equal-length arrays in the order of `_index_batches`."""
+    idx = _index_batches(len(arrays[0]), batch, shuffle, repeat)
+    return _gather_rows(idx, arrays).prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_rows(t: tf.Tensor, size: int) -> tf.Tensor:
+    pad = [[0, size - tf.shape(t)[0]]] + [[0, 0]] * (len(t.shape) - 1)
+    out = tf.pad(t, pad)
+    out.set_shape([size] + list(t.shape[1:]))
+    return out
+
+
+def _replica_slices(batches: tf.data.Dataset, parts: int, size: int) -> tf.data.Dataset:
+    """Cuts every batch (a tuple of tensors) into `parts` consecutive slices,
+    one per local replica, each padded to `size` rows, plus a mask of real rows.
+
+    Static shapes everywhere (TPUs need them) and no empty batches (some CPU
+    kernels fail on those); padded rows get weight 0.
+    """
 
     def slices(*b):
         n = tf.shape(b[0])[0]
         check = tf.debugging.assert_less_equal(
             n, parts * size, message="a batch is larger than this worker's share of the "
             "global batch (global batch size / number of workers)")
+
+        def one(r):
+            start = tf.minimum(tf.cast(r, tf.int32) * size, n)
+            stop = tf.minimum(start + size, n)
+            mask = tf.cast(tf.range(size) < stop - start, tf.float32)
+            return tuple(_pad_rows(t[start:stop], size) for t in b) + (mask,)
+
         with tf.control_dependencies([check]):
-            starts = tf.data.Dataset.range(parts)
-        if len(b) == 1:
-            return starts.map(lambda r: b[0][r * size:(r + 1) * size])
-        return starts.map(lambda r: tuple(t[r * size:(r + 1) * size] for t in b))
+            return tf.data.Dataset.range(parts).map(one)
 
-    return batches.flat_map(slices)
+    return batches.map(lambda *b: b).flat_map(slices)
 
 
-def _example_batches(arrays: tuple, batch: int, shuffle: bool, repeat: bool = False,
-                     parts: int = 1) -> tf.data.Dataset:
-    """Batches of rows of equal-length arrays, each epoch in a new seeded order.
-
-    Rows are gathered by index (as Keras does for arrays), so the arrays are
-    held once, never copied into a shuffle buffer. With `repeat`, epoch k of
-    the endless stream is the k-th permutation, however many iterators the
-    caller creates; with `parts`, each batch comes as `parts` replica slices.
-    """
-    n = len(arrays[0])
-    whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
-    idx = tf.data.Dataset.range(n)
-    if shuffle:
-        idx = idx.shuffle(max(n, 1), seed=_SHUFFLE_SEED, reshuffle_each_iteration=True)
-    idx = idx.batch(batch)
-    if repeat:
-        idx = idx.repeat()
-    idx = _split(idx, parts, batch // parts)
-    ds = tf.data.Dataset.zip((idx, whole))
-    ds = ds.map(lambda i, a: tuple(tf.gather(t, i) for t in a),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+def _padding(spec: tuple) -> tf.data.Dataset:
+    """Endless all-padding replica batches (mask 0) shaped like `spec`."""
+    zeros = tuple(tf.zeros(s.shape, s.dtype) for s in spec)
+    return tf.data.Dataset.from_tensors(zeros).repeat()
 
 
 def _num_batches(ds: tf.data.Dataset) -> int:
@@ -435,11 +467,14 @@ class _Feed:
     worker its shard): arrays, or a dataset batched at this worker's share of
     the global batch (global batch / number of workers). Every local batch is
     cut into one slice per local replica, so one global step sees the same
-    examples as one step of the whole batch on a single device.
+    examples as one step of the whole batch on a single device. All workers
+    take the same number of steps (the longest shard's); a worker whose
+    shard is shorter wraps around (training) or feeds padding (evaluation).
 
     Attributes:
-        dataset: the distributed dataset of (x, y, weight) per replica.
-        steps: global steps per epoch (equal on all workers: the longest shard's).
+        dataset: the distributed dataset of (x, y, weight, mask) per replica;
+            endless when training.
+        steps: global steps per epoch.
     """
 
     def __init__(self, strategy, x, y, global_batch: int, train: bool,
@@ -447,9 +482,11 @@ class _Feed:
         dist = Distribution.of(strategy)
         replicas = strategy.num_replicas_in_sync
         if global_batch % replicas:
-            raise fail("batch_size", global_batch, f"must be a multiple of the {replicas} replicas")
+            raise fail("batch_size", global_batch,
+                       f"must be a multiple of the {replicas} replicas")
         local_replicas = len(strategy.extended.worker_devices)
         local_batch = global_batch // dist.num_workers
+        size = global_batch // replicas
         if _is_dataset(x):
             local_steps = _num_batches(x)
         else:
@@ -457,14 +494,19 @@ class _Feed:
         self.steps = max(1, local_steps)
         if dist.num_workers > 1:
             self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
+        steps = self.steps
 
         def make(_ctx: tf.distribute.InputContext) -> tf.data.Dataset:
             if _is_dataset(x):
-                ds = _split(x.repeat() if train else x, local_replicas, local_batch // local_replicas)
+                batches = x.repeat() if train else x
             else:
-                ds = _example_batches((x, y), local_batch, shuffle=train, repeat=train,
-                                      parts=local_replicas)
-            return ds.map(lambda a, b: (a, b, _class_weights(b, class_weight)))
+                batches = _index_batches(len(x), local_batch, shuffle=train, repeat=train)
+            ds = _replica_slices(batches, local_replicas, size)
+            if not train:
+                ds = ds.concatenate(_padding(ds.element_spec)).take(steps * local_replicas)
+            if not _is_dataset(x):
+                ds = _gather_rows(ds, (x, y))
+            return ds.map(lambda a, b, m: (a, b, m * _class_weights(b, class_weight), m))
 
         self.dataset = strategy.distribute_datasets_from_function(make)
 
@@ -493,7 +535,7 @@ class _Steps:
         n = self.strategy.num_replicas_in_sync
         jit = bool(model.jit_compile) and not isinstance(self.strategy, tf.distribute.TPUStrategy)
 
-        def forward(x, y, w, n_global, training):
+        def forward(x, y, w, mask, n_global, training):
             pred = model(x, training=training)
             pred = tf.cast(pred, tf.float32)
             y = tf.cast(y, pred.dtype)
@@ -503,30 +545,29 @@ class _Steps:
             loss = tf.reduce_sum(per_example * w) / tf.maximum(n_global, 1.0)
             if training and model.losses:
                 loss += tf.add_n(model.losses) / n
-            sums = [tf.reduce_sum(per_example * w), tf.cast(tf.shape(per_example)[0], tf.float32),
-                    tf.reduce_sum(w)]
+            sums = [tf.reduce_sum(per_example * w), tf.reduce_sum(mask), tf.reduce_sum(w)]
             for fn in self.metric_fns.values():
                 m = tf.reshape(tf.cast(fn(y, pred), tf.float32), [tf.shape(pred)[0], -1])
                 sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * w))
             return loss, sums
 
-        def grads(x, y, w, n_global):
+        def grads(x, y, w, mask, n_global):
             with tf.GradientTape() as tape:
-                loss, sums = forward(x, y, w, n_global, True)
+                loss, sums = forward(x, y, w, mask, n_global, True)
                 scaled = model.optimizer.scale_loss(loss)
             return tape.gradient(scaled, model.trainable_variables), sums
 
         grads_fn = tf.function(grads, jit_compile=True) if jit else grads
 
-        def replica_train(x, y, w):
-            ctx = tf.distribute.get_replica_context()
-            n_global = ctx.all_reduce(_SUM, tf.cast(tf.shape(w)[0], tf.float32))
-            g, sums = grads_fn(x, y, w, n_global)
+        def replica_train(x, y, w, mask):
+            # Real (unpadded) examples in the whole global batch.
+            n_global = tf.distribute.get_replica_context().all_reduce(_SUM, tf.reduce_sum(mask))
+            g, sums = grads_fn(x, y, w, mask, n_global)
             model.optimizer.apply_gradients(zip(g, model.trainable_variables))
             return sums
 
-        def replica_test(x, y, w):
-            return forward(x, y, w, tf.constant(1.0), False)[1]
+        def replica_test(x, y, w, mask):
+            return forward(x, y, w, mask, tf.constant(1.0), False)[1]
 
         strategy = self.strategy
 
@@ -559,11 +600,13 @@ def _steps_for(model: keras.Model, metric_fns: dict) -> _Steps:
     return cached[1]
 
 
-def _run_eval(steps: _Steps, dataset, callbacks=None) -> dict:
+def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
     totals = None
     if callbacks is not None:
         callbacks.on_test_begin()
-    for i, batch in enumerate(dataset):
+    batches = iter(feed.dataset)
+    for i in range(feed.steps):
+        batch = next(batches)
         if callbacks is not None:
             callbacks.on_test_batch_begin(i)
         out = np.asarray([float(t) for t in steps.test_step(batch)])
@@ -648,7 +691,7 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
             cbs.on_train_batch_end(i, steps.logs(totals))
         logs = steps.logs(totals)
         if val is not None:
-            logs.update({f"val_{k}": v for k, v in _run_eval(steps, val.dataset, cbs).items()})
+            logs.update({f"val_{k}": v for k, v in _run_eval(steps, val, cbs).items()})
         cbs.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
@@ -670,7 +713,7 @@ def evaluate(model: keras.Model, x, y=None, *, batch_size: int,
         return model.evaluate(x, y, batch_size=batch_size, verbose=0)
     metric_fns = dict(metric_fns or {})
     logs = _run_eval(_steps_for(model, metric_fns),
-                     _Feed(strategy, x, y, batch_size, False, None).dataset)
+                     _Feed(strategy, x, y, batch_size, False, None))
     return [logs["loss"]] + [logs[k] for k in metric_fns]
 
 

@@ -199,11 +199,8 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                   jit_compile=jit_compile)
-    if isinstance(train_data, tuple):
-        x, y, bs = train_data[0], train_data[1], batch_size
-    else:
-        x, y, bs = train_data, None, batch_size
-    history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
+    x, y = train_data if isinstance(train_data, tuple) else (train_data, None)
+    history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, batch_size, patience,
                                         initial_epoch, list(callbacks),
                                         class_weight=class_weight, verbose=verbose)
     vx, vy = val_data if isinstance(val_data, tuple) else (val_data, None)
