@@ -26,13 +26,12 @@ tl_keras is written once:
   stopping with best-weight restore, learning-rate logging and user
   callbacks behave the same under every strategy.
 
-Both paths see training examples in the same order (`_example_batches`), so a
+Both paths read training examples in the same order (`_index_batches`), so a
 run on several replicas takes the same steps as a run on one device.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
