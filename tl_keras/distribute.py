@@ -653,7 +653,7 @@ def fit(model: keras.Model, x, y=None, *, batch_size: int, epochs: int = 1,
             x = _example_batches((x, y), batch_size, shuffle=True, repeat=True)
         if isinstance(validation_data, tuple):
             validation_data = _example_batches(tuple(validation_data), batch_size, False)
-        return model.fit(x, epochs=epochs, initial_epoch=initial_epoch,
+        return model.fit(x, epochs=epochs, initial_epoch=initial_epoch, shuffle=False,
                          steps_per_epoch=max(steps, 1), validation_data=validation_data,
                          callbacks=list(callbacks), verbose=verbose, class_weight=class_weight)
     return _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data,
