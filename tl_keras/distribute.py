@@ -755,11 +755,18 @@ def predict_on_batch(model: keras.Model, x):
     return parts if isinstance(out, (list, tuple)) else parts[0]
 
 
-def predict(model: keras.Model, dataset: tf.data.Dataset):
-    """`model.predict(dataset, verbose=0)` under every strategy (batches of inputs)."""
+def predict(model: keras.Model, x, batch_size: int = 32):
+    """`model.predict(x, batch_size=..., verbose=0)` under every strategy.
+
+    Args:
+        x: a dataset of input batches, or an array (batched here).
+    """
     if not uses_custom_loop(model.distribute_strategy):
-        return model.predict(dataset, verbose=0)
-    outs = [predict_on_batch(model, x) for x in dataset]
+        if _is_dataset(x):
+            return model.predict(x, verbose=0)
+        return model.predict(x, batch_size=batch_size, verbose=0)
+    batches = x if _is_dataset(x) else (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+    outs = [predict_on_batch(model, b) for b in batches]
     if outs and isinstance(outs[0], list):
         return [np.concatenate(o) for o in zip(*outs)]
     return np.concatenate(outs) if outs else np.zeros((0,) + tuple(model.output.shape[1:]))

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import data as data_lib
+from tl_keras import distribute
 from tl_keras import evaluate as evaluate_lib
 from tl_keras import outputs
 from tl_keras import parity
@@ -307,7 +308,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
 
         if eval_split is not None and len(eval_split) and lites:
             pixels = tflite_lib.load_pixels(eval_split, image_size)
-            ref = model.predict(pixels.astype(np.float32), batch_size=batch_size, verbose=0)
+            ref = distribute.predict(model, pixels.astype(np.float32), batch_size)
             result["keras"] = {eval_name: evaluate_lib.metrics(np.asarray(ref),
                                                                eval_split.labels, top_k)}
             for v, lite in lites.items():
