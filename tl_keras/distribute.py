@@ -183,6 +183,7 @@ class Distribution:
     scaling: str = "none"
     # (batch_size, head_learning_rate, finetune_learning_rate) before `scale`.
     _given: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
+    _active: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, strategy: tf.distribute.Strategy, scaling: str = "none") -> "Distribution":
@@ -206,6 +207,20 @@ class Distribution:
     def scope(self):
         """The strategy's scope: models, optimizers and metrics must be made inside it."""
         return self.strategy.scope()
+
+    def activate(self) -> None:
+        """Enters the strategy's scope until `deactivate` (a `with scope()` that
+        can end before the block does: training runs inside the scope, saving and
+        exporting outside it, where a reloaded SavedModel gets plain variables)."""
+        if self.kind != "default" and not self._active:
+            tf.distribute.experimental_set_strategy(self.strategy)
+            self._active = True
+
+    def deactivate(self) -> None:
+        """Leaves the scope entered by `activate` (no-op otherwise)."""
+        if self._active:
+            tf.distribute.experimental_set_strategy(None)
+            self._active = False
 
     def worker_dir(self, out: str) -> str:
         """Where this worker keeps its own files (caches, resume state).

@@ -131,14 +131,17 @@ def train(cfg: Config) -> dict:
     # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.
     dist = distribute.create(cfg.strategy, cfg.tpu, cfg.replica_scaling)
     log(f"distribution: {dist}")
-    with dist.scope():
+    dist.activate()  # models are built and trained in the strategy's scope
+    try:
         report = _train(cfg, dist)
+    finally:
+        dist.deactivate()
     dist.barrier()  # the other workers wait until the chief has written the outputs
     return report
 
 
 def _train(cfg: Config, dist: distribute.Distribution) -> dict:
-    """The image pipeline inside the strategy's scope (see `train`)."""
+    """The image pipeline; trains in the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
     validate(cfg)
     family = backbones.get_family(cfg.backbone)
@@ -274,6 +277,7 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     image_cache.cleanup()
     report["distribution"] = dist.describe(clf.model, cfg)
     log(f"weights fingerprint {report['distribution']['weights_fingerprint']}")
+    dist.deactivate()  # evaluate, save and export outside the strategy's scope
     if not dist.is_chief:  # only the chief evaluates and writes outputs
         return report
 
