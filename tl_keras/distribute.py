@@ -539,13 +539,15 @@ def _per_example_loss(model: keras.Model) -> Callable:
 
 
 class _Steps:
-    """tf.functions running one global training / evaluation / inference step."""
+    """tf.functions running one global training step and one evaluation step."""
 
     def __init__(self, model: keras.Model, metric_fns: dict[str, Callable]):
+        if model.loss is None:
+            raise ValueError(f"model {model.name!r}: compile it with a loss before fit/evaluate")
         self.model = model
         self.strategy = model.distribute_strategy
         self.metric_fns = dict(metric_fns)
-        self.loss = _per_example_loss(model) if model.loss is not None else None
+        self.loss = _per_example_loss(model)
         n = self.strategy.num_replicas_in_sync
         jit = bool(model.jit_compile) and not isinstance(self.strategy, tf.distribute.TPUStrategy)
 
@@ -604,14 +606,17 @@ class _Steps:
 
 
 def _steps_for(model: keras.Model, metric_fns: dict) -> _Steps:
-    key = (id(model.optimizer), tuple(metric_fns), model.jit_compile)
+    """The model's step functions, traced again after each compile (new optimizer)."""
+    key = (tuple(metric_fns), model.jit_compile)
     cached = _STEPS.get(model)
-    if cached is None or cached[0] != key:
+    # The cached optimizer itself (not its id) is compared: a recompiled model
+    # has a new optimizer, and the traced steps captured the old one.
+    if cached is None or cached[0] is not model.optimizer or cached[1] != key:
         with model.distribute_strategy.scope():
             if model.optimizer is not None and not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
-            cached = _STEPS[model] = (key, _Steps(model, metric_fns))
-    return cached[1]
+            cached = _STEPS[model] = (model.optimizer, key, _Steps(model, metric_fns))
+    return cached[2]
 
 
 def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
