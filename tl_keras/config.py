@@ -277,6 +277,8 @@ def validate(cfg: Config) -> None:
     if tflite.parse_variants(cfg.tflite) and not cfg.export:
         raise fail("tflite", cfg.tflite, "TFLite variants are written with the export; "
                    "drop --noexport")
+    if tflite.parse_variants(cfg.tflite) and cfg.task != "image":
+        raise fail("tflite", cfg.tflite, "TFLite variants are exported for image models only")
     parity.min_agreement_limits(cfg.parity_min_agreement)
     parity.max_prob_diff_limits(cfg.parity_max_prob_diff)
     if cfg.parity_images < 0:
