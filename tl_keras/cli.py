@@ -7,6 +7,8 @@ into a Config; the library gets plain objects.
 Commands:
   train     run both stages on --data and write --output_dir
   evaluate  evaluate a finished run (--model=OUT) on --data
+  pretrain  train a source model from scratch on --data (--architecture); its
+            OUT/model.keras then serves as train --backbone=OUT/model.keras
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from absl import flags
 from tl_keras.config import Config, ConfigError, fields_with_help
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate")
+COMMANDS = ("train", "evaluate", "pretrain")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -51,6 +53,16 @@ def _train(cfg: Config) -> int:
     return 0
 
 
+def _pretrain(cfg: Config) -> int:
+    from tl_keras import pretrain
+
+    report = pretrain.pretrain(cfg)
+    summary = {k: report[k] for k in ("architecture", "blocks", "test") if k in report}
+    summary["pretrain"] = {k: v for k, v in report["pretrain"].items() if k != "history"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _evaluate(cfg: Config, model_path: str) -> int:
     from tl_keras import runs
 
@@ -70,6 +82,8 @@ def main(argv: list[str]) -> int:
     cfg = config_from_flags()
     if argv[1] == "train":
         return _train(cfg)
+    if argv[1] == "pretrain":
+        return _pretrain(cfg)
     if not FLAGS.model:
         raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
     return _evaluate(cfg, FLAGS.model)
