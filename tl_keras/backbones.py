@@ -717,10 +717,11 @@ def _prefix_rules(prefixes: list[str]) -> tuple:
 
 def _is_auto_named(layer) -> bool:
     """True for names Keras made up ("conv2d_3", "add"); they say nothing about blocks."""
-    from keras.src.utils.naming import to_snake_case
-
-    return re.fullmatch(re.escape(to_snake_case(type(layer).__name__)) + r"(?:_\d+)?",
-                        layer.name) is not None
+    # Keras's own rule for default names: the class name in snake case
+    # ("BatchNormalization" -> "batch_normalization"), then "_N" if taken.
+    snake = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", type(layer).__name__)
+    snake = re.sub(r"([a-z])([A-Z])", r"\1_\2", snake).lower()
+    return re.fullmatch(re.escape(snake) + r"(?:_\d+)?", layer.name) is not None
 
 
 def _discovered_rules(body: keras.Model) -> list[tuple[str, tuple]]:
@@ -851,7 +852,8 @@ def family_from_model_file(path: str, image_size: int = 0, cut_layer: str = "",
     if family is None:
         if prefixes:
             raise fail("block_prefixes", block_prefixes,
-                       f"these prefixes do not split {path} into whole units ({errors[0]})")
+                       f"these prefixes do not group {path} into contiguous blocks "
+                           f"({errors[0]})")
         # No rule fits: the whole model is one block (stage 2 unfreezes all of it).
         family = make((), "cuts")
         notes.append("1 block: no block structure found" +

@@ -103,7 +103,7 @@ class Config:
     # (fast on CPUs), alexnet, or a keras.applications family (weights=None).
     architecture: str = "compact_cnn"
     # pretrain: epochs of one learning-rate cycle (warmup_epochs of linear warmup, then cosine decay).
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 6
     # pretrain: peak learning rate of AdamW.
     pretrain_learning_rate: float = 3e-3
     # pretrain: AdamW decoupled weight decay (not on biases and normalization).

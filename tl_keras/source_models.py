@@ -87,7 +87,10 @@ def compact_cnn(include_top: bool = False, weights: Optional[str] = None, input_
     def conv_bn_relu(x, filters, stride, prefix):
         x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                                 kernel_initializer="he_normal", name=f"{prefix}conv")(x)
-        x = keras.layers.BatchNormalization(name=f"{prefix}bn")(x)
+        # Momentum 0.9, not Keras's 0.99: a few hundred steps of pretraining
+        # (or a few dozen on a small set) must be enough for the moving
+        # statistics that inference, and every later transfer, relies on.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{prefix}bn")(x)
         return keras.layers.ReLU(name=f"{prefix}relu")(x)
 
     x = conv_bn_relu(inputs, width[0], 2, "stem_")
