@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=10, help="labelled images per target class")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--architecture", default="compact_cnn")
-    p.add_argument("--pretrain_epochs", type=int, default=6)
+    p.add_argument("--pretrain_epochs", type=int, default=Config().pretrain_epochs)
     p.add_argument("--scratch_epochs", type=int, default=40)
     p.add_argument("--scratch_batch_size", type=int, default=4,
                    help="4 makes 4 steps per epoch on the 16 training images")
@@ -119,7 +119,8 @@ def main() -> None:
         link_split([split.items[i] for i in idx], split.labels[idx], classes, src_data)
         cfg = Config(data=src_data, val_fraction=0.1, architecture=args.architecture,
                      image_size=args.image_size, pretrain_epochs=args.pretrain_epochs,
-                     output_dir=src_out, cache_dir=os.path.join(work, "cache"), export=False)
+                     output_dir=src_out, cache_dir=os.path.join(work, "cache"), export=False,
+                     tensorboard=False)
         t0 = time.perf_counter()
         rep = quiet(pretrain.pretrain, cfg, verbose=args.verbose)
         keras.backend.clear_session()
@@ -146,9 +147,10 @@ def main() -> None:
                              os.path.join(run, "few"))
         test_dir = link_split([items[i] for i in rest], tgt_labels[rest], target,
                               os.path.join(run, "test"))
+        # Both evaluated the same way: no test-time mirroring (pretrain has none).
         common = dict(data=few_dir, test_data=test_dir, val_fraction=0.2, seed=seed,
-                      image_size=args.image_size, export=False,
-                      cache_dir=os.path.join(run, "cache"))
+                      image_size=args.image_size, export=False, tensorboard=False, tta=False,
+                      cache_dir=os.path.join(work, "cache"))
         t0 = time.perf_counter()
         tr = quiet(pipeline.train, Config(backbone=model_file, weights="imagenet",
                                           finetune_epochs=args.finetune_epochs,

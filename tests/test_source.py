@@ -31,7 +31,8 @@ from tl_keras.layers import LocalResponseNormalization, Preprocess
 def source_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("source") / "out"
     proc = run_cli("pretrain", f"--data={FLOWERS_MINI}", "--image_size=32", "--pretrain_epochs=1",
-                   "--pretrain_batch_size=32", "--noexport", f"--output_dir={out}")
+                   "--pretrain_batch_size=32", "--noexport", "--notensorboard",
+                   f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out
 
@@ -41,13 +42,15 @@ def transfer_run(source_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer") / "out"
     proc = run_cli("train", f"--data={FLOWERS_MINI}", f"--backbone={source_run / 'model.keras'}",
                    "--test_fraction=0.2", "--head_epochs=3", "--finetune_epochs=1",
-                   "--finetune_blocks=1", "--cache_views=1", f"--output_dir={out}")
+                   "--finetune_blocks=1", "--cache_views=1", "--notensorboard",
+                   f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out, proc.stdout
 
 
 def test_pretrain_writes_model_block_map_and_reports(source_run):
-    for f in ("model.keras", "model.blocks.json", "labels.txt", "config.json", "report.json"):
+    for f in ("model.keras", "model.blocks.json", "labels.txt", "config.json", "report.json",
+              "manifest.json", "preflight.json", "report.md", "learning_curves.png"):
         assert (source_run / f).is_file(), f
     report = json.loads((source_run / "report.json").read_text())
     assert report["architecture"] == "compact_cnn" and report["image_size"] == 32
@@ -284,7 +287,7 @@ def test_a_keras_applications_source_model_keeps_its_family_blocks(tmp_path):
     out.mkdir()
     model.save(out / "model.keras")
     body = keras.Model(model.input, model.get_layer(cut).output)
-    doc = pretrain.write_block_map(str(out / "model.blocks.json"), body, fam, cut, 32, fam.name)
+    doc = pretrain.write_block_map(str(out / "model.blocks.json"), body, fam, cut, 32)
     want = [b["name"] for b in doc["blocks"]]
     assert want[:2] == ["stem", "block_1"] and want[-1] == "top" and len(want) == 18
 

@@ -56,6 +56,17 @@ class Preprocess(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tl_keras")
+class FlipLeftRight(keras.layers.Layer):
+    """Mirrors images [N, H, W, C] left to right (deterministic, for test-time averaging)."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
 class LocalResponseNormalization(keras.layers.Layer):
     """AlexNet's local response normalization across channels.
 

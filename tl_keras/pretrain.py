@@ -5,37 +5,42 @@ source model on a related task with plenty of data, then use its file as
 the backbone of `tl-keras train --backbone=OUT/model.keras` for the task
 with little data.
 
-data -> decoded images (cached as arrays) -> source model (an architecture
-of `source_models`, or a keras.applications family with weights=None) ->
-one learning-rate cycle of AdamW -> evaluate -> write model, block map,
-labels, config, report -> export SavedModel.
+data (pre-flight scan, as in `train`) -> decoded images, cached (RAM up to
+--cache_ram_mb, disk beyond) -> source model (an architecture of
+`source_models`, or a keras.applications family with weights=None) -> one
+learning-rate cycle of AdamW -> evaluate -> write model, block map, labels,
+config, manifest, report -> export a version (parity-gated, as in `train`).
 
-Written to OUT (the same contract as `train`, plus the block map):
+Written to OUT (the contract of `train`, plus the block map):
   model.keras        images 0..255 -> probabilities; carries its preprocessing
   model.blocks.json  where a backbone made from it is cut, its preprocessing,
                      and its blocks (what stage 2 of `train` unfreezes)
-  labels.txt, config.json, report.json, export/1/ (unless --noexport)
+  labels.txt, config.json, manifest.json, preflight.json, report.json,
+  report.md (+ PNGs), tensorboard/, export/<version>/ (unless --noexport)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 
 import keras
-import numpy as np
-import tensorflow as tf
 
 from tl_keras import augment
 from tl_keras import backbones
-from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
-from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
+from tl_keras import manifest as manifest_lib
 from tl_keras import outputs
+from tl_keras import parity
 from tl_keras import precision
+from tl_keras import preflight
+from tl_keras import report as report_lib
 from tl_keras import source_models
+from tl_keras import tensorboard_logs
+from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -48,6 +53,8 @@ def log(msg: str) -> None:
 
 def validate_pretrain(cfg: Config) -> None:
     """Checks the pretraining flags; raises ConfigError."""
+    if cfg.task != "image":
+        raise fail("task", cfg.task, "pretrain trains image models")
     if int(cfg.pretrain_epochs) < 1:
         raise fail("pretrain_epochs", cfg.pretrain_epochs, "must be >= 1")
     if int(cfg.pretrain_batch_size) < 1:
@@ -61,58 +68,17 @@ def validate_pretrain(cfg: Config) -> None:
                    "scratch; to start from a model file use train --backbone=PATH.keras")
 
 
-def decode_split(split: data_lib.Split, size: int, batch_size: int = 256
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decodes and resizes every image of a split: (uint8 [N, size, size, 3], int labels).
+def write_block_map(path: str, body: keras.Model, family, cut: str, size: int) -> dict:
+    """Writes OUT/model.blocks.json: cut, preprocessing and blocks of a source model.
 
-    Pixels come from `data.decode_and_resize`, as in `train` and the export.
+    `train --backbone=OUT/model.keras` reads it (`backbones.family_from_model_file`),
+    so a backbone made from the file has exactly these blocks.
     """
-    ds = data_lib.image_dataset(split, size, cache=False).batch(batch_size)
-    xs, ys = [], []
-    for x, y in ds.prefetch(data_lib.AUTOTUNE):
-        xs.append(x.numpy())
-        ys.append(y.numpy())
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
-
-
-def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, num_classes: int,
-                  shuffle: bool = False, seed: int = 0, augmenter=None) -> tf.data.Dataset:
-    """Batches of (float32 images, one-hot labels) from decoded arrays.
-
-    Works the same on arrays in RAM and memory-mapped ones (`cache.ArrayCache`
-    maps arrays over its RAM budget): only index batches go through tf.data
-    and each batch is gathered from the array, so nothing is copied whole.
-    """
-    n, shape = len(x), tuple(x.shape[1:])
-    idx = tf.data.Dataset.range(n)
-    if shuffle:
-        idx = idx.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-
-    def gather(i):
-        i = np.sort(i)  # in file order: memory-mapped reads stay sequential
-        return np.asarray(x[i]), np.asarray(y[i], dtype=np.int32)
-
-    def load(i):
-        images, labels = tf.numpy_function(gather, [i], (tf.uint8, tf.int32))
-        images.set_shape((None,) + shape)
-        labels.set_shape((None,))
-        images = tf.cast(images, tf.float32)
-        if augmenter is not None:
-            images = augmenter(images, training=True)
-        return images, tf.one_hot(labels, num_classes)
-
-    ds = idx.batch(batch_size).map(load, num_parallel_calls=data_lib.AUTOTUNE)
-    return ds.prefetch(data_lib.AUTOTUNE)
-
-
-def write_block_map(path: str, body: keras.Model, family, cut: str, size: int,
-                    architecture: str) -> dict:
-    """Writes OUT/model.blocks.json: cut, preprocessing and blocks of the source model."""
     blocks = backbones.block_map(body, family)
     doc = {
         "format": backbones.BLOCK_MAP_FORMAT,
         "model": MODEL_FILE,
-        "architecture": architecture,
+        "architecture": family.name,
         "image_size": size,
         # The model file applies it itself (layer source_models.PREPROCESS_LAYER).
         "preprocess": family.preprocess,
@@ -134,13 +100,47 @@ def _compile(model: keras.Model, cfg: Config, steps_per_epoch: int, jit) -> None
         0.0 if warmup else lr, decay_steps=total - warmup, alpha=0.0,
         warmup_target=lr if warmup else None, warmup_steps=warmup)
     opt = keras.optimizers.AdamW(schedule, weight_decay=cfg.pretrain_weight_decay)
-    # Decay shrinks weights that scale features; biases and the scale and
-    # shift of normalization layers only move them.
+    # Decay shrinks the weights that scale features; biases and the scale and
+    # shift of normalization layers are left alone.
     opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     model.compile(optimizer=opt,
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                   metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
                   jit_compile=jit)
+
+
+def _write_report_md(out: str, report: dict, history: dict, eval_name: str, eval_items,
+                     manifest: dict) -> list[str]:
+    """report.md of a pretraining run, with the figures `train` draws."""
+    from tl_keras import plots
+
+    images = {"curves": report_lib.CURVES_PNG}
+    plots.learning_curves_png([history], os.path.join(out, report_lib.CURVES_PNG),
+                              kept_epoch=report["pretrain"]["best_epoch"])
+    ev = report[eval_name]
+    images.update(report_lib._evaluation_pngs(out, ev, eval_items, ""))
+    p = report["pretrain"]
+    lines = ["# tl_keras pretrain report", "",
+             f"- architecture: {report['architecture']} at {report['image_size']} px, "
+             f"{report['parameters']:,} parameters, trained from scratch",
+             f"- classes ({len(report['classes'])}): " + ", ".join(report["classes"]),
+             "- images: " + ", ".join(f"{k} {sum(v)}" for k, v in report["class_counts"].items()),
+             f"- as a backbone: `tl-keras train --backbone={os.path.join(out, MODEL_FILE)}` "
+             f"(cut at `{report['cut_layer']}`, blocks {', '.join(report['blocks'])})", "",
+             "## Training", "", "| epochs | best epoch | val accuracy | val loss | seconds | "
+             "images/s |", "|---|---|---|---|---|---|",
+             f"| {p['epochs']} | {p['best_epoch']} | {p['val_accuracy']:.4f} | "
+             f"{p['val_loss']:.4f} | {p['seconds']} | {p['images_per_second']} |", "",
+             f"![learning curves]({images['curves']})", ""]
+    title = (f"Test ({ev['n']} images)" if eval_name == "test" else
+             f"Validation ({ev['n']} images; no test split, so this is the split that chose "
+             "the epoch: an optimistic estimate)")
+    lines.append(report_lib.evaluation_markdown(ev, title, images))
+    lines += ["## Manifest", "", f"- data hash: `{manifest.get('data', {}).get('hash', '?')}`",
+              f"- seed: {manifest.get('seeds', {}).get('seed', '?')}",
+              "- full manifest: `manifest.json`", ""]
+    outputs.atomic_write_text(os.path.join(out, "report.md"), "\n".join(lines))
+    return ["report.md"] + list(images.values())
 
 
 def pretrain(cfg: Config) -> dict:
@@ -159,29 +159,27 @@ def pretrain(cfg: Config) -> dict:
     policy = precision.apply(cfg.precision)  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
     keras.utils.set_random_seed(cfg.seed)
-    cache = cache_lib.ArrayCache(cfg.cache_dir or os.path.join(out, "cache"), cfg.cache_ram_mb)
+    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
 
-    # --- data: decoded once, cached as arrays --------------------------------
-    data = data_lib.load_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
-                                 cfg.test_fraction, cfg.seed, cfg.tfds_split, cfg.tfds_data_dir)
+    # --- data: scanned as for train; decoded once, then cached ------------------
+    data, scan = preflight.prepare_dataset(
+        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
+        os.path.join(out, "preflight.json"), log=log)
+    if data.train.multi_label:
+        raise fail("data", cfg.data, "pretrain needs one class per image (multi-label data "
+                   "cannot train its softmax classifier)")
     classes = data.class_names
     n_cls = len(classes)
+    class_weight = data_lib.class_weights(data.train, n_cls, cfg.class_weight)
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
     log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
-    t0 = time.perf_counter()
-    arrays, hits = {}, []
-    for name, split in (("train", data.train), ("val", data.val)):
-        key = cache_lib.make_key(what="decoded", size=size,
-                                 split=cache_lib.split_fingerprint(split.items, split.labels))
-        arrays[name], hit = cache.get_or_compute(key, ("x", "y"),
-                                                 lambda split=split: decode_split(split, size),
-                                                 log)
-        hits.append(hit)
-    t_decode = time.perf_counter() - t0
-    log(f"decoded images at {size}px {'read from cache' if all(hits) else 'computed'} "
-        f"in {t_decode:.1f}s")
+    image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
+                                          order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
 
     # --- model ---------------------------------------------------------------
     model, cut = source_models.build_source_model(family, n_cls, size, cfg.alpha, cfg.dropout)
@@ -190,52 +188,84 @@ def pretrain(cfg: Config) -> dict:
         f"precision {policy}, device {precision.describe_device()}")
 
     # --- train: one cycle ----------------------------------------------------
-    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
     bs = cfg.pretrain_batch_size
-    (tr_x, tr_y), (va_x, va_y) = arrays["train"], arrays["val"]
-    train_ds = array_batches(tr_x, tr_y, bs, n_cls, shuffle=True, seed=cfg.seed,
-                             augmenter=augmenter)
-    val_ds = array_batches(va_x, va_y, bs, n_cls)
-    steps = math.ceil(len(tr_x) / bs)
+    train_ds = data_lib.batched(train_images, bs, n_cls, shuffle=True, seed=cfg.seed,
+                                augment=augmenter)
+    val_ds = data_lib.batched(val_images, bs, n_cls)
+    steps = math.ceil(len(data.train) / bs)
     _compile(model, cfg, steps, jit)
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
     log(f"pretraining {cfg.pretrain_epochs} epochs of {steps} batches of {bs}, "
         f"peak lr {cfg.pretrain_learning_rate}")
-    history, best_epoch, seconds = train_lib._fit(model, train_ds, None, val_ds,
-                                                  cfg.pretrain_epochs, None, cfg.patience, 0, [])
+    history, best_epoch, seconds = train_lib._fit(
+        model, train_ds, None, val_ds, cfg.pretrain_epochs, None, cfg.patience, 0,
+        tensorboard_logs.stage_callbacks(tb, 1, "pretraining from scratch"),
+        class_weight=class_weight)
     val_loss, val_acc = model.evaluate(val_ds, verbose=0)[:2]
-    result = train_lib.StageResult(len(history["loss"]), best_epoch, seconds + t_decode,
+    result = train_lib.StageResult(len(history["loss"]), best_epoch, seconds,
                                    float(val_acc), float(val_loss), history)
-    ips = len(tr_x) * result.epochs / max(seconds, 1e-9)
+    # The first epoch also decodes every image (later ones read the cache).
+    ips = len(data.train) * result.epochs / max(seconds, 1e-9)
     log(f"pretrain: val_accuracy {val_acc:.4f} after {result.epochs} epochs "
         f"(best {best_epoch}), {seconds:.1f}s ({ips:.0f} images/s)")
     report = {"classes": classes, "class_counts": counts, "architecture": family.name,
               "image_size": size, "parameters": int(model.count_params()),
               "pretrain": {**result.summary(), "images_per_second": round(ips, 1),
                            "history": {k: [float(v) for v in vs] for k, vs in history.items()}},
-              "cut_layer": cut}
+              "cut_layer": cut, "preflight": scan["summary"], "image_cache": image_cache.plan,
+              "class_weight": class_weight and {classes[i]: w for i, w in class_weight.items()}}
+    image_cache.cleanup()
 
-    # --- evaluate ------------------------------------------------------------
-    if data.test is not None:
-        report["test"] = evaluate_lib.evaluate(model, data.test, size, cfg.batch_size, cfg.top_k)
-        log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} images")
+    # --- evaluate (the validation split when there is no test split) ----------
+    eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
+    report[eval_name] = report_lib.evaluate_split(model, eval_split, classes, size,
+                                                  cfg.batch_size, cfg.top_k)
+    log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
+        f"{report[eval_name]['n']} images")
+    if tb is not None:
+        tb.log_evaluation(eval_name, report[eval_name], result.epochs)
+        tb.close()
 
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(image_size=size,
                            alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
-    with outputs.atomic_path(os.path.join(out, MODEL_FILE)) as tmp:
+    model_path = os.path.join(out, MODEL_FILE)
+    with outputs.atomic_path(model_path) as tmp:
         model.save(tmp)
-    blocks = write_block_map(backbones.block_map_path(os.path.join(out, MODEL_FILE)), body,
-                             family, cut, size, family.name)
+    blocks = write_block_map(backbones.block_map_path(model_path), body, family, cut, size)
     report["blocks"] = [b["name"] for b in blocks["blocks"]]
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    run_manifest = manifest_lib.build(resolved.to_dict(), data, {"precision_policy": policy})
+    outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
+    rejected = None
     if cfg.export:
-        path = export_lib.export_saved_model(model, classes, size,
-                                             os.path.join(out, "export", "1"), cfg.top_k)
-        report["export"] = path
-        log(f"exported SavedModel to {path}")
+        # The source classifier is a classifier of task A: exported exactly
+        # like a train run (new version, TFLite variants, parity gate).
+        variants = tflite_lib.parse_variants(cfg.tflite)
+        try:
+            report["export"] = export_lib.export_version(
+                model, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
+                overwrite=cfg.overwrite, tflite_variants=variants,
+                calibration_images=(tflite_lib.representative_images(
+                    data.train, size, cfg.int8_calibration_images, cfg.seed)
+                    if "int8" in variants else None),
+                parity_split=data.val, parity_images=cfg.parity_images,
+                eval_split=eval_split, eval_name=eval_name,
+                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+                seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+                log=log)
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
+    written = _write_report_md(out, report, history, eval_name, eval_split.items, run_manifest)
+    log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
-    log(f"wrote {os.path.join(out, MODEL_FILE)}; use it with "
-        f"tl-keras train --backbone={os.path.join(out, MODEL_FILE)}")
+    log(f"use it as a backbone: tl-keras train --backbone={model_path}")
+    if rejected is not None:
+        raise rejected
     return report
