@@ -7,18 +7,23 @@ Offline, on the shared flowers128 photos (5 classes, 128 px):
 2. Target task B, the other two classes, with 10 labelled images per class
    (8 train + 2 validation), drawn anew for each seed; every other image of
    the two classes is the test set:
-   (a) transfer: `tl_keras.pipeline.train --backbone=A/model.keras`, i.e. a
-       linear probe on the frozen source features (stage 1), then stage 2 on
-       its top blocks (kept only if it validates better);
+   (a) transfer: `tl_keras.pipeline.train --backbone=A/model.keras` with its
+       defaults, i.e. a linear probe on the frozen source features (stage 1),
+       then stage 2 on its top blocks (kept only if it validates better);
    (b) scratch: the same architecture trained from scratch on the same
-       labelled images by `tl_keras.pretrain`, same augmentation, keeping the
-       epoch that validates best.
+       labelled images by `tl_keras.pretrain` (batch 4, 40 epochs), same
+       augmentation, keeping the epoch that validates best.
+   Both are evaluated without test-time mirroring (pretrain has none).
 3. Prints each seed's test accuracies, then the mean, standard deviation and
    range of both and the gain.
 
 Usage:
   python benchmarks/source_transfer.py [--data DIR] [--source_classes daisy,dandelion,rose]
       [--seeds 5] [--shots 10] [--image_size 64] [--pretrain_epochs 6] [--work DIR]
+      [--verbose]
+
+Measured (docs/source_transfer.md): transfer 0.771 +- 0.011, scratch 0.660 +- 0.044,
+gain +0.111 +- 0.037 over 5 seeds.
 
 With --work, the source model is kept and reused by later runs with the same
 settings (delete the folder to pretrain again).
@@ -65,7 +70,7 @@ def quiet(fn, *args, verbose: bool = False):
         return fn(*args)
     buf = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buf):
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             return fn(*args)
     except BaseException:
         print(buf.getvalue()[-3000:])
@@ -182,8 +187,9 @@ def main() -> None:
     gain = np.asarray(t) - np.asarray(s)
     print(f"transfer from the source model: {summary(t)}")
     print(f"same architecture from scratch: {summary(s)}")
-    print(f"gain: {gain.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gain)}); "
-          f"spread (largest std) {max(np.std(t, ddof=1), np.std(s, ddof=1)):.3f}")
+    print(f"gain: {gain.mean():+.3f}" + (f" +- {gain.std(ddof=1):.3f}" if len(gain) > 1 else "")
+          + f" (per seed {', '.join(f'{g:+.3f}' for g in gain)}); spread (largest std) "
+          f"{max(np.std(t, ddof=1), np.std(s, ddof=1)) if len(t) > 1 else 0.0:.3f}")
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"args": vars(args), "source_report": {k: rep[k] for k in
                    ("classes", "pretrain", "architecture", "image_size")}, "rows": rows}, f,

@@ -651,10 +651,14 @@ def find_cut(model: keras.Model, cut_layer: str = "", path: str = "") -> str:
             names = [l.name for l in model.layers[-8:]]
             raise fail("cut_layer", cut_layer, f"no such layer in {path}; its last layers are "
                        + ", ".join(names)) from None
-        rank = len(layer.output.shape) if hasattr(layer, "output") else 0
-        if rank not in (2, 4):
-            raise fail("cut_layer", cut_layer, f"its output has shape {layer.output.shape}; "
-                       "the cut needs a feature map (batch, h, w, c) or a vector (batch, d)")
+        try:
+            shape = tuple(layer.output.shape)
+        except Exception as e:  # noqa: BLE001 - e.g. a layer used at several places
+            raise fail("cut_layer", cut_layer, f"has no single output: {_one_line(e, 160)}"
+                       ) from None
+        if len(shape) not in (2, 4):
+            raise fail("cut_layer", cut_layer, f"its output has shape {shape}; the cut needs "
+                       "a feature map (batch, h, w, c) or a vector (batch, d)")
         return cut_layer
     ops, parents = _graph(model)
     out_op = model.outputs[0]._keras_history.operation
