@@ -268,7 +268,7 @@ def test_other_sizes_and_fresh_weights(tmp_path):
 # Architectures
 # ---------------------------------------------------------------------------
 
-def test_lrn_matches_tensorflow_and_alexnet_keeps_its_shapes():
+def test_lrn_matches_tensorflow_and_alexnet_keeps_its_shapes(tmp_path):
     x = np.random.default_rng(0).normal(0, 30, (2, 5, 5, 16)).astype("float32")
     want = tf.nn.local_response_normalization(x, depth_radius=2, bias=2.0, alpha=1e-4, beta=0.75)
     np.testing.assert_allclose(LocalResponseNormalization()(x).numpy(), want.numpy(), rtol=1e-5)
@@ -278,6 +278,21 @@ def test_lrn_matches_tensorflow_and_alexnet_keeps_its_shapes():
     assert body.output.shape[1:] == (6, 6, 256)
     # Smaller inputs still build (pools pad once the map is smaller than 3x3).
     assert source_models.alexnet(input_shape=(32, 32, 3)).output.shape[1:] == (1, 1, 256)
+
+    # As a source model file: cut at the flatten before fc6, one block per conv layer,
+    # the LRN layers reload in safe mode.
+    fam = source_models.get_architecture("alexnet")
+    model, cut = source_models.build_source_model(fam, 3, 32, alpha=0.25)
+    model.save(tmp_path / "model.keras")
+    body = keras.Model(model.input, model.get_layer(cut).output)
+    pretrain.write_block_map(str(tmp_path / "model.blocks.json"), body, fam, cut, 32)
+    loaded = backbones.family_from_model_file(str(tmp_path / "model.keras"))
+    assert [b for b, _ in _blocks(loaded)] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    clf = model_lib.build_classifier(backbones.build_backbone(loaded, "imagenet", 32), loaded, 2)
+    assert clf.features.output.shape[1:] == (64,)  # flattened 1x1x(256 * 0.25)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(clf.features.predict(x, verbose=0),
+                               body.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
 def test_a_keras_applications_source_model_keeps_its_family_blocks(tmp_path):
