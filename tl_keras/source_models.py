@@ -7,7 +7,7 @@ machinery as the applications themselves:
 
 * `compact_cnn`: a small VGG-style CNN with BatchNorm, made to pretrain in
   minutes on a CPU at 64 px: a stride-2 stem, then four blocks of two 3x3
-  conv-BN-ReLU layers, max-pooling between blocks (about 0.06 GFLOPs per
+  conv-BN-ReLU layers, max-pooling between blocks (about 60 M multiply-adds per
   64 px image at alpha 1).
 * `alexnet`: Krizhevsky et al. 2012 in one tower (the paper split conv2, 4
   and 5 over two GPUs): conv 11x11/4 (96), LRN, max-pool 3/2, conv 5x5 (256),
