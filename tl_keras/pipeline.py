@@ -64,7 +64,8 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
     weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
     return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
                 val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
-                backbone=family.name, alpha=cfg.alpha, weights=weights, size=size,
+                backbone=family.identity or family.name, alpha=cfg.alpha, weights=weights,
+                size=size,
                 preprocess=family.preprocess, policy=policy, seed=cfg.seed,
                 augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
                          cfg.crop_min_area])
@@ -144,7 +145,9 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     """The image pipeline; trains in the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
     validate(cfg)
-    family = backbones.get_family(cfg.backbone)
+    family = (backbones.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
+                                               cfg.block_prefixes, cfg.preprocess)
+              if backbones.is_model_file(cfg.backbone) else backbones.get_family(cfg.backbone))
     size = cfg.image_size or family.default_size
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
@@ -194,6 +197,8 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
                                         name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
+    for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
+        log(note)
     key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
     tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(),
