@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import pytest
 
 from conftest import FLOWERS_MINI, REPO, WEIGHTS_MNV2_035
@@ -95,6 +96,59 @@ def test_the_pipeline_refuses_a_bad_strategy_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"^--strategy='horovod': choose one of"):
         pipeline.train(cfg)
     assert not (tmp_path / "o").exists()
+
+
+class _Seen(keras.callbacks.Callback):
+    """Records what a user callback gets from fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.epoch_logs = [], []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append("train_begin")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_logs.append((epoch, dict(logs)))
+
+    def on_train_end(self, logs=None):
+        self.calls.append("train_end")
+
+
+def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
+    # One replica under MirroredStrategy runs the strategy-aware loop; the
+    # default strategy runs Keras's model.fit. Same data order, same steps:
+    # the same per-epoch logs reach the callbacks, class weights included.
+    import numpy as np
+    import tensorflow as tf
+    from tl_keras import train as train_lib
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 60)]
+    runs = {}
+    for name, strategy in (("fit", tf.distribute.get_strategy()),
+                           ("loop", tf.distribute.MirroredStrategy(["/cpu:0"]))):
+        keras.utils.set_random_seed(3)
+        with strategy.scope():
+            inp = keras.Input((6,))
+            model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
+            seen = _Seen()
+            result = train_lib.fit_head(model, x[:48], y[:48], x[48:], y[48:], epochs=4,
+                                        learning_rate=0.05, weight_decay=0.0, batch_size=16,
+                                        patience=1, label_smoothing=0.1,
+                                        class_weight={0: 2.0, 1: 0.5, 2: 1.0},
+                                        callbacks=[seen], verbose=0)
+        runs[name] = (seen, result, [w.numpy() for w in model.weights])
+    (a, ra, wa), (b, rb, wb) = runs["fit"], runs["loop"]
+    assert a.calls == b.calls == ["train_begin", "train_end"]
+    assert [e for e, _ in a.epoch_logs] == [e for e, _ in b.epoch_logs]
+    for (_, la), (_, lb) in zip(a.epoch_logs, b.epoch_logs):
+        assert set(la) == set(lb) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+        for k in la:
+            assert lb[k] == pytest.approx(la[k], rel=1e-4, abs=1e-6), k
+    assert (ra.best_epoch, ra.epochs) == (rb.best_epoch, rb.epochs)  # early stopping alike
+    assert max(float(np.abs(p - q).max()) for p, q in zip(wa, wb)) < 1e-5
 
 
 # ---------------------------------------------------------------------------

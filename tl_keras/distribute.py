@@ -561,10 +561,12 @@ class _Steps:
             loss = tf.reduce_sum(per_example * w) / tf.maximum(n_global, 1.0)
             if training and model.losses:
                 loss += tf.add_n(model.losses) / n
-            sums = [tf.reduce_sum(per_example * w), tf.reduce_sum(mask), tf.reduce_sum(w)]
+            # Metrics count every real example once, class weights or not
+            # (Keras's `metrics`, as opposed to `weighted_metrics`).
+            sums = [tf.reduce_sum(per_example * w), tf.reduce_sum(mask)]
             for fn in self.metric_fns.values():
                 m = tf.reshape(tf.cast(fn(y, pred), tf.float32), [tf.shape(pred)[0], -1])
-                sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * w))
+                sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * mask))
             return loss, sums
 
         def grads(x, y, w, mask, n_global):
@@ -598,10 +600,10 @@ class _Steps:
         self.train_step, self.test_step = train_step, test_step
 
     def logs(self, totals: np.ndarray) -> dict:
-        loss_sum, count, wsum = totals[:3]
+        loss_sum, count = totals[:2]
         logs = {"loss": float(loss_sum / max(count, 1.0))}
-        for name, value in zip(self.metric_fns, totals[3:]):
-            logs[name] = float(value / max(wsum, 1e-12))
+        for name, value in zip(self.metric_fns, totals[2:]):
+            logs[name] = float(value / max(count, 1.0))
         return logs
 
 
@@ -632,7 +634,7 @@ def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
         totals = out if totals is None else totals + out
         if callbacks is not None:
             callbacks.on_test_batch_end(i, steps.logs(totals))
-    logs = steps.logs(totals if totals is not None else np.zeros(3 + len(steps.metric_fns)))
+    logs = steps.logs(totals if totals is not None else np.zeros(2 + len(steps.metric_fns)))
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs
@@ -703,7 +705,7 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
     batches = iter(train.dataset)  # endless: epoch k reads the k-th permutation
     for epoch in range(initial_epoch, epochs):
         cbs.on_epoch_begin(epoch)
-        totals = np.zeros(3 + len(metric_fns))
+        totals = np.zeros(2 + len(metric_fns))
         for i in range(train.steps):
             cbs.on_train_batch_begin(i)
             totals += np.asarray([float(t) for t in steps.train_step(next(batches))])
