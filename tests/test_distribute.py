@@ -116,9 +116,10 @@ class _Seen(keras.callbacks.Callback):
 
 
 def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
-    # One replica under MirroredStrategy runs the strategy-aware loop; the
-    # default strategy runs Keras's model.fit. Same data order, same steps:
-    # the same per-epoch logs reach the callbacks, class weights included.
+    # The default strategy runs Keras's model.fit; one device and one
+    # replica under MirroredStrategy run the strategy-aware loop. Same data
+    # order, same steps: the same per-epoch logs reach the callbacks, class
+    # weights included, early stopping keeps the same epoch, same weights.
     import numpy as np
     import tensorflow as tf
     from tl_keras import train as train_lib
@@ -127,7 +128,8 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
     x = rng.normal(size=(60, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 60)]
     runs = {}
-    for name, strategy in (("fit", tf.distribute.get_strategy()),
+    for name, strategy in (("default", tf.distribute.get_strategy()),
+                           ("one_device", tf.distribute.OneDeviceStrategy("/cpu:0")),
                            ("loop", tf.distribute.MirroredStrategy(["/cpu:0"]))):
         keras.utils.set_random_seed(3)
         with strategy.scope():
@@ -140,15 +142,19 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
                                         class_weight={0: 2.0, 1: 0.5, 2: 1.0},
                                         callbacks=[seen], verbose=0)
         runs[name] = (seen, result, [w.numpy() for w in model.weights])
-    (a, ra, wa), (b, rb, wb) = runs["fit"], runs["loop"]
-    assert a.calls == b.calls == ["train_begin", "train_end"]
-    assert [e for e, _ in a.epoch_logs] == [e for e, _ in b.epoch_logs]
-    for (_, la), (_, lb) in zip(a.epoch_logs, b.epoch_logs):
-        assert set(la) == set(lb) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
-        for k in la:
-            assert lb[k] == pytest.approx(la[k], rel=1e-4, abs=1e-6), k
-    assert (ra.best_epoch, ra.epochs) == (rb.best_epoch, rb.epochs)  # early stopping alike
-    assert max(float(np.abs(p - q).max()) for p, q in zip(wa, wb)) < 1e-5
+    assert not distribute.uses_custom_loop(tf.distribute.get_strategy())
+    assert distribute.uses_custom_loop(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    a, ra, wa = runs["default"]
+    for name in ("one_device", "loop"):
+        b, rb, wb = runs[name]
+        assert a.calls == b.calls == ["train_begin", "train_end"], name
+        assert [e for e, _ in a.epoch_logs] == [e for e, _ in b.epoch_logs], name
+        for (_, la), (_, lb) in zip(a.epoch_logs, b.epoch_logs):
+            assert set(la) == set(lb) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+            for k in la:
+                assert lb[k] == pytest.approx(la[k], rel=1e-4, abs=1e-6), (name, k)
+        assert (ra.best_epoch, ra.epochs) == (rb.best_epoch, rb.epochs), name
+        assert max(float(np.abs(p - q).max()) for p, q in zip(wa, wb)) < 1e-5, name
 
 
 # ---------------------------------------------------------------------------

@@ -16,15 +16,16 @@ tl_keras is written once:
   worker computes and caches only its part of the features.
 * `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
   features.py and evaluate.py call instead of the Keras methods. Under the
-  default and one-device strategies they are the Keras methods. Under
-  mirrored, multi-worker and TPU strategies they run a strategy-aware loop
+  default strategy they are the Keras methods. Under every other strategy
+  (one-device, mirrored, multi-worker, TPU) they run a strategy-aware loop
   (`strategy.run` over a distributed dataset, the model's own optimizer and
   loss, per-example losses averaged over the global batch), because
   `model.fit` fails under MultiWorkerMirroredStrategy with TF 2.21 /
-  Keras 3.15 (keras-team/keras#20585). The loop drives Keras callbacks with
-  the same hooks and logs as `model.fit` (loss, metrics, val_*), so early
-  stopping with best-weight restore, learning-rate logging and user
-  callbacks behave the same under every strategy.
+  Keras 3.15 (keras-team/keras#20585), and under the others reads the
+  examples in another order than on the default strategy. The loop drives
+  Keras callbacks with the same hooks and logs as `model.fit` (loss,
+  metrics, val_*), so early stopping with best-weight restore, learning-rate
+  logging and user callbacks behave the same under every strategy.
 
 Both paths read training examples in the same order (`_index_batches`), so a
 run on several replicas takes the same steps as a run on one device.
@@ -140,10 +141,14 @@ def _make_strategy(kind: str, tpu: str) -> tf.distribute.Strategy:
 
 
 def uses_custom_loop(strategy: tf.distribute.Strategy) -> bool:
-    """Whether `fit`/`evaluate`/`predict` use the strategy-aware loop (not Keras's)."""
-    return isinstance(strategy, (tf.distribute.MirroredStrategy,
-                                 tf.distribute.MultiWorkerMirroredStrategy,
-                                 tf.distribute.TPUStrategy))
+    """Whether `fit`/`evaluate`/`predict` use the strategy-aware loop (not Keras's).
+
+    Every strategy but the default one does: besides keras-team/keras#20585
+    under MultiWorkerMirroredStrategy, `model.fit` under any strategy passes
+    its dataset through `experimental_distribute_dataset`, which reshuffles
+    it in another order than the same seed gives on the default strategy.
+    """
+    return _kind_of(strategy) in ("one_device", "mirrored", "multi_worker", "tpu")
 
 
 def _kind_of(strategy: tf.distribute.Strategy) -> str:
@@ -754,7 +759,7 @@ def _predict_fn(model: keras.Model):
 def predict_on_batch(model: keras.Model, x):
     """`model.predict_on_batch` under every strategy, computed on this worker's devices.
 
-    Under mirrored, multi-worker and TPU strategies the batch is split over
+    Under every strategy but the default one the batch is split over
     the local replicas; no other worker takes part, so workers may predict
     different amounts of data.
 
