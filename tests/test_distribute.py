@@ -98,6 +98,21 @@ def test_the_pipeline_refuses_a_bad_strategy_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_one_device_commands_refuse_a_strategy_before_any_work(tmp_path):
+    from tl_keras import pipeline, pretrain
+
+    text = Config(task="text", data=str(tmp_path / "texts.csv"), strategy="mirrored",
+                  output_dir=str(tmp_path / "t"))
+    with pytest.raises(ConfigError, match=r"^--strategy='mirrored': --task=text trains on one"):
+        pipeline.train(text)
+    source = Config(data=str(FLOWERS_MINI), tpu="local", output_dir=str(tmp_path / "p"))
+    with pytest.raises(ConfigError, match=r"^--tpu='local': pretrain trains on one device"):
+        pretrain.pretrain(source)
+    with pytest.raises(ConfigError, match=r"^--strategy='multi_worker': pretrain trains on one"):
+        pretrain.pretrain(source.replace(tpu="", strategy="multi_worker"))
+    assert not (tmp_path / "t").exists() and not (tmp_path / "p").exists()
+
+
 class _Seen(keras.callbacks.Callback):
     """Records what a user callback gets from fit."""
 

@@ -325,6 +325,22 @@ def create(strategy: str = "auto", tpu: str = "", replica_scaling: str = "sqrt")
     return Distribution.of(_make_strategy(kind, tpu), replica_scaling)
 
 
+def require_one_device(strategy: str, tpu: str, what: str) -> None:
+    """Refuses --strategy / --tpu for what trains on one device only.
+
+    Args:
+        strategy, tpu: the --strategy and --tpu values.
+        what: the command or mode, for the message (e.g. "--task=text").
+
+    Raises:
+        ConfigError: a strategy other than auto/default, or a TPU.
+    """
+    if strategy not in ("auto", "default"):
+        raise fail("strategy", strategy, f"{what} trains on one device (auto or default)")
+    if tpu:
+        raise fail("tpu", tpu, f"{what} trains on one device; drop --tpu")
+
+
 def current() -> Distribution:
     """The Distribution of the strategy in scope (the default one outside any scope)."""
     return Distribution.of(tf.distribute.get_strategy())

@@ -125,8 +125,7 @@ def train(cfg: Config) -> dict:
     if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
         from tl_keras import text_pipeline
 
-        if cfg.strategy not in ("auto", "default"):
-            raise fail("strategy", cfg.strategy, "--task=text trains on one device")
+        distribute.require_one_device(cfg.strategy, cfg.tpu, "--task=text")
         return text_pipeline.train(cfg)
     validate(cfg)
     # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.

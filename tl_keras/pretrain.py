@@ -31,6 +31,7 @@ import keras
 from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import data as data_lib
+from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import manifest as manifest_lib
 from tl_keras import outputs
@@ -55,6 +56,7 @@ def validate_pretrain(cfg: Config) -> None:
     """Checks the pretraining flags; raises ConfigError."""
     if cfg.task != "image":
         raise fail("task", cfg.task, "pretrain trains image models")
+    distribute.require_one_device(cfg.strategy, cfg.tpu, "pretrain")
     if int(cfg.pretrain_epochs) < 1:
         raise fail("pretrain_epochs", cfg.pretrain_epochs, "must be >= 1")
     if int(cfg.pretrain_batch_size) < 1:
