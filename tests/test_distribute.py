@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import pytest
 
-from conftest import FLOWERS_MINI, REPO, WEIGHTS_MNV2_035
+from conftest import FLOWERS_MINI, REPO
 
 from tl_keras import distribute
 from tl_keras.config import Config, ConfigError
@@ -175,6 +176,29 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
 # ---------------------------------------------------------------------------
 # Real runs on several replicas (CPU)
 # ---------------------------------------------------------------------------
+# CI runs these two on 2 CPU cores without GPUs or network; together they must
+# stay around a minute there. So: flowers_mini at 32 px, a few steps, and a
+# small untrained backbone, the compact CNN of `tl-keras pretrain` written as
+# a --backbone=PATH.keras file exactly as pretrain writes it (MobileNetV2-0.35
+# took twice the CPU time: tracing its graph on every replica dominates).
+
+_TIMEOUT_S = 600  # per test (wall clock); about 30 s each on an idle 2-core machine
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> str:
+    """An untrained compact_cnn source model (alpha 0.5, 32 px) and its block map."""
+    from tl_keras import backbones, pretrain, source_models
+
+    family = source_models.get_architecture("compact_cnn")
+    keras.utils.set_random_seed(0)
+    model, cut = source_models.build_source_model(family, 5, 32, alpha=0.5, dropout=0.0)
+    path = str(tmp_path_factory.mktemp("backbone") / pretrain.MODEL_FILE)
+    model.save(path)
+    body = keras.Model(model.input, model.get_layer(cut).output)
+    pretrain.write_block_map(backbones.block_map_path(path), body, family, cut, 32)
+    return path
+
 
 def _env(**extra) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
@@ -185,6 +209,7 @@ def _env(**extra) -> dict:
 
 
 def _free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1, chosen by the OS now."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -194,55 +219,111 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-# Tiny and fast: MobileNetV2-0.35 at 32 px, no augmentation, no dropout.
-_TINY = ["--backbone=mobilenet_v2", "--alpha=0.35", "--image_size=32", "--batch_size=8",
-         "--head_epochs=2", "--finetune_epochs=1", "--finetune_blocks=1", "--cache_views=1",
-         "--flip=false", "--rotation=0", "--zoom=0", "--contrast=0", "--dropout=0",
-         "--tensorboard=false"]
+def _tail(path, n: int = 4000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no output)"
+    return text[-n:]
 
 
-def test_two_workers_train_together_and_only_the_chief_writes(tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for i in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        args = ["train", f"--data={FLOWERS_MINI}", "--weights=none", *_TINY,
-                "--strategy=multi_worker", f"--output_dir={tmp_path / f'out{i}'}"]
-        procs.append(subprocess.Popen([sys.executable, "-m", "tl_keras", *args], cwd=REPO,
-                                      env=_env(TF_CONFIG=tf_config), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outs = []
+def _run_all(jobs: dict, tmp_path, timeout: float = _TIMEOUT_S) -> dict:
+    """Runs processes side by side, each with its output in a log file.
+
+    Args:
+        jobs: name -> (argv, env).
+
+    Returns:
+        name -> the process's output, once all exited with status 0.
+
+    Fails the test, with every process's output, when one exits with an error
+    (the others are killed at once, not left waiting on it) or when they are
+    not all done within `timeout` seconds.
+    """
+    procs, logs = {}, {}
+    for name, (argv, env) in jobs.items():
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "w") as log:
+            procs[name] = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log,
+                                           stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    problem = None
     try:
-        for p in procs:
-            outs.append(p.communicate(timeout=400)[0])
+        while problem is None and any(p.poll() is None for p in procs.values()):
+            failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if failed:
+                problem = f"{failed[0]} exited with status {procs[failed[0]].returncode}"
+            elif time.monotonic() > deadline:
+                problem = f"not finished after {timeout:.0f} s (killed)"
+            else:
+                time.sleep(0.5)
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
-    prints = [re.findall(r"weights fingerprint (\w+)", out) for out in outs]
-    assert all(len(f) == 1 for f in prints), outs[1][-2000:]
-    assert prints[0] == prints[1], "the workers ended with different weights"
-    assert "2 replica(s), worker 1/2 (worker-0, chief)" in outs[0]
+                p.wait()
+    failed = [n for n, p in procs.items() if p.returncode != 0]
+    if problem is None and failed:
+        problem = f"{failed[0]} exited with status {procs[failed[0]].returncode}"
+    if problem is not None:
+        pytest.fail(problem + "\n" + "\n".join(
+            f"----- output of {n} (status {procs[n].returncode}) -----\n{_tail(logs[n])}"
+            for n in procs), pytrace=False)
+    return {n: logs[n].read_text(errors="replace") for n in procs}
+
+
+# No augmentation, no dropout, a few steps; stage 2 unfreezes the top block.
+_TINY = ["--weights=none", "--image_size=32", "--batch_size=8", "--head_epochs=2",
+         "--finetune_epochs=1", "--finetune_blocks=1", "--cache_views=1", "--flip=false",
+         "--rotation=0", "--zoom=0", "--contrast=0", "--dropout=0", "--tensorboard=false"]
+
+
+def _two_workers(tmp_path, backbone: str) -> dict:
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    jobs = {}
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        argv = [sys.executable, "-m", "tl_keras", "train", f"--data={FLOWERS_MINI}",
+                f"--backbone={backbone}", *_TINY, "--strategy=multi_worker",
+                f"--output_dir={tmp_path / f'out{i}'}"]
+        jobs[f"worker-{i}"] = (argv, _env(TF_CONFIG=tf_config))
+    return _run_all(jobs, tmp_path)
+
+
+def test_two_workers_train_together_and_only_the_chief_writes(tmp_path, tiny_backbone):
+    outs = _two_workers(tmp_path, tiny_backbone)
+    prints = {n: re.findall(r"weights fingerprint (\w+)", out) for n, out in outs.items()}
+    assert all(len(f) == 1 for f in prints.values()), outs["worker-1"][-2000:]
+    assert prints["worker-0"] == prints["worker-1"], "the workers ended with different weights"
+    fingerprint = prints["worker-0"][0]
+    assert "2 replica(s), worker 1/2 (worker-0, chief)" in outs["worker-0"]
+    assert "2 replica(s), worker 2/2 (worker-1)" in outs["worker-1"]
+    # Each worker computed the features of its own shard (half the images).
+    for out in outs.values():
+        assert re.search(r"stage 1: backbone outputs .* computed", out), out[-2000:]
 
     chief, other = tmp_path / "out0", tmp_path / "out1"
     assert (chief / "export" / "1" / "saved_model.pb").is_file()
     report = json.loads((chief / "report.json").read_text())
-    assert report["distribution"]["workers"] == 2 and report["distribution"]["replicas"] == 2
-    assert report["distribution"]["weights_fingerprint"] == prints[0][0]
-    # sqrt scaling: global batch 8 x 2, the stage 1 rate x sqrt(2).
-    assert report["distribution"]["global_batch_size"] == 16
-    assert report["distribution"]["head_learning_rate"] == pytest.approx(1e-3 * 2 ** 0.5)
+    dist = report["distribution"]
+    assert (dist["strategy"], dist["workers"], dist["replicas"]) == ("multi_worker", 2, 2)
+    assert dist["weights_fingerprint"] == fingerprint
+    # sqrt scaling: global batch 8 x 2, the learning rates x sqrt(2).
+    assert dist["global_batch_size"] == 16
+    assert dist["head_learning_rate"] == pytest.approx(1e-3 * 2 ** 0.5)
+    assert dist["finetune_learning_rate"] == pytest.approx(3e-4 * 2 ** 0.5)
     assert json.loads((chief / "config.json").read_text())["batch_size"] == 8  # as given
+    assert report["stage1"]["epochs"] == 2
     assert report["stage2"]["epochs"] == 1 and report["stage2"]["mode"] == "cached_activations"
+    assert report["export"]["parity"]["passed"] is True
+    assert report["val"]["n"] == 20  # the chief evaluates on all of the validation split
     # The saved model is the trained one.
     from tl_keras import runs
     model, classes, _ = runs.load_run(str(chief))
-    assert distribute.weights_fingerprint(model) == prints[0][0]
+    assert distribute.weights_fingerprint(model) == fingerprint
     assert len(classes) == 5
-    # The other worker wrote only into its own folder (its shard's cache, its scan).
+    # The chief's cache is its own shard's; the other worker wrote only into
+    # its own folder (its shard's cache, its pre-flight scan), nothing else.
+    assert not (chief / "workers").exists()
+    assert any(p.is_file() for p in (chief / "cache").rglob("*"))
     written = [p.relative_to(other) for p in other.rglob("*") if p.is_file()]
     assert any(p.parts[:3] == ("workers", "worker-1", "cache") for p in written), written
     assert all(p.parts[:2] == ("workers", "worker-1") for p in written), written
@@ -253,37 +334,36 @@ _MIRRORED = textwrap.dedent("""
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras, numpy as np
+    import keras
     from tl_keras import pipeline
     from tl_keras.config import Config
-    base = json.loads(sys.argv[1])
+    base, out = json.loads(sys.argv[1]), sys.argv[2]
     result = {}
     for kind in ("default", "mirrored"):
-        out = f"{sys.argv[2]}/{kind}"
-        report = pipeline.train(Config(**base, strategy=kind, output_dir=out))
-        model = keras.models.load_model(out + "/model.keras", compile=False)
+        report = pipeline.train(Config(**base, strategy=kind, output_dir=f"{out}/{kind}"))
+        model = keras.models.load_model(f"{out}/{kind}/model.keras", compile=False)
         result[kind] = {"report": report, "weights": [w.numpy().ravel().tolist()
                                                       for w in model.weights]}
-    print("RESULT " + json.dumps(result))
+    with open(f"{out}/result.json", "w") as f:
+        json.dump(result, f)
 """)
 
 
-def test_mirrored_on_two_devices_matches_one_device(tmp_path):
+def test_mirrored_on_two_devices_matches_one_device(tmp_path, tiny_backbone):
     # --replica_scaling=none: both runs take the same global batches and
     # rates, so they take the same steps; stage 2 trains the full model on
     # the image pipeline (--cache_max_mb=0), stage 1 on cached features.
     # (Export under a distributed strategy is covered by the multi-worker test.)
-    base = dict(data=str(FLOWERS_MINI), backbone="mobilenet_v2", alpha=0.35,
-                weights=str(WEIGHTS_MNV2_035), image_size=32, batch_size=16, head_epochs=3,
-                finetune_epochs=2, finetune_blocks=1, cache_views=1, flip=False, rotation=0.0,
-                zoom=0.0, contrast=0.0, dropout=0.0, patience=1, cache_max_mb=0,
+    base = dict(data=str(FLOWERS_MINI), backbone=tiny_backbone, weights="none",
+                image_size=32, batch_size=16, head_epochs=3, finetune_epochs=2,
+                finetune_blocks=1, cache_views=1, flip=False, rotation=0.0, zoom=0.0,
+                contrast=0.0, dropout=0.0, patience=1, cache_max_mb=0,
                 replica_scaling="none", tensorboard=False, export=False)
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED, json.dumps(base), str(tmp_path)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+    _run_all({"mirrored": ([sys.executable, "-c", _MIRRORED, json.dumps(base), str(tmp_path)],
+                           _env())}, tmp_path)
+    result = json.loads((tmp_path / "result.json").read_text())
     one, two = result["default"], result["mirrored"]
+    assert two["report"]["distribution"]["strategy"] == "mirrored"
     assert two["report"]["distribution"]["replicas"] == 2
     assert one["report"]["distribution"]["replicas"] == 1
     assert two["report"]["stage2"]["mode"] == "full_model"
