@@ -15,6 +15,7 @@ from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 @dataclasses.dataclass
@@ -110,7 +111,10 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     t0 = time.perf_counter()
     hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
                      initial_epoch=initial_epoch, validation_data=validation_data,
-                     callbacks=cbs, verbose=verbose, class_weight=class_weight)
+                     callbacks=cbs, verbose=verbose, class_weight=class_weight,
+                     # A tf.data input is shuffled by its own pipeline; Keras
+                     # only warns when asked to shuffle it again.
+                     shuffle=not isinstance(x, tf.data.Dataset))
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
