@@ -158,6 +158,28 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
             .repeat().batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE))
 
 
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """The rows of cached arrays as ordered (x, y) batches, one pass.
+
+    For validation: Keras rebuilds its own pipeline around numpy arrays on
+    every epoch (about 0.1 s each, more than a small head's whole epoch);
+    this one is built once, and gathers slices, so a memory-mapped cache is
+    read batch by batch.
+    """
+    n = len(x)
+
+    def gather(start):
+        return np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
+
+    def load(start):
+        bx, by = tf.numpy_function(gather, [start], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
+        bx.set_shape((None,) + tuple(x.shape[1:]))
+        by.set_shape((None,) + tuple(y.shape[1:]))
+        return bx, by
+
+    return tf.data.Dataset.range(0, n, batch_size).map(load).prefetch(tf.data.AUTOTUNE)
+
+
 def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
     """Training steps per compiled call: a small head's step costs less than
     the Python round trip around it, so several run in one call. A divisor of
@@ -209,11 +231,11 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                  jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
+    val = array_batches(val_features, val_targets, batch_size)
     history, best_epoch, seconds = _fit(
-        head, x, y, (val_features, val_targets), epochs, bs, patience, 0, list(callbacks),
+        head, x, y, val, epochs, bs, patience, 0, list(callbacks),
         class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch)
-    val_loss, val_acc = head.evaluate(val_features, val_targets, verbose=0,
-                                      batch_size=batch_size)[:2]
+    val_loss, val_acc = head.evaluate(val, verbose=0)[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
                        float(val_loss), history)
 
@@ -261,13 +283,12 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                   jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
+    if isinstance(val_data, tuple):
+        val_data = array_batches(val_data[0], val_data[1], batch_size)
     history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, list(callbacks),
                                         class_weight=class_weight, verbose=verbose,
                                         steps_per_epoch=per_epoch)
-    if isinstance(val_data, tuple):
-        val_loss, val_acc = model.evaluate(*val_data, batch_size=batch_size, verbose=0)[:2]
-    else:
-        val_loss, val_acc = model.evaluate(val_data, verbose=0)[:2]
+    val_loss, val_acc = model.evaluate(val_data, verbose=0)[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds,
                        float(val_acc), float(val_loss), history)
