@@ -16,7 +16,9 @@ tl_keras is written once:
   worker computes and caches only its part of the features.
 * `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
   features.py and evaluate.py call instead of the Keras methods. Under the
-  default strategy they are the Keras methods. Under every other strategy
+  default strategy they are the Keras methods, called with the arguments
+  given (a single-device run is exactly what it is without this module).
+  Under every other strategy
   (one-device, mirrored, multi-worker, TPU) they run a strategy-aware loop
   (`strategy.run` over a distributed dataset, the model's own optimizer and
   loss, per-example losses averaged over the global batch), because
@@ -27,8 +29,12 @@ tl_keras is written once:
   metrics, val_*), so early stopping with best-weight restore, learning-rate
   logging and user callbacks behave the same under every strategy.
 
-Both paths read training examples in the same order (`_index_batches`), so a
-run on several replicas takes the same steps as a run on one device.
+The loop reads training examples in the order `model.fit` reads them
+(arrays through Keras's own array pipeline, a dataset in its own order; a
+fresh iterator each epoch, or one endless stream with `steps_per_epoch`), so
+a run on several replicas takes the same steps as a run on one device. It
+runs one step per call: `steps_per_execution` (several small steps per
+compiled call, a speed setting of model.fit) is not applied there.
 """
 
 from __future__ import annotations
@@ -49,9 +55,6 @@ from tl_keras.config import ConfigError, fail
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 SCALING_RULES = ("sqrt", "linear", "none")
-# Op-level seed of the per-epoch shuffle. Together with the global seed (set
-# from --seed by the pipeline) it fixes the example order under every strategy.
-_SHUFFLE_SEED = 1234
 _SUM = tf.distribute.ReduceOp.SUM
 # Compiled step functions per model (rebuilt when the model is recompiled).
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -386,35 +389,32 @@ def steps_per_epoch(n_local: int, global_batch: int) -> int:
     return max(1, math.ceil(biggest * dist.num_workers / global_batch))
 
 
+def local_share(n_global: int) -> int:
+    """This worker's share of `n_global` examples (all of them with one worker)."""
+    return -(-n_global // current().num_workers)
+
+
 def local_batch_size(global_batch: int) -> int:
     """This worker's share of a global batch, under the strategy in scope.
 
     A dataset given to `fit` under a multi-worker strategy must be batched at
-    this size (each worker's input pipeline makes its part of every step).
+    this size (each worker's input pipeline makes its part of every step),
+    endless streams (`train.view_stream`) included.
     """
     return max(1, global_batch // current().num_workers)
 
 
 # --------------------------------------------------------------------------
-# Input pipelines (the same example order under every strategy)
+# Input pipelines (the example order of model.fit under every strategy)
 # --------------------------------------------------------------------------
 
 def _is_dataset(x) -> bool:
     return isinstance(x, tf.data.Dataset)
 
 
-def _index_batches(n: int, batch: int, shuffle: bool, repeat: bool) -> tf.data.Dataset:
-    """Batches of row indices 0..n-1: the example order of every strategy.
-
-    Shuffled anew each epoch (seeded). With `repeat` the stream is endless
-    and epoch k is the k-th permutation, however many iterators the caller
-    (Keras or the loop) creates.
-    """
-    idx = tf.data.Dataset.range(n)
-    if shuffle:
-        idx = idx.shuffle(max(n, 1), seed=_SHUFFLE_SEED, reshuffle_each_iteration=True)
-    idx = idx.batch(batch)
-    return idx.repeat() if repeat else idx
+def _index_batches(n: int, batch: int) -> tf.data.Dataset:
+    """Batches of row indices 0..n-1, in order (evaluation of arrays)."""
+    return tf.data.Dataset.range(n).batch(batch)
 
 
 def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
@@ -433,11 +433,12 @@ def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
         gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _example_batches(arrays: tuple, batch: int, shuffle: bool,
-                     repeat: bool = False) -> tf.data.Dataset:
-    """Batches of rows of equal-length arrays in the order of `_index_batches`."""
-    idx = _index_batches(len(arrays[0]), batch, shuffle, repeat)
-    return _gather_rows(idx, arrays).prefetch(tf.data.AUTOTUNE)
+def _keras_batches(x, y, batch: int, shuffle: bool) -> tf.data.Dataset:
+    """One epoch of (x, y) batches of arrays, made by Keras's own array
+    pipeline, the one `model.fit(x, y, shuffle=...)` reads: the same order."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    return ArrayDataAdapter(x, y, batch_size=batch, shuffle=shuffle).get_tf_dataset()
 
 
 def _pad_rows(t: tf.Tensor, size: int) -> tf.Tensor:
@@ -502,45 +503,67 @@ class _Feed:
     worker its shard): arrays, or a dataset batched at this worker's share of
     the global batch (global batch / number of workers). Every local batch is
     cut into one slice per local replica, so one global step sees the same
-    examples as one step of the whole batch on a single device. All workers
-    take the same number of steps (the longest shard's); a worker whose
-    shard is shorter wraps around (training) or feeds padding (evaluation).
+    examples as one step of the whole batch on a single device.
+
+    Training reads what `model.fit` reads: arrays through Keras's array
+    pipeline (the same shuffle), a dataset as it comes. With
+    `steps_per_epoch` (an endless stream such as `train.view_stream`) the
+    epochs are consecutive runs of that many steps from one iterator, the
+    steps counted by the caller from the global examples, so the same on
+    every worker; without it an epoch is one pass, read from a fresh iterator
+    as Keras does, and all workers take the same number of steps (the longest
+    shard's): a worker whose shard is shorter wraps around (training) or
+    feeds padding (evaluation).
 
     Attributes:
-        dataset: the distributed dataset of (x, y, weight, mask) per replica;
-            endless when training.
+        dataset: the distributed dataset of (x, y, weight, mask) per replica.
         steps: global steps per epoch.
+        fresh_each_epoch: whether each epoch reads a new iterator of `dataset`.
     """
 
     def __init__(self, strategy, x, y, global_batch: int, train: bool,
-                 class_weight: Optional[dict]):
+                 class_weight: Optional[dict], steps_per_epoch: Optional[int] = None,
+                 shuffle: bool = True):
         dist = Distribution.of(strategy)
         replicas = strategy.num_replicas_in_sync
+        if not global_batch:
+            raise ValueError("the strategy-aware loop needs the global batch size")
         if global_batch % replicas:
             raise fail("batch_size", global_batch,
                        f"must be a multiple of the {replicas} replicas")
         local_replicas = len(strategy.extended.worker_devices)
         local_batch = global_batch // dist.num_workers
         size = global_batch // replicas
-        if _is_dataset(x):
-            local_steps = _num_batches(x)
+        stream = bool(train and steps_per_epoch)
+        self.fresh_each_epoch = not stream
+        if stream:
+            self.steps = int(steps_per_epoch)
         else:
-            local_steps = math.ceil(len(x) / local_batch)
-        self.steps = max(1, local_steps)
-        if dist.num_workers > 1:
-            self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
+            if _is_dataset(x):
+                local_steps = _num_batches(x)
+            else:
+                local_steps = math.ceil(len(x) / local_batch)
+            self.steps = max(1, local_steps)
+            if dist.num_workers > 1:
+                self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
         steps = self.steps
 
         def make(_ctx: tf.distribute.InputContext) -> tf.data.Dataset:
             if _is_dataset(x):
-                batches = x.repeat() if train else x
+                batches = x
+            elif train:
+                batches = _keras_batches(x, y, local_batch, shuffle)
             else:
-                batches = _index_batches(len(x), local_batch, shuffle=train, repeat=train)
+                batches = _index_batches(len(x), local_batch)
+            if stream:
+                batches = batches.repeat()
+            elif train:
+                batches = batches.repeat().take(steps)  # one pass; a short shard wraps
             ds = _replica_slices(batches, local_replicas, size)
             if not train:
                 ds = ds.concatenate(_padding(ds.element_spec)).take(steps * local_replicas)
-            if not _is_dataset(x):
-                ds = _gather_rows(ds, (x, y))
+                if not _is_dataset(x):
+                    ds = _gather_rows(ds, (x, y))
             return ds.map(lambda a, b, m: (a, b, m * _class_weights(b, class_weight), m))
 
         self.dataset = strategy.distribute_datasets_from_function(make)
@@ -665,51 +688,54 @@ def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
 # What train.py, features.py and evaluate.py call
 # --------------------------------------------------------------------------
 
-def fit(model: keras.Model, x, y=None, *, batch_size: int, epochs: int = 1,
+def fit(model: keras.Model, x, y=None, *, batch_size: Optional[int], epochs: int = 1,
         initial_epoch: int = 0, validation_data=None, callbacks=(), verbose=2,
-        class_weight: Optional[dict] = None,
-        metric_fns: Optional[dict] = None) -> keras.callbacks.History:
+        class_weight: Optional[dict] = None, steps_per_epoch: Optional[int] = None,
+        shuffle: bool = True, metric_fns: Optional[dict] = None,
+        global_batch: Optional[int] = None) -> keras.callbacks.History:
     """`model.fit` that works under every strategy (the model must be compiled).
+
+    Under the default strategy this is `model.fit` with these arguments.
 
     Args:
         model: a compiled model, built in the scope of the strategy it trains under.
-        x, y: arrays (this worker's examples), or a batched dataset of (x, y) as x.
-        batch_size: the global batch size (all replicas together).
-        epochs / initial_epoch / callbacks / verbose / class_weight: as in `model.fit`.
-        validation_data: (x, y) arrays or a batched (x, y) dataset.
+        x, y: arrays (this worker's examples), or a batched dataset of (x, y) as
+            x, batched at this worker's share of the global batch
+            (`local_batch_size`); endless with `steps_per_epoch`.
+        batch_size: as in `model.fit`: the global batch of arrays, None for a dataset.
+        epochs / initial_epoch / callbacks / verbose / class_weight / shuffle:
+            as in `model.fit`.
+        steps_per_epoch: as in `model.fit`; for an endless dataset, counted
+            from all workers' examples (the same on every worker).
+        validation_data: a batched (x, y) dataset (or (x, y) arrays).
         metric_fns: name -> per-example metric function (e.g.
             keras.metrics.categorical_accuracy); the strategy-aware loop logs
             these, `model.fit` logs the compiled metrics (give the same ones).
+        global_batch: the global batch size (all replicas together) for the
+            strategy-aware loop; defaults to `batch_size`.
 
     Returns:
         The History, as `model.fit` returns it.
     """
     strategy = model.distribute_strategy
     if not uses_custom_loop(strategy):
-        # An endless stream with fixed steps per epoch: epoch k is the k-th
-        # permutation, as in the loop below, whatever iterators Keras makes.
-        if _is_dataset(x):
-            steps = _num_batches(x)
-            x = x.repeat()
-        else:
-            steps = math.ceil(len(x) / batch_size)
-            x = _example_batches((x, y), batch_size, shuffle=True, repeat=True)
-        if isinstance(validation_data, tuple):
-            validation_data = _example_batches(tuple(validation_data), batch_size, False)
-        return model.fit(x, epochs=epochs, initial_epoch=initial_epoch, shuffle=False,
-                         steps_per_epoch=max(steps, 1), validation_data=validation_data,
-                         callbacks=list(callbacks), verbose=verbose, class_weight=class_weight)
-    return _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data,
-                     list(callbacks), verbose, class_weight, dict(metric_fns or {}))
+        return model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                         initial_epoch=initial_epoch, validation_data=validation_data,
+                         callbacks=callbacks, verbose=verbose, class_weight=class_weight,
+                         steps_per_epoch=steps_per_epoch, shuffle=shuffle)
+    return _loop_fit(model, x, y, global_batch or batch_size, epochs, initial_epoch,
+                     validation_data, list(callbacks), verbose, class_weight,
+                     dict(metric_fns or {}), steps_per_epoch, shuffle)
 
 
 def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, callbacks,
-              verbose, class_weight, metric_fns) -> keras.callbacks.History:
+              verbose, class_weight, metric_fns, steps_per_epoch=None,
+              shuffle=True) -> keras.callbacks.History:
     """model.fit's sequence of callback hooks and logs around strategy.run steps."""
     strategy = model.distribute_strategy
     dist = Distribution.of(strategy)
     steps = _steps_for(model, metric_fns)
-    train = _Feed(strategy, x, y, batch_size, True, class_weight)
+    train = _Feed(strategy, x, y, batch_size, True, class_weight, steps_per_epoch, shuffle)
     val = None
     if validation_data is not None:
         vx, vy = (validation_data, None) if _is_dataset(validation_data) else validation_data
@@ -723,8 +749,10 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
     model.stop_training = False
     cbs.on_train_begin()
     logs = {}
-    batches = iter(train.dataset)  # endless: epoch k reads the k-th permutation
+    batches = None
     for epoch in range(initial_epoch, epochs):
+        if batches is None or train.fresh_each_epoch:
+            batches = iter(train.dataset)
         cbs.on_epoch_begin(epoch)
         totals = np.zeros(2 + len(metric_fns))
         for i in range(train.steps):
