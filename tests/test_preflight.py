@@ -216,7 +216,7 @@ def test_messy_multi_label_list_trains_exports_and_evaluates(tmp_path):
     (tmp_path / "tags.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
     cfg = Config(data=str(tmp_path / "tags.csv"), test_fraction=0.3, output_dir=str(out),
-                 weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=96, head_epochs=15,
+                 weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=96, head_epochs=30,
                  finetune_epochs=1, finetune_blocks=1, cache_views=2, label_smoothing=0.0,
                  cache_ram_mb=0)
     report = pipeline.train(cfg)
