@@ -107,6 +107,16 @@ class Config:
     # Write TensorBoard logs of both stages to OUTPUT_DIR/tensorboard.
     tensorboard: bool = True
 
+    # --- reliability: resume, determinism, untrusted inputs (issue 7) ----------
+    # Discard the interrupted run in OUTPUT_DIR (its state.json and checkpoints/;
+    # caches and data stay) and start over, instead of resuming it.
+    restart: bool = False
+    # TensorFlow op determinism: with the same --seed, two runs on the same
+    # machine give identical weights and metrics (slower, mostly on GPUs).
+    deterministic: bool = False
+    # Let list files (CSV/TSV) name images outside the list's own folder.
+    allow_external_paths: bool = False
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -204,3 +214,8 @@ def validate(cfg: Config) -> None:
             raise fail(name, getattr(cfg, name), "must be >= 0")
     if not cfg.output_dir:
         raise fail("output_dir", cfg.output_dir, "required")
+    # --- reliability (issue 7) ---
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise fail("seed", cfg.seed, "must be in [0, 2**32)")
+    if cfg.head_epochs < 1:  # the new head starts random: stage 2 would fine-tune noise
+        raise fail("head_epochs", cfg.head_epochs, "must be >= 1 (stage 1 trains the new head)")

@@ -20,6 +20,7 @@ from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
+from tl_keras import determinism
 from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import manifest as manifest_lib
@@ -27,6 +28,7 @@ from tl_keras import model as model_lib
 from tl_keras import outputs
 from tl_keras import precision
 from tl_keras import report as report_lib
+from tl_keras import resume
 from tl_keras import tensorboard_logs
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
@@ -116,7 +118,9 @@ def train(cfg: Config) -> dict:
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(cfg.precision)  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
-    keras.utils.set_random_seed(cfg.seed)
+    determinism.apply(cfg.seed, cfg.deterministic)
+    if cfg.cache_dir:
+        outputs.ensure_writable_dir(cfg.cache_dir, "cache_dir")
     cache = cache_lib.ArrayCache(cfg.cache_dir or os.path.join(out, "cache"), cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
@@ -129,6 +133,15 @@ def train(cfg: Config) -> dict:
         counts["test"] = data.test.class_counts(n_cls)
     log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
 
+    # --- resume (issue 7): continue an interrupted run, refuse a changed one ----
+    state = resume.RunState.open(
+        out, cfg.replace(image_size=size), _cache_key_parts(cfg, family, size, data, policy),
+        {"test": data.test and cache_lib.split_fingerprint(data.test.items, data.test.labels)},
+        log)
+    if state.finished:
+        log(f"{out} holds this run, finished: nothing to do (--restart trains it again)")
+        return state.report()
+
     # --- model ---------------------------------------------------------------
     backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
     n_blocks = backbones.num_blocks(backbone, family)
@@ -140,6 +153,7 @@ def train(cfg: Config) -> dict:
     cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks or
                       max(1, math.ceil(AUTO_FINETUNE_FRACTION * n_blocks)))
     clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout)
+    resume.check_disk_space(out, cache.folder, clf, cfg, len(data.train), len(data.val))
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
     train_images = data_lib.image_dataset(data.train, size)
     val_images = data_lib.image_dataset(data.val, size)
@@ -147,7 +161,8 @@ def train(cfg: Config) -> dict:
         f"precision {policy}, device {precision.describe_device()}")
     key_parts = _cache_key_parts(cfg, family, size, data, policy)
 
-    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard,
+                                resume=state.resumed)
 
     # --- stage 1: the head on cached features ------------------------------
     t0 = time.perf_counter()
@@ -167,8 +182,10 @@ def train(cfg: Config) -> dict:
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
                             jit_compile=jit,
-                            callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
+                            callbacks=state.stage_callbacks(1, cfg.head_learning_rate)
+                            + tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
     s1.seconds += t_cache
+    s1 = state.finish_stage(1, s1)
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
@@ -194,9 +211,12 @@ def train(cfg: Config) -> dict:
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                                     label_smoothing=cfg.label_smoothing,
                                     batch_size=cfg.batch_size, jit_compile=jit,
-                                    callbacks=tensorboard_logs.stage_callbacks(
+                                    callbacks=state.stage_callbacks(
+                                        2, cfg.finetune_learning_rate)
+                                    + tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
         s2.seconds += t_cache
+        s2 = state.finish_stage(2, s2)
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
@@ -216,8 +236,8 @@ def train(cfg: Config) -> dict:
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
-    report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
-                                                  cfg.batch_size, cfg.top_k)
+    report[eval_name] = state.once("evaluation", lambda: report_lib.evaluate_split(
+        final, eval_split, classes, size, cfg.batch_size, cfg.top_k))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -234,13 +254,14 @@ def train(cfg: Config) -> dict:
                                       {"kept": kept, "precision_policy": policy})
     outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
     if cfg.export:
-        path = export_lib.export_saved_model(final, classes, size,
-                                             os.path.join(out, "export", "1"), cfg.top_k,
-                                             {"manifest.json": json.dumps(run_manifest, indent=2)})
+        path = state.once("export", lambda: export_lib.export_saved_model(
+            final, classes, size, os.path.join(out, "export", "1"), cfg.top_k,
+            {"manifest.json": json.dumps(run_manifest, indent=2)}), os.path.isdir)
         report["export"] = path
         log(f"exported SavedModel to {path}")
     written = report_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
     log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    state.finish()
     return report

@@ -11,6 +11,7 @@ from tl_keras import data as data_lib
 from tl_keras import report as report_lib
 from tl_keras import layers  # noqa: F401  (registers tl_keras layers for loading)
 from tl_keras import outputs
+from tl_keras import untrusted
 from tl_keras.config import Config, fail
 
 
@@ -33,10 +34,7 @@ def load_run(path: str, flag: str = "model") -> tuple[keras.Model, list[str], Co
         classes = [line.rstrip("\n") for line in f if line.strip()]
     with open(config_file, encoding="utf-8") as f:
         cfg = Config.from_dict(json.load(f))
-    try:
-        model = keras.models.load_model(model_file, safe_mode=True, compile=False)
-    except Exception as e:  # noqa: BLE001
-        raise fail(flag, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
+    model = untrusted.load_model(model_file, flag)  # safe mode: never runs code from the file
     return model, classes, cfg
 
 

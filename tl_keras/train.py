@@ -107,6 +107,9 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     if not patience:
         stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
     cbs = [stop, _LearningRateLogger()] + list(callbacks or [])
+    for c in cbs:  # a resumable fit (resume.StageCheckpoint) saves and restores its state
+        if hasattr(c, "track_early_stopping"):
+            c.track_early_stopping(stop)
     t0 = time.perf_counter()
     hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
                      initial_epoch=initial_epoch, validation_data=validation_data,
