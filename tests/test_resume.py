@@ -194,6 +194,9 @@ def test_interrupted_run_with_other_evaluation_settings_keeps_its_stages(tmp_pat
     evals, log = _open(tmp_path, [], top_k=2)
     assert evals.resumed and "--top_k: 3 -> 2" in log[0]
     assert "1" in evals.state["stages"] and evals.state["done"] == {}
+    # A stage finished before keeps the seconds it took then (not the restore's).
+    again = evals.finish_stage(1, train_lib.StageResult(3, 2, 0.01, 0.5, 1.0, {"loss": [1] * 3}))
+    assert again.seconds == 1.0
 
 
 def test_diverged_run_is_not_resumed(tmp_path):

@@ -283,12 +283,16 @@ class RunState:
                 spans the epochs of earlier attempts, see `StageCheckpoint`).
 
         Returns:
-            `result`, its `seconds` including the earlier attempts.
+            `result`, its `seconds` those of the attempt that finished it (a
+            stage finished before) or including the epochs of killed attempts.
         """
+        stages = self.state.setdefault("stages", {})
         ckpt = self._stage_ckpt.get(stage)
-        if ckpt is not None:
+        if str(stage) in stages:
+            result.seconds = stages[str(stage)]["seconds"]
+        elif ckpt is not None:
             result.seconds += ckpt.seconds_before
-        self.state.setdefault("stages", {})[str(stage)] = result.summary()
+        stages[str(stage)] = result.summary()
         self._write()
         return result
 
