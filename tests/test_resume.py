@@ -226,13 +226,13 @@ _DRIVER = textwrap.dedent("""
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    from tl_keras import data, features, train
-    if where == "preflight":  # the data is listed and split, nothing else
-        load = data.load_dataset
-        def load_dataset(*a, **k):
-            load(*a, **k)
+    from tl_keras import features, preflight, train
+    if where == "preflight":  # the data is scanned and split, nothing else
+        prepare = preflight.prepare_dataset
+        def prepare_dataset(*a, **k):
+            prepare(*a, **k)
             die()
-        data.load_dataset = load_dataset
+        preflight.prepare_dataset = prepare_dataset
     elif where == "caching":  # training features cached, validation ones not yet
         extract, calls = features.extract, []
         def extract_then_die(*a, **k):
@@ -311,7 +311,8 @@ def test_sigkill_at_every_phase_then_rerun_finishes(tmp_path, trained_run):
     p = _train(out, "caching")
     assert "resuming" not in p.stdout
     assert _state(out)["status"] == "running" and _state(out)["stages"] == {}
-    assert len(list((out / "cache").glob("*.npy"))) == 2  # features x, y of the training split
+    cached = list((out / "cache").glob("*.npy"))  # arrays of one entry: the training split's
+    assert cached and len({p.name.split(".")[0] for p in cached}) == 1, cached
 
     # 3. Stage 1, at the end of its 3rd epoch (before that epoch's checkpoint).
     p = _train(out, "stage1:2")

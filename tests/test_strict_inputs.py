@@ -30,7 +30,11 @@ WRONG_TYPE = {int: "abc", float: "1.5.2", bool: "maybe"}
 NEGATIVE_OK: dict[str, str] = {}
 # Values beyond the top of a numeric flag's range.
 TOO_LARGE = {"val_fraction": 1.0, "test_fraction": 1.0, "dropout": 1.0, "label_smoothing": 1.0,
-             "zoom": 1.0, "contrast": 1.0, "rotation": 181.0, "seed": 2 ** 32}
+             "zoom": 1.0, "contrast": 1.0, "rotation": 181.0, "seed": 2 ** 32,
+             "translation": 1.0, "crop_min_area": 1.0}
+# Flags only --task=text reads: their bad values are fed with --task=text.
+TEXT_ONLY = ("encoder", "max_tokens", "sequence_length", "encoder_units", "embedding_dim",
+             "embeddings")
 # A bad value for every string flag: unknown names, missing files and folders.
 BAD_STRINGS = {
     "data": "/no/such/folder",
@@ -42,11 +46,19 @@ BAD_STRINGS = {
     "jit_compile": "sometimes",
     "output_dir": "{file}/out",
     "cache_dir": "{file}/cache",
+    "class_weight": "sometimes",
+    "tflite": "float64",
+    "parity_min_agreement": "bogus=1",
+    "parity_max_prob_diff": "int8=x",
+    "task": "video",
+    "encoder": "transformer",
+    "embeddings": "/no/such/vectors.txt",
 }
 # String flags without a value that is bad on its own, and why.
 UNCHECKED_STRINGS = {
     "tfds_split": "only read with --data=tfds:NAME, which needs TFDS data",
     "tfds_data_dir": "only read with --data=tfds:NAME; any folder is a valid place",
+    "images": "only read by `tl-keras predict` (tests/test_predict.py)",
 }
 
 
@@ -65,6 +77,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
             cases.append((f"{f.name}=bad", [f"--{f.name}={BAD_STRINGS[f.name]}"], f.name))
     cases = [c for c in cases if not c[0].endswith("=wrong_type") or
              type(getattr(Config(), c[2])) is not str]  # any text is a string
+    cases = [(i, ["--task=text", *a] if flag in TEXT_ONLY else a, flag)
+             for i, a, flag in cases]
     cases += [
         # Unknown names and conflicting pairs.
         ("unknown_flag", ["--no_such_flag=1"], "no_such_flag"),

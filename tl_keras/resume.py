@@ -502,7 +502,7 @@ _MODEL_COPIES = 6
 _SMALL_FILES = 32 * 2 ** 20
 
 
-def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, n_train: int,
+def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, cut, n_train: int,
                      n_val: int) -> None:
     """Stops before any training when OUT (or the cache folder) lacks the space the run needs.
 
@@ -513,9 +513,10 @@ def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, n_train: int
 
     Args:
         out: the output folder.
-        cache_folder: the feature/activation cache folder ("" : none).
+        cache_folder: the feature/activation cache folder.
         clf: the built `model.Classifier`.
-        cfg: the run's config (finetune_blocks resolved).
+        cfg: the run's config.
+        cut: the `activations.Cut` whose activations stage 2 caches, or None.
         n_train / n_val: examples in the training and validation splits.
     """
     from tl_keras import activations
@@ -524,19 +525,13 @@ def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, n_train: int
     need_out = _MODEL_COPIES * weights + _SMALL_FILES
     dim = int(clf.features.output_shape[-1])
     need_cache = 4 * dim * (n_train * cfg.cache_views + n_val)
-    if cfg.finetune_epochs:
-        cut = activations.cut(clf, cfg.finetune_blocks)
-        if cut is not None:
-            acts = (activations.estimate_bytes(cut, n_train, cfg.cache_views)
-                    + activations.estimate_bytes(cut, n_val, 1))
-            if acts <= cfg.cache_max_mb * 2 ** 20:
-                need_cache += acts
-    if cache_folder and os.path.isdir(cache_folder):
+    if cut is not None:
+        need_cache += (activations.estimate_bytes(cut, n_train, cfg.cache_views)
+                       + activations.estimate_bytes(cut, n_val, 1))
+    if os.path.isdir(cache_folder):
         have = sum(e.stat().st_size for e in os.scandir(cache_folder) if e.is_file())
         need_cache = max(0, need_cache - have)
-    if not cache_folder:
-        need_cache = 0
-    if cache_folder and os.stat(cache_folder).st_dev != os.stat(out).st_dev:
+    if os.stat(cache_folder).st_dev != os.stat(out).st_dev:
         outputs.check_free_space(cache_folder, need_cache, "the cached features and activations",
                                  "cache_dir")
         need_cache = 0
