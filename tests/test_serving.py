@@ -230,6 +230,14 @@ def test_predict_errors_name_the_flag(trained_run, tmp_path):
     (tmp_path / "only.txt").write_text("x")
     with pytest.raises(config_lib.ConfigError, match=r"--model=.*\.tflite"):
         predict_lib.predict_images(str(tmp_path / "only.txt"), str(FLOWERS_MINI / "rose"))
+    # A SavedModel whose serving_default takes something else (e.g. a text model's strings).
+    module = tf.Module()
+    module.f = tf.function(lambda text: {"n": tf.strings.length(text)},
+                           input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    tf.saved_model.save(module, str(tmp_path / "text_export"),
+                        signatures={"serving_default": module.f})
+    with pytest.raises(config_lib.ConfigError, match=r"not an image classifier export.*text"):
+        predict_lib.predict_images(str(tmp_path / "text_export"), str(FLOWERS_MINI / "rose"))
 
 
 # --------------------------------------------------------------------------
@@ -280,11 +288,14 @@ def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
     _export_tiny(tiny, export_dir)
     before = _tree(export_dir)
     cal = tflite_lib.load_pixels(tiny[3], tiny[2])
+    # Multi-hot labels (a multi-label run) are measured too, before the gate.
+    split = tiny[3]
+    multi = data_lib.Split(split.items, np.eye(3, dtype=np.float32)[split.labels], split.source)
     # int8 cannot match float probabilities exactly: a zero tolerance must reject it.
     for overwrite in (False, True):
         with pytest.raises(export_lib.ExportRejected) as err:
             _export_tiny(tiny, export_dir, overwrite=overwrite, tflite_variants=["int8"],
-                         calibration_images=cal,
+                         calibration_images=cal, eval_split=multi,
                          max_prob_diff=parity.max_prob_diff_limits("int8=0"))
         msg = str(err.value)
         assert "\n" not in msg and "int8" in msg and "--parity_max_prob_diff" in msg
@@ -293,7 +304,8 @@ def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
         assert not check["passed"] and not check["published"] and check["version"] is None
         assert check["artifacts"]["saved_model"]["passed"]
         assert not check["artifacts"]["int8"]["passed"]
-        assert err.value.result["tflite"]["int8"]["bytes"] > 0
+        lite = err.value.result["tflite"]["int8"]
+        assert lite["bytes"] > 0 and lite["test"]["n"] == len(split) and "macro_f1" in lite["test"]
 
 
 def test_serving_flags_are_validated_before_training():
@@ -311,6 +323,8 @@ def test_serving_flags_are_validated_before_training():
         assert needle in str(err.value)
     with pytest.raises(config_lib.ConfigError, match="--tflite"):
         config_lib.validate(base.replace(tflite="int8", export=False))
+    with pytest.raises(config_lib.ConfigError, match="--tflite='int8': .*image models"):
+        config_lib.validate(base.replace(tflite="int8", task="text"))
     # A partial override keeps the other defaults.
     limits = parity.min_agreement_limits("int8=0.8")
     assert limits["int8"] == 0.8

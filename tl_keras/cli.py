@@ -9,6 +9,8 @@ Commands:
   evaluate  evaluate a finished run (--model=OUT) on --data
   compare   print the key figures of finished runs side by side: compare OUT1 OUT2 ...
   predict   top-k classes of --images with an export (--model=OUT/export/1 or a .tflite)
+  pretrain  train a source model from scratch on --data (--architecture); its
+            OUT/model.keras then serves as train --backbone=OUT/model.keras
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from absl import flags
 from tl_keras.config import Config, ConfigError, fields_with_help
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "compare", "predict")
+COMMANDS = ("train", "evaluate", "compare", "predict", "pretrain")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -55,6 +57,16 @@ def _train(cfg: Config) -> int:
     for k in ("test", "val"):
         if k in report:
             summary[k] = report_lib.headline(report[k])
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _pretrain(cfg: Config) -> int:
+    from tl_keras import pretrain
+
+    report = pretrain.pretrain(cfg)
+    summary = {k: report[k] for k in ("architecture", "blocks", "test") if k in report}
+    summary["pretrain"] = {k: v for k, v in report["pretrain"].items() if k != "history"}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -101,6 +113,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError("--model='': required by predict (an export version folder "
                               "or a .tflite file)")
         return _predict(cfg, FLAGS.model)
+    if argv[1] == "pretrain":
+        return _pretrain(cfg)
     if not FLAGS.model:
         raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
     return _evaluate(cfg, FLAGS.model)

@@ -173,6 +173,28 @@ class Config:
     # Let list files (CSV/TSV) name images outside the list's own folder.
     allow_external_paths: bool = False
 
+    # --- source models: tl-keras pretrain, train --backbone=PATH.keras (issue 10) ---
+    # pretrain: architecture of the source model trained from scratch: compact_cnn
+    # (fast on CPUs), alexnet, or a keras.applications family (weights=None).
+    architecture: str = "compact_cnn"
+    # pretrain: epochs of one learning-rate cycle (warmup_epochs of linear warmup, then cosine decay).
+    pretrain_epochs: int = 6
+    # pretrain: peak learning rate of AdamW.
+    pretrain_learning_rate: float = 3e-3
+    # pretrain: AdamW decoupled weight decay (not on biases and normalization).
+    pretrain_weight_decay: float = 0.01
+    # pretrain: batch size (large batches keep a CPU busy on abundant data).
+    pretrain_batch_size: int = 64
+    # --backbone=PATH.keras: the layer whose output becomes the features; empty: the
+    # last pooling or flatten before the model's dense classifier.
+    cut_layer: str = ""
+    # --backbone=PATH.keras: comma-separated layer-name prefixes, one stage-2 block each;
+    # empty: the model's block-map json, else blocks found in its layer graph.
+    block_prefixes: str = ""
+    # --backbone=PATH.keras: auto | tf | caffe | torch | none: the pixels the model expects;
+    # auto: what the file says (a tl_keras Preprocess layer, its block-map json), else none (0..255).
+    preprocess: str = "auto"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -287,6 +309,8 @@ def validate(cfg: Config) -> None:
     if tflite.parse_variants(cfg.tflite) and not cfg.export:
         raise fail("tflite", cfg.tflite, "TFLite variants are written with the export; "
                    "drop --noexport")
+    if tflite.parse_variants(cfg.tflite) and cfg.task != "image":
+        raise fail("tflite", cfg.tflite, "TFLite variants are exported for image models only")
     parity.min_agreement_limits(cfg.parity_min_agreement)
     parity.max_prob_diff_limits(cfg.parity_max_prob_diff)
     if cfg.parity_images < 0:
@@ -302,3 +326,12 @@ def validate(cfg: Config) -> None:
         raise fail("seed", cfg.seed, "must be in [0, 2**32)")
     if cfg.head_epochs < 1:  # the new head starts random: stage 2 would fine-tune noise
         raise fail("head_epochs", cfg.head_epochs, "must be >= 1 (stage 1 trains the new head)")
+
+    # --- source models (issue 10) ---
+    if cfg.preprocess not in ("auto", "tf", "caffe", "torch", "none"):
+        raise fail("preprocess", cfg.preprocess, "choose one of auto, tf, caffe, torch, none")
+    if not cfg.backbone.strip().lower().endswith(".keras"):
+        for name, default in (("cut_layer", ""), ("block_prefixes", ""), ("preprocess", "auto")):
+            if getattr(cfg, name) != default:
+                raise fail(name, getattr(cfg, name), "only applies to --backbone=PATH.keras "
+                           f"(got --backbone={cfg.backbone!r})")

@@ -35,11 +35,11 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import data as data_lib
-from tl_keras import evaluate as evaluate_lib
 from tl_keras import outputs
 from tl_keras import parity
+from tl_keras import report as report_lib
 from tl_keras import tflite as tflite_lib
-from tl_keras.config import ConfigError
+from tl_keras.config import ConfigError, fail
 
 LABELS_ASSET = os.path.join("assets", "labels.txt")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -170,10 +170,16 @@ class SavedModelClassifier:
         path: an export version folder (OUT/export/<version>).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, flag: str = "model"):
         self.path = path
         self.loaded = tf.saved_model.load(path)
-        self.serve = self.loaded.signatures["serving_default"]
+        self.serve = self.loaded.signatures.get("serving_default")
+        inputs = self.serve.structured_input_signature[1] if self.serve is not None else {}
+        if set(inputs) != {"image_bytes"}:
+            raise fail(flag, path, "not an image classifier export: its serving_default takes "
+                       f"{sorted(inputs) or 'nothing'}, not image_bytes")
+        if not os.path.isfile(os.path.join(path, LABELS_ASSET)):
+            raise fail(flag, path, f"no {LABELS_ASSET} in this export")
         self.class_names = read_labels(path)
 
     def predict_encoded(self, encoded: list[bytes], batch_size: int = 32
@@ -237,6 +243,17 @@ def _publish(tmp: str, export_dir: str, overwrite: bool) -> int:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             version += 1
+
+
+def _metrics(probs: np.ndarray, split: data_lib.Split, class_names: list[str],
+             top_k: int) -> dict:
+    """The report's headline figures (accuracy, top-k, macro F1, AUCs, ECE, n).
+
+    Multi-label splits are decided at 0.5 here, for Keras and every variant
+    alike, so the figures compare the artifacts with each other.
+    """
+    return report_lib.headline(report_lib.evaluation(np.asarray(probs), split.labels,
+                                                     class_names, top_k))
 
 
 def _sample(split: data_lib.Split, n: int, seed: int) -> data_lib.Split:
@@ -309,10 +326,9 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
         if eval_split is not None and len(eval_split) and lites:
             pixels = tflite_lib.load_pixels(eval_split, image_size)
             ref = model.predict(pixels.astype(np.float32), batch_size=batch_size, verbose=0)
-            result["keras"] = {eval_name: evaluate_lib.metrics(np.asarray(ref),
-                                                               eval_split.labels, top_k)}
+            result["keras"] = {eval_name: _metrics(ref, eval_split, class_names, top_k)}
             for v, lite in lites.items():
-                m = evaluate_lib.metrics(lite.predict(pixels), eval_split.labels, top_k)
+                m = _metrics(lite.predict(pixels), eval_split, class_names, top_k)
                 result["tflite"][v][eval_name] = m
                 log(f"TFLite {v}: {eval_name} accuracy {m['accuracy']:.4f} "
                     f"(Keras {result['keras'][eval_name]['accuracy']:.4f}) on {m['n']} images")

@@ -79,7 +79,10 @@ def build_classifier(backbone: keras.Model, family: Family, num_classes: int,
     # training=False pins BatchNorm (and any dropout) of the backbone to
     # inference mode in both stages, whatever fit() passes.
     x = backbone(x, training=False)
-    feats = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    # A backbone cut from a model file (backbones.family_from_model_file) may
+    # end in its own flatten or global pooling: its vector is the features.
+    feats = (keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x) if len(x.shape) == 4
+             else keras.layers.Identity(name=FEATURES_LAYER)(x))
     drop = keras.layers.Dropout(dropout, name="head_dropout")
     dense = keras.layers.Dense(num_classes, activation="sigmoid" if multi_label else "softmax",
                                dtype="float32", name=HEAD_LAYER)

@@ -65,7 +65,8 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
     weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
     return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
                 val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
-                backbone=family.name, alpha=cfg.alpha, weights=weights, size=size,
+                backbone=family.identity or family.name, alpha=cfg.alpha, weights=weights,
+                size=size,
                 preprocess=family.preprocess, policy=policy, seed=cfg.seed,
                 augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
                          cfg.crop_min_area])
@@ -125,7 +126,9 @@ def train(cfg: Config) -> dict:
         return text_pipeline.train(cfg)
     t_start = time.perf_counter()
     validate(cfg)
-    family = backbones.get_family(cfg.backbone)
+    family = (backbones.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
+                                               cfg.block_prefixes, cfg.preprocess)
+              if backbones.is_model_file(cfg.backbone) else backbones.get_family(cfg.backbone))
     size = cfg.image_size or family.default_size
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
@@ -182,6 +185,8 @@ def train(cfg: Config) -> dict:
     val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
+    for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
+        log(note)
     key_parts = _cache_key_parts(cfg, family, size, data, policy)
 
     tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard,

@@ -89,8 +89,8 @@ def _top_k(probs: np.ndarray, names: list[str], k: int) -> tuple[list[str], list
     return [names[i] for i in idx], [round(float(probs[i]), 6) for i in idx]
 
 
-def _predict_saved_model(path: str, files: list[str], batch_size: int):
-    clf = export_lib.SavedModelClassifier(path)
+def _predict_saved_model(path: str, files: list[str], batch_size: int, flag: str):
+    clf = export_lib.SavedModelClassifier(path, flag)
     probs: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
     encoded: dict[str, bytes] = {}
@@ -166,7 +166,7 @@ def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32
     if path.endswith(".tflite"):
         names, probs, errors = _predict_tflite(path, files, model_flag)
     else:
-        names, probs, errors = _predict_saved_model(path, files, batch_size)
+        names, probs, errors = _predict_saved_model(path, files, batch_size, model_flag)
     predictions, skipped = [], []
     for f in files:
         if f in probs:
