@@ -35,6 +35,9 @@ TOO_LARGE = {"val_fraction": 1.0, "test_fraction": 1.0, "dropout": 1.0, "label_s
 # Flags only --task=text reads: their bad values are fed with --task=text.
 TEXT_ONLY = ("encoder", "max_tokens", "sequence_length", "encoder_units", "embedding_dim",
              "embeddings")
+# Flags only `tl-keras pretrain` reads: their bad values are fed to that command.
+PRETRAIN_ONLY = ("architecture", "pretrain_epochs", "pretrain_learning_rate",
+                 "pretrain_weight_decay", "pretrain_batch_size")
 # A bad value for every string flag: unknown names, missing files and folders.
 BAD_STRINGS = {
     "data": "/no/such/folder",
@@ -53,6 +56,11 @@ BAD_STRINGS = {
     "task": "video",
     "encoder": "transformer",
     "embeddings": "/no/such/vectors.txt",
+    "architecture": "resnet9000",
+    # Only meaningful with --backbone=PATH.keras: a conflicting pair with any other backbone.
+    "cut_layer": "block_16_project",
+    "block_prefixes": "block_16",
+    "preprocess": "caffe",
 }
 # String flags without a value that is bad on its own, and why.
 UNCHECKED_STRINGS = {
@@ -63,7 +71,10 @@ UNCHECKED_STRINGS = {
 
 
 def _cases() -> list[tuple[str, list[str], str]]:
-    """(case id, extra args, flag the message must name) for every Config field."""
+    """(case id, extra args, flag the message must name) for every Config field.
+
+    Args of a PRETRAIN_ONLY flag start with "pretrain", the command that reads it.
+    """
     cases = []
     for f in dataclasses.fields(Config):
         kind = type(getattr(Config(), f.name))
@@ -77,7 +88,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
             cases.append((f"{f.name}=bad", [f"--{f.name}={BAD_STRINGS[f.name]}"], f.name))
     cases = [c for c in cases if not c[0].endswith("=wrong_type") or
              type(getattr(Config(), c[2])) is not str]  # any text is a string
-    cases = [(i, ["--task=text", *a] if flag in TEXT_ONLY else a, flag)
+    cases = [(i, ["--task=text", *a] if flag in TEXT_ONLY else
+              ["pretrain", *a] if flag in PRETRAIN_ONLY else a, flag)
              for i, a, flag in cases]
     cases += [
         # Unknown names and conflicting pairs.
@@ -105,12 +117,12 @@ def _args(case_args, tmp_path):
     return [a.replace("{file}", str(file)) for a in case_args]
 
 
-def _cli(args, capsys) -> tuple[int, str, str]:
-    """Runs `tl-keras train ARGS` in this process: (exit code, last stderr line, stderr)."""
+def _cli(args, capsys, command="train") -> tuple[int, str, str]:
+    """Runs `tl-keras COMMAND ARGS` in this process: (exit code, last stderr line, stderr)."""
     if "data" in flags.FLAGS:
         flags.FLAGS.unparse_flags()
     with pytest.raises(SystemExit) as e:  # any other exception is a traceback: the test fails
-        cli.run(["tl-keras", "train", *args])
+        cli.run(["tl-keras", command, *args])
     err = capsys.readouterr().err
     return e.value.code, (err.strip().splitlines() or [""])[-1], err
 
@@ -132,9 +144,11 @@ def test_every_string_flag_has_a_bad_value_or_a_reason():
 
 @pytest.mark.parametrize("case,extra,flag", _cases(), ids=[c[0] for c in _cases()])
 def test_bad_flag_value(case, extra, flag, tmp_path, capsys):
+    command = extra[0] if extra[:1] == ["pretrain"] else "train"
+    extra = extra[1:] if command != "train" else extra
     args = [f"--data={FLOWERS_MINI}", f"--output_dir={tmp_path / 'out'}", *FAST,
             *_args(extra, tmp_path)]
-    code, last, err = _cli(args, capsys)
+    code, last, err = _cli(args, capsys, command)
     _assert_one_line_error(code, last, err, flag)
 
 

@@ -3,6 +3,7 @@ inside the list's folder."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
@@ -78,3 +79,63 @@ def test_list_paths_must_stay_inside_the_list_folder(tmp_path):
     # Allowed explicitly: the path is returned as the list gave it (absolute).
     assert untrusted.check_inside("../secret.txt", str(root), "data", lst, allow=True) == \
         str(tmp_path / "secret.txt")
+
+
+def _cli(command, args, capsys) -> tuple[int, str, str]:
+    """Runs `tl-keras COMMAND ARGS` in this process: (exit code, last stderr line, stderr)."""
+    if "data" in flags.FLAGS:
+        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as e:
+        cli.run(["tl-keras", command, *args])
+    err = capsys.readouterr().err
+    return e.value.code, (err.strip().splitlines() or [""])[-1], err
+
+
+def test_list_file_naming_images_elsewhere_is_refused_unless_allowed(tmp_path, capsys):
+    # A list in its own folder whose rows name real photos elsewhere: first a
+    # relative path inside, then absolute paths outside (line 3 is the first).
+    lists = tmp_path / "lists"
+    (lists / "img").mkdir(parents=True)
+    photos = {c: sorted((FLOWERS_MINI / c).glob("*.jpg"))[:6] for c in ("daisy", "rose")}
+    inside = lists / "img" / photos["daisy"][0].name
+    inside.write_bytes(photos["daisy"][0].read_bytes())
+    rows = ["path,label", f"img/{inside.name},daisy"]
+    rows += [f"{p},{c}" for c, ps in photos.items() for p in ps[1:]]
+    lst = lists / "train.csv"
+    lst.write_text("\n".join(rows) + "\n")
+    outside = photos["daisy"][1]
+
+    # train: refused before anything is trained, one line naming flag, list, line, path.
+    out = tmp_path / "out"
+    code, last, err = _cli("train", [f"--data={lst}", f"--output_dir={out}", "--weights=none",
+                                     "--image_size=32", "--export=false"], capsys)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert last == (f"tl-keras: error: --data={str(lst)!r}: line 3: {str(outside)!r} points "
+                    f"outside the list's folder {os.path.realpath(lists)!r}; move the images "
+                    "under it or pass --allow_external_paths if you trust the list")
+    assert not (out / "state.json").exists()  # nothing ran
+
+    # evaluate reads lists the same way (a small valid run folder to evaluate).
+    inp = keras.Input((32, 32, 3))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inp)))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    (run / "labels.txt").write_text("daisy\nrose\n")
+    (run / "config.json").write_text(Config(image_size=32).to_json())
+    code, last, err = _cli("evaluate", [f"--model={run}", f"--data={lst}"], capsys)
+    assert code == 2 and "Traceback" not in err and "line 3:" in last, err[-2000:]
+    assert "--allow_external_paths" in last
+
+    # --allow_external_paths: the same list loads, every row as it was given.
+    from tl_keras import data as data_lib
+
+    ds = data_lib.load_dataset(str(lst), val_fraction=0.2, allow_external_paths=True)
+    items = sorted(ds.train.items + ds.val.items)
+    assert items == sorted([str(inside)] + [str(p) for ps in photos.values() for p in ps[1:]])
+    code, last, err = _cli("evaluate", [f"--model={run}", f"--data={lst}",
+                                        "--allow_external_paths"], capsys)
+    assert code == 0 or code is None, err[-2000:]
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["test"]["n"] == len(items) == 11

@@ -74,7 +74,8 @@ def _pretrain(cfg: Config) -> int:
 def _evaluate(cfg: Config, model_path: str) -> int:
     from tl_keras import runs
 
-    result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k)
+    result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k,
+                               allow_external_paths=cfg.allow_external_paths)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -144,7 +144,8 @@ def train(cfg: Config) -> dict:
     data, scan = preflight.prepare_dataset(
         cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
         cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(out, "preflight.json"), log=log)
+        os.path.join(out, "preflight.json"), log=log,
+        allow_external_paths=cfg.allow_external_paths)
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label

@@ -456,7 +456,8 @@ def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
                     tfds_split: str = "train", tfds_data_dir: str = "",
                     max_pixels: int = 100_000_000, cache_dir: str = "",
                     drop_leakage: bool = False, report_path: str = "",
-                    progress: bool = True, log=print) -> tuple[data_lib.Dataset, dict]:
+                    progress: bool = True, log=print,
+                    allow_external_paths: bool = False) -> tuple[data_lib.Dataset, dict]:
     """Loads the run's sources, scans them, splits them and checks the result.
 
     Args:
@@ -468,13 +469,14 @@ def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
         report_path: where to write the report (OUT/preflight.json); it is
             written before any error about the data is raised.
         log: prints one summary line per split and the class counts.
+        allow_external_paths: let list files name images outside their folder.
 
     Returns:
         (the dataset to train on, the report).
     """
     t0 = time.perf_counter()
     class_names, sources = data_lib.load_sources(data, val_data, test_data, tfds_split,
-                                                 tfds_data_dir)
+                                                 tfds_data_dir, allow_external_paths)
     scanner = Scanner(max_pixels, cache_dir, progress)
     report: dict = {"max_pixels": int(max_pixels), "sources": {}}
     cleaned, origins = {}, {}
