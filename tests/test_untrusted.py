@@ -139,3 +139,40 @@ def test_list_file_naming_images_elsewhere_is_refused_unless_allowed(tmp_path, c
     assert code == 0 or code is None, err[-2000:]
     result = json.loads((run / "evaluation.json").read_text())
     assert result["test"]["n"] == len(items) == 11
+
+
+def test_predict_skips_images_over_max_pixels_without_decoding_them(tmp_path, capsys):
+    import odd_images
+    from tl_keras import predict
+    from tl_keras import tflite as tflite_lib
+
+    inp = keras.Input((32, 32, 3))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inp)))
+    lite = tmp_path / "model.tflite"
+    lite.write_bytes(tflite_lib.convert(tflite_lib.prepare(model, 32), "float"))
+    (tmp_path / "labels.txt").write_text("daisy\nrose\n")
+    photo = sorted((FLOWERS_MINI / "rose").glob("*.jpg"))[0]
+    # A real photo's PNG whose header claims 50000 x 50000 pixels (7.5 GB decoded).
+    bomb = odd_images.decompression_bomb(photo, tmp_path / "bomb").path
+
+    result = predict.predict_images(str(lite), f"{bomb},{photo}", top_k=1)
+    assert [p["image"] for p in result["predictions"]] == [str(photo)]
+    assert result["skipped"] == [{"image": str(bomb), "error": (
+        "50000x50000 = 2500000000 pixels is over --max_pixels=100000000 (decompression "
+        "bomb?); not decoded")}]
+    # The limit is the flag's, through the command line: one line per skipped file
+    # (a 179x240 photo is over 1000 pixels too).
+    if "data" in flags.FLAGS:
+        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as e:
+        cli.run(["tl-keras", "predict", f"--model={lite}", f"--images={bomb},{photo}",
+                 "--max_pixels=1000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.splitlines() == [
+        f"tl-keras: skipped {str(bomb)!r}: 50000x50000 = 2500000000 pixels is over "
+        "--max_pixels=1000 (decompression bomb?); not decoded",
+        f"tl-keras: skipped {str(photo)!r}: 179x240 = 42960 pixels is over --max_pixels=1000 "
+        "(decompression bomb?); not decoded",
+        f"tl-keras: error: --images='{bomb},{photo}': none of the 2 file(s) could be decoded"]

@@ -83,7 +83,8 @@ def _evaluate(cfg: Config, model_path: str) -> int:
 def _predict(cfg: Config, model_path: str) -> int:
     from tl_keras import predict
 
-    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size)
+    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size,
+                                    max_pixels=cfg.max_pixels)
     for s in result["skipped"]:
         print(f"tl-keras: skipped {s['image']!r}: {s['error']}", file=sys.stderr)
     if not result["predictions"]:

@@ -227,6 +227,25 @@ def _no_pillow_pixel_limit():
         Image.MAX_IMAGE_PIXELS = old
 
 
+def over_pixel_limit(path: str, max_pixels: int) -> Optional[str]:
+    """Why the image file at `path` must not be decoded, from its header alone; else None.
+
+    Only the header is read (Pillow opens images lazily), so a decompression
+    bomb is refused without allocating its pixels. Files Pillow cannot
+    identify return None: their decoder reports them.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as im:
+            w, h = (int(v) for v in im.size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    if w * h > max_pixels:
+        return _bomb(w, h, "", max_pixels).reason + "; not decoded"
+    return None
+
+
 class Scanner:
     """Scans items with a persistent cache of results and fixed files.
 
