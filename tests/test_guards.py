@@ -85,3 +85,17 @@ def test_diverging_stage_2_exits_with_one_line_and_the_state_says_so(tmp_path, c
     code, line = _cli(args, capsys)
     assert code != 0 and line.startswith("tl-keras: error: ")
     assert "--restart" in line and "diverged" in line
+
+    # --restart with a sane rate starts over (stage 1 included) and finishes.
+    if "data" in flags.FLAGS:
+        flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as e:
+        cli.run(["tl-keras", "train", *args[:-1], "--finetune_learning_rate=1e-4", "--restart"])
+    out_text = capsys.readouterr().out
+    assert e.value.code == 0, out_text[-2000:]
+    assert f"--restart: discarded the run state and checkpoints in {out}" in out_text
+    assert "resuming" not in out_text and "finished before the interruption" not in out_text
+    state = json.loads((out / "state.json").read_text())
+    assert state["status"] == "finished" and "failure" not in state
+    assert state["settings"]["finetune_learning_rate"] == 1e-4
+    assert (out / "model.keras").is_file() and not (out / "checkpoints").exists()
