@@ -56,7 +56,10 @@ _VERSION = 1
 # Settings that do not change what a run computes: where things go, how
 # fast they are computed, whether progress is logged.
 IGNORED_FIELDS = ("output_dir", "cache_dir", "cache_ram_mb", "jit_compile", "tensorboard",
-                  "restart")
+                  "restart",
+                  # read only by other commands (pretrain, predict), e.g. from a shared flagfile
+                  "architecture", "pretrain_epochs", "pretrain_learning_rate",
+                  "pretrain_weight_decay", "pretrain_batch_size", "images", "json")
 # Settings that change only the evaluation and the export, not the weights.
 EVAL_FIELDS = ("tta", "top_k", "export", "test_data")
 # Lock files this process holds, by folder (kept open: closing one releases it).
