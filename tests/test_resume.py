@@ -2,9 +2,10 @@
 
 The in-process tests check the mechanics on a tiny head (exact numbers);
 `test_sigkill_at_every_phase_then_rerun_finishes` kills a real training
-subprocess with SIGKILL at each phase of a run on flowers_mini, reruns the
-same command each time, and compares the result with the uninterrupted
-`trained_run` of the same settings.
+subprocess with SIGKILL at each phase of a run on flowers_mini (pre-flight,
+caching, stage 1, stage 2, evaluation, export), reruns the same command each
+time, and compares the result with the uninterrupted `deterministic_runs` of
+the same settings.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FLOWERS_MINI, REPO, WEIGHTS_MNV2_035
+from conftest import REPO, SMALL_RUN_ARGS
 from tl_keras import resume
 from tl_keras import train as train_lib
 from tl_keras.config import Config, ConfigError
@@ -162,8 +163,10 @@ def test_unfinished_run_with_other_settings_is_refused_with_one_line(tmp_path):
         resume.RunState.open(str(tmp_path), Config(data="d", output_dir=str(tmp_path),
                                                    image_size=96),
                              {"train": "other", "val": "h2"}, {"test": None}, print)
-    # Settings that change nothing computed (where caches go, logging) resume.
-    state, log = _open(tmp_path, [], cache_dir=str(tmp_path / "c"), tensorboard=False)
+    # Settings that change nothing computed (where caches go, logging, flags of
+    # other commands) resume.
+    state, log = _open(tmp_path, [], cache_dir=str(tmp_path / "c"), tensorboard=False,
+                       pretrain_epochs=1, architecture="alexnet")
     assert state.resumed and any("stage 1 finished" in line for line in log)
     # --restart discards the state (and never the caches).
     (tmp_path / "cache").mkdir()
@@ -259,6 +262,13 @@ _DRIVER = textwrap.dedent("""
                 die()
         train._LearningRateLogger.on_epoch_begin = on_epoch_begin
         train._LearningRateLogger.on_train_batch_end = on_train_batch_end
+    elif where == "evaluation":  # the test split is predicted and scored, not recorded
+        from tl_keras import report
+        evaluate_split = report.evaluate_split
+        def evaluate_then_die(*a, **k):
+            evaluate_split(*a, **k)
+            die()
+        report.evaluate_split = evaluate_then_die
     elif where == "export":  # the SavedModel is written to its temporary folder
         import keras
         archive = type(keras.export.ExportArchive())  # the backend's class
@@ -274,10 +284,8 @@ _DRIVER = textwrap.dedent("""
 
 
 def _train(out: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    # The settings of the session's `trained_run`, which is the uninterrupted baseline.
-    args = ["train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
-            "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=128",
-            "--finetune_epochs=2", "--finetune_blocks=1", f"--output_dir={out}"]
+    # The settings of the session's `deterministic_runs`, the uninterrupted baselines.
+    args = ["train", *SMALL_RUN_ARGS, f"--output_dir={out}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", KILL_AT=kill_at)
     proc = subprocess.run([sys.executable, "-c", _DRIVER, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -300,7 +308,7 @@ def _meta(out: Path, stage: int) -> dict:
     return json.loads((out / "checkpoints" / f"stage{stage}" / "meta.json").read_text())
 
 
-def test_sigkill_at_every_phase_then_rerun_finishes(tmp_path, trained_run):
+def test_sigkill_at_every_phase_then_rerun_finishes(tmp_path, deterministic_runs):
     out = tmp_path / "out"
 
     # 1. Pre-flight: killed once the data is listed; nothing was recorded.
@@ -320,31 +328,38 @@ def test_sigkill_at_every_phase_then_rerun_finishes(tmp_path, trained_run):
     assert "read from cache" in p.stdout  # validated and reused, not recomputed
     assert _meta(out, 1)["epoch"] == 2
 
-    # 4. Stage 2, in the middle of its 2nd epoch.
-    p = _train(out, "stage2:2:3")
+    # 4. Stage 2, in the middle of its 2nd epoch (step 2 of 4).
+    p = _train(out, "stage2:2:2")
     assert "stage 1: resuming after epoch 2" in p.stdout
     first = _epoch_lines(p.stdout)[0]
     assert first.startswith("3/"), first  # epochs 1-2 are not repeated
     s1_epochs = _state(out)["stages"]["1"]["epochs"]
     assert _meta(out, 2)["epoch"] == s1_epochs + 1 and not _meta(out, 2)["complete"]
 
-    # 5. Export: killed with the SavedModel half-way to its place (after evaluation).
-    p = _train(out, "export")
+    # 5. Evaluation: the test predictions made, their result not recorded yet.
+    p = _train(out, "evaluation")
     assert "stage 1: finished before the interruption" in p.stdout
     assert f"stage 2: resuming after epoch {s1_epochs + 1}" in p.stdout
     assert _epoch_lines(p.stdout) == [f"{s1_epochs + 2}/{s1_epochs + 2}"]
+    assert set(_state(out)["stages"]) == {"1", "2"} and "evaluation" not in _state(out)["done"]
+    assert not (out / "model.keras").exists() and not (out / "report.json").exists()
+
+    # 6. Export: killed with the SavedModel half-way to its place (after evaluation).
+    p = _train(out, "export")
+    assert _epoch_lines(p.stdout) == []  # both stages finished before
+    assert "stage 2: finished before the interruption" in p.stdout
     assert "evaluation" in _state(out)["done"]
     leftovers = [n for n in os.listdir(out / "export") if n.startswith(".tmp")]
     assert leftovers and not (out / "export" / "1").exists()
 
-    # 6. The same command once more finishes the run, repeating nothing.
+    # 7. The same command once more finishes the run, repeating nothing.
     p = _train(out)
     assert _epoch_lines(p.stdout) == []  # no epoch of either stage runs again
     for line in ("stage 1: finished before the interruption",
                  "stage 2: finished before the interruption",
                  "evaluation: done before the interruption; skipped",
                  f"removed {os.path.join('export', leftovers[0])}, left by an interrupted write",
-                 "exported SavedModel"):
+                 f"exported version 1 to {out / 'export' / '1'}"):
         assert line in p.stdout, line
     state = _state(out)
     assert state["status"] == "finished" and not (out / "checkpoints").exists()
@@ -352,18 +367,17 @@ def test_sigkill_at_every_phase_then_rerun_finishes(tmp_path, trained_run):
         assert not [n for n in dirs + files if n.startswith(".tmp")], root
     assert (out / "export" / "1" / "saved_model.pb").is_file()
 
-    # The result is that of an uninterrupted run, within noise: 30 test images, and
-    # even unkilled runs differ (augmented views are drawn in parallel, so without
-    # --deterministic they differ run to run; early stopping on 15 validation images
-    # then stops anywhere between about 12 and 37 epochs).
+    # The result is that of an uninterrupted run, within noise. Not bitwise: a
+    # resumed fit draws its shuffles and augmentations afresh from the resumed
+    # epoch. 30 test images: one image is 0.033.
     report = json.loads((out / "report.json").read_text())
-    base = json.loads((trained_run / "report.json").read_text())
+    base = json.loads((deterministic_runs[0] / "report.json").read_text())
     assert report["stage1"]["epochs"] == state["stages"]["1"]["epochs"] >= 3
-    assert report["stage2"]["epochs"] == 2
+    assert report["stage2"]["epochs"] == base["stage2"]["epochs"] == 2
     assert report["test"]["n"] == base["test"]["n"] == 30
-    assert abs(report["test"]["accuracy"] - base["test"]["accuracy"]) <= 0.15, (
+    assert abs(report["test"]["accuracy"] - base["test"]["accuracy"]) <= 0.2, (
         report["test"], base["test"])
-    assert report["test"]["accuracy"] >= 0.45
+    assert report["test"]["accuracy"] >= 0.35  # chance: 0.2 (the baseline: about 0.47)
 
 
 def test_two_runs_never_write_one_output_folder(tmp_path):
