@@ -176,6 +176,16 @@ class Config:
     # Hidden units (pool), filters per width (cnn) or units per direction (lstm, gru).
     encoder_units: int = 100
 
+    # --- reliability: resume, determinism, untrusted inputs (issue 7) ----------
+    # Discard the interrupted run in OUTPUT_DIR (its state.json and checkpoints/;
+    # caches and data stay) and start over, instead of resuming it.
+    restart: bool = False
+    # TensorFlow op determinism: with the same --seed, two runs on the same
+    # machine give identical weights and metrics (slower, mostly on GPUs).
+    deterministic: bool = False
+    # Let list files (CSV/TSV) name images outside the list's own folder.
+    allow_external_paths: bool = False
+
     # --- source models: tl-keras pretrain, train --backbone=PATH.keras (issue 10) ---
     # pretrain: architecture of the source model trained from scratch: compact_cnn
     # (fast on CPUs), alexnet, or a keras.applications family (weights=None).
@@ -324,6 +334,11 @@ def validate(cfg: Config) -> None:
     # Text classification; its other checks are in text_pipeline.validate_text.
     if cfg.task not in ("image", "text"):
         raise fail("task", cfg.task, "must be image or text")
+    # --- reliability (issue 7) ---
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise fail("seed", cfg.seed, "must be in [0, 2**32)")
+    if cfg.head_epochs < 1:  # the new head starts random: stage 2 would fine-tune noise
+        raise fail("head_epochs", cfg.head_epochs, "must be >= 1 (stage 1 trains the new head)")
 
     # --- source models (issue 10) ---
     if cfg.preprocess not in ("auto", "tf", "caffe", "torch", "none"):

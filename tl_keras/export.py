@@ -311,7 +311,8 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
     os.makedirs(export_dir, exist_ok=True)
     # Hidden, non-numeric name in the same folder: TF Serving ignores it and
     # the final rename is atomic.
-    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
+    # Named as outputs.py names temporaries, so a rerun removes one a killed export left.
+    tmp = tempfile.mkdtemp(dir=export_dir, prefix=f"{outputs.TMP_PREFIX}{os.getpid()}.export-")
     try:
         write_saved_model(model, class_names, image_size, tmp, top_k, extra_files)
         log("wrote the SavedModel; converting TFLite variants" if tflite_variants

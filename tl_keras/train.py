@@ -121,6 +121,9 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     if not patience:
         stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
     cbs = [stop, _LearningRateLogger()] + list(callbacks or [])
+    for c in cbs:  # a resumable fit (resume.StageCheckpoint) saves and restores its state
+        if hasattr(c, "track_early_stopping"):
+            c.track_early_stopping(stop)
     t0 = time.perf_counter()
     # distribute.fit is this very model.fit call under the default strategy,
     # or a loop driving the same callbacks where the strategy needs one
