@@ -61,12 +61,15 @@ BAD_STRINGS = {
     "cut_layer": "block_16_project",
     "block_prefixes": "block_16",
     "preprocess": "caffe",
+    "strategy": "quantum",
+    "replica_scaling": "cubic",
 }
 # String flags without a value that is bad on its own, and why.
 UNCHECKED_STRINGS = {
     "tfds_split": "only read with --data=tfds:NAME, which needs TFDS data",
     "tfds_data_dir": "only read with --data=tfds:NAME; any folder is a valid place",
     "images": "only read by `tl-keras predict` (tests/test_predict.py)",
+    "tpu": "any name may be a TPU; the conflicting pair tpu+strategy below checks the flag",
 }
 
 
@@ -100,6 +103,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("alpha_without_imagenet_weights", ["--alpha=0.3", "--weights=imagenet"], "alpha"),
         ("finetune_blocks>blocks", ["--finetune_blocks=99"], "finetune_blocks"),
         ("head_epochs=0", ["--head_epochs=0"], "head_epochs"),
+        ("tpu+strategy", ["--strategy=mirrored", "--tpu=my-tpu"], "tpu"),
         # Image sizes the backbone cannot take.
         ("image_size<min", ["--image_size=16"], "image_size"),
         ("inception_v3_at_64", ["--backbone=inception_v3", "--image_size=64"], "image_size"),
