@@ -11,10 +11,10 @@ from tl_keras import model as model_lib
 from tl_keras.layers import Preprocess
 
 
-def _tiny(num_classes=3, size=32, dropout=0.0):
+def _tiny(num_classes=3, size=32, dropout=0.0, weights="none"):
     keras.utils.set_random_seed(0)
     fam = backbones.get_family("mobilenet_v2")
-    bb = backbones.build_backbone(fam, "none", size, 0.35)
+    bb = backbones.build_backbone(fam, weights, size, 0.35)
     return model_lib.build_classifier(bb, fam, num_classes, dropout)
 
 
@@ -102,3 +102,21 @@ def test_model_file_reloads_in_safe_mode(tmp_path):
     x = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(again.predict(x, verbose=0), clf.model.predict(x, verbose=0),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_mirror_average_inference_model(tmp_path):
+    from conftest import WEIGHTS_MNV2_035
+
+    clf = _tiny(weights=str(WEIGHTS_MNV2_035))
+    x = np.random.default_rng(5).integers(0, 256, (3, 32, 32, 3)).astype("float32")
+    inf = clf.inference_model(mirror_average=True)
+    want = 0.5 * (clf.model.predict(x, verbose=0) + clf.model.predict(x[:, :, ::-1], verbose=0))
+    got = inf.predict(x, verbose=0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.dtype == np.float32
+    assert not np.allclose(got, clf.model.predict(x, verbose=0), atol=1e-7)
+    assert clf.inference_model(mirror_average=False) is clf.model
+    inf.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(again.predict(x, verbose=0), got, rtol=1e-6, atol=1e-7)
+    assert model_lib.find_backbone(again).name.startswith("mobilenet")

@@ -7,6 +7,10 @@ into a Config; the library gets plain objects.
 Commands:
   train     run both stages on --data and write --output_dir
   evaluate  evaluate a finished run (--model=OUT) on --data
+  compare   print the key figures of finished runs side by side: compare OUT1 OUT2 ...
+  predict   top-k classes of --images with an export (--model=OUT/export/1 or a .tflite)
+  pretrain  train a source model from scratch on --data (--architecture); its
+            OUT/model.keras then serves as train --backbone=OUT/model.keras
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from absl import flags
 from tl_keras.config import Config, ConfigError, fields_with_help
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate")
+COMMANDS = ("train", "evaluate", "compare", "predict", "pretrain")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -33,7 +37,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         definer = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
                    float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
         definer(field.name, default, help_text, flag_values=flag_values)
-    flags.DEFINE_string("model", "", "evaluate: a finished run folder (OUT) or a .keras file",
+    flags.DEFINE_string("model", "", "evaluate: a finished run folder (OUT) or a .keras file; "
+                        "predict: an export version folder (OUT/export/1) or a .tflite file",
                         flag_values=flag_values)
 
 
@@ -44,9 +49,24 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
 
 def _train(cfg: Config) -> int:
     from tl_keras import pipeline
+    from tl_keras import report as report_lib
 
     report = pipeline.train(cfg)
     summary = {k: report[k] for k in ("stage1", "stage2", "kept", "test") if k in report}
+    # The full evaluation (per class, mistakes, ...) is in report.json / report.md.
+    for k in ("test", "val"):
+        if k in report:
+            summary[k] = report_lib.headline(report[k])
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _pretrain(cfg: Config) -> int:
+    from tl_keras import pretrain
+
+    report = pretrain.pretrain(cfg)
+    summary = {k: report[k] for k in ("architecture", "blocks", "test") if k in report}
+    summary["pretrain"] = {k: v for k, v in report["pretrain"].items() if k != "history"}
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -59,17 +79,42 @@ def _evaluate(cfg: Config, model_path: str) -> int:
     return 0
 
 
+def _predict(cfg: Config, model_path: str) -> int:
+    from tl_keras import predict
+
+    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size)
+    for s in result["skipped"]:
+        print(f"tl-keras: skipped {s['image']!r}: {s['error']}", file=sys.stderr)
+    if not result["predictions"]:
+        raise ConfigError(f"--images={cfg.images!r}: none of the "
+                          f"{len(result['skipped'])} file(s) could be decoded")
+    print(json.dumps(result, indent=2) if cfg.json else predict.format_table(result))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Dispatches a parsed command line; returns the exit code."""
     if len(argv) < 2 or argv[1] not in COMMANDS:
         got = argv[1] if len(argv) > 1 else ""
         raise ConfigError(f"command {got!r}: expected one of {', '.join(COMMANDS)} "
                           "(e.g. tl-keras train --flagfile=flags/smoke.flags)")
+    if argv[1] == "compare":
+        from tl_keras import compare
+
+        print(compare.table(argv[2:]))
+        return 0
     if len(argv) > 2:
         raise ConfigError(f"unexpected argument {argv[2]!r} (flags are --name=value)")
     cfg = config_from_flags()
     if argv[1] == "train":
         return _train(cfg)
+    if argv[1] == "predict":
+        if not FLAGS.model:
+            raise ConfigError("--model='': required by predict (an export version folder "
+                              "or a .tflite file)")
+        return _predict(cfg, FLAGS.model)
+    if argv[1] == "pretrain":
+        return _pretrain(cfg)
     if not FLAGS.model:
         raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
     return _evaluate(cfg, FLAGS.model)

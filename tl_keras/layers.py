@@ -53,3 +53,45 @@ class Preprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class FlipLeftRight(keras.layers.Layer):
+    """Mirrors images [N, H, W, C] left to right (deterministic, for test-time averaging)."""
+
+    def call(self, images):
+        return ops.flip(images, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class LocalResponseNormalization(keras.layers.Layer):
+    """AlexNet's local response normalization across channels.
+
+    b[..., c] = a[..., c] / (bias + alpha * sum(a[..., c']^2 for |c' - c| <= radius))^beta,
+    with the paper's constants as defaults (n = 5 neighbouring channels,
+    k = 2, alpha = 1e-4, beta = 0.75; alpha is not divided by n, as in the
+    paper and tf.nn.local_response_normalization). Written with keras.ops so
+    it saves, reloads in safe mode and exports like any built-in layer.
+    """
+
+    def __init__(self, radius: int = 2, bias: float = 2.0, alpha: float = 1e-4,
+                 beta: float = 0.75, **kwargs):
+        super().__init__(**kwargs)
+        self.radius, self.bias, self.alpha, self.beta = int(radius), bias, alpha, beta
+
+    def call(self, x):
+        sq = ops.square(x)
+        channels = x.shape[-1]
+        padded = ops.pad(sq, [[0, 0]] * (len(x.shape) - 1) + [[self.radius, self.radius]])
+        window = sum(padded[..., i:i + channels] for i in range(2 * self.radius + 1))
+        return x / ops.power(self.bias + self.alpha * window, self.beta)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "radius": self.radius, "bias": self.bias,
+                "alpha": self.alpha, "beta": self.beta}

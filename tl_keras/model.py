@@ -17,7 +17,7 @@ import dataclasses
 import keras
 
 from tl_keras.backbones import Family
-from tl_keras.layers import Preprocess
+from tl_keras.layers import FlipLeftRight, Preprocess
 
 FEATURES_LAYER = "features"
 HEAD_LAYER = "head"
@@ -28,7 +28,7 @@ class Classifier:
     """The built model and its parts.
 
     Attributes:
-        model: images -> probabilities; what is trained in stage 2 and exported.
+        model: images -> probabilities; what stage 2 trains.
         backbone: the nested keras.applications model.
         family: the backbone family (block map, preprocessing).
         features: images -> pooled backbone features (inference mode).
@@ -40,6 +40,22 @@ class Classifier:
     family: Family
     features: keras.Model
     head: keras.Model
+
+    def inference_model(self, mirror_average: bool) -> keras.Model:
+        """The model to evaluate, save and export.
+
+        Args:
+            mirror_average: average the probabilities of each image and its
+                left-right mirror (test-time augmentation matching the flip
+                augmentation); otherwise the trained model itself.
+        """
+        if not mirror_average:
+            return self.model
+        images = keras.Input(self.model.input_shape[1:], name="images")
+        plain = self.model(images)
+        mirrored = self.model(FlipLeftRight(name="mirror")(images))
+        probs = keras.layers.Average(dtype="float32", name="probabilities")([plain, mirrored])
+        return keras.Model(images, probs, name=self.model.name + "_mirror_avg")
 
 
 def build_classifier(backbone: keras.Model, family: Family, num_classes: int,
@@ -63,7 +79,10 @@ def build_classifier(backbone: keras.Model, family: Family, num_classes: int,
     # training=False pins BatchNorm (and any dropout) of the backbone to
     # inference mode in both stages, whatever fit() passes.
     x = backbone(x, training=False)
-    feats = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x)
+    # A backbone cut from a model file (backbones.family_from_model_file) may
+    # end in its own flatten or global pooling: its vector is the features.
+    feats = (keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(x) if len(x.shape) == 4
+             else keras.layers.Identity(name=FEATURES_LAYER)(x))
     drop = keras.layers.Dropout(dropout, name="head_dropout")
     dense = keras.layers.Dense(num_classes, activation="sigmoid" if multi_label else "softmax",
                                dtype="float32", name=HEAD_LAYER)
@@ -77,8 +96,11 @@ def build_classifier(backbone: keras.Model, family: Family, num_classes: int,
 
 
 def find_backbone(model: keras.Model) -> keras.Model:
-    """Returns the nested backbone of a model built by `build_classifier`."""
+    """Returns the nested backbone of a model built by `build_classifier`
+    (or of its mirror-averaging inference wrapper, which nests that model)."""
     for layer in model.layers:
         if isinstance(layer, keras.Model):
+            if layer.name.startswith("tl_keras_"):
+                return find_backbone(layer)
             return layer
     raise ValueError(f"model {model.name!r} has no nested backbone")

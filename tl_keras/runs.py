@@ -9,6 +9,7 @@ import keras
 
 from tl_keras import data as data_lib
 from tl_keras import evaluate as evaluate_lib
+from tl_keras import report as report_lib
 from tl_keras import layers  # noqa: F401  (registers tl_keras layers for loading)
 from tl_keras import text  # noqa: F401  (registers the text model's layer and standardize)
 from tl_keras import outputs
@@ -42,11 +43,14 @@ def load_run(path: str, flag: str = "model") -> tuple[keras.Model, list[str], Co
 
 
 def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> dict:
-    """Evaluates a finished run on a labelled source; writes OUT/evaluation.json.
+    """Evaluates a finished run on a labelled source.
+
+    Writes OUT/evaluation.json, a readable OUT/evaluation.md and its PNGs
+    (evaluation_confusion_matrix.png, evaluation_mistakes.png).
 
     Returns:
         {"data": data, "test": {"accuracy", "n", ...}}, the same test block
-        `train` writes to report.json.
+        `train` writes to report.json (see `report.evaluation`).
     """
     model, classes, cfg = load_run(path)
     if not data:
@@ -59,9 +63,21 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> 
         run_dir = os.path.dirname(path) if path.endswith(".keras") else path
         outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
         return result
-    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir)
-    result = {"data": data,
-              "test": evaluate_lib.evaluate(model, split, cfg.image_size, batch_size, top_k)}
     run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+    # Multi-label runs and the pre-flight scan of the data (issue 3).
+    from tl_keras import multilabel, preflight
+
+    multi = os.path.isfile(os.path.join(run_dir, multilabel.THRESHOLDS_FILE))
+    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir,
+                                    multi_label=multi)
+    split, scan = preflight.scan_for_evaluation(split, classes, cfg.max_pixels,
+                                                cfg.cache_dir or os.path.join(run_dir, "cache"))
+    if multi:
+        test = multilabel.evaluate_split(model, split, classes, cfg.image_size, batch_size, top_k,
+                                         multilabel.read_thresholds(run_dir, classes))
+    else:
+        test = report_lib.evaluate_split(model, split, classes, cfg.image_size, batch_size, top_k)
+    result = {"data": data, "test": test, "skipped": scan["skipped"]}
     outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
+    report_lib.write_evaluation_files(run_dir, result, split.items)
     return result

@@ -62,9 +62,46 @@ class _LearningRateLogger(keras.callbacks.Callback):
             logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+def jit_setting(value: str):
+    """--jit_compile value -> Keras compile argument ("auto", True or False)."""
+    v = str(value).lower()
+    return "auto" if v == "auto" else v == "true"
+
+
+def _is_xla_failure(e: Exception) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return any(s in text for s in ("XLA", "xla", "jit_compile", "JIT compilation"))
+
+
 def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch, callbacks,
          class_weight=None, verbose=2) -> tuple[dict, int, float]:
-    """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds)."""
+    """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds).
+
+    When XLA cannot compile the step (an unsupported op), the model is
+    recompiled without XLA and the fit runs again, with a message saying so.
+    """
+    try:
+        return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
+                         initial_epoch, callbacks, class_weight, verbose)
+    except Exception as e:  # noqa: BLE001 - only XLA failures are retried
+        if not (model.jit_compile and _is_xla_failure(e)):
+            raise
+        first = " ".join(str(e).split())[:160]
+        print(f"[tl_keras] XLA could not compile this model ({first}); "
+              "continuing without --jit_compile", flush=True)
+        model.compile(optimizer=model.optimizer, loss=model.loss,
+                      metrics=_metrics_like(model), jit_compile=False)
+        return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
+                         initial_epoch, callbacks, class_weight, verbose)
+
+
+def _metrics_like(model):
+    multi = isinstance(model.loss, keras.losses.BinaryCrossentropy)
+    return _metrics(multi)
+
+
+def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch,
+              callbacks, class_weight, verbose) -> tuple[dict, int, float]:
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
                                          restore_best_weights=True)
     if not patience:
@@ -85,7 +122,8 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
              val_features: np.ndarray, val_targets: np.ndarray, *, epochs: int,
              learning_rate: float, weight_decay: float, batch_size: int, patience: int,
              label_smoothing: float, multi_label: bool = False,
-             class_weight: Optional[dict] = None, callbacks=(), verbose: int = 2) -> StageResult:
+             class_weight: Optional[dict] = None, callbacks=(), jit_compile="auto",
+             verbose: int = 2) -> StageResult:
     """Stage 1: trains the head on cached features.
 
     Args:
@@ -104,7 +142,8 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     steps = math.ceil(len(train_features) / batch_size) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
-                 loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label))
+                 loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
+                 jit_compile=jit_compile)
     history, best_epoch, seconds = _fit(
         head, train_features, train_targets, (val_features, val_targets), epochs, batch_size,
         patience, 0, list(callbacks), class_weight=class_weight, verbose=verbose)
@@ -114,11 +153,11 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
                        float(val_loss), history)
 
 
-def fit_finetune(model: keras.Model, train_ds, val_ds, *, epochs: int, initial_epoch: int,
+def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initial_epoch: int,
                  steps_per_epoch: int, learning_rate: float, warmup_epochs: int,
                  patience: int, label_smoothing: float, multi_label: bool = False,
-                 class_weight: Optional[dict] = None, callbacks=(),
-                 verbose: int = 2) -> StageResult:
+                 class_weight: Optional[dict] = None, callbacks=(), batch_size: int = 32,
+                 jit_compile="auto", verbose: int = 2) -> StageResult:
     """Stage 2: fine-tunes the unfrozen top blocks and the head.
 
     The model must already have its top blocks unfrozen (see
@@ -126,9 +165,11 @@ def fit_finetune(model: keras.Model, train_ds, val_ds, *, epochs: int, initial_e
     requires after changing `trainable`.
 
     Args:
-        model: the full model.
-        train_ds / val_ds: batched (images, targets) datasets; training
-            batches are augmented by the pipeline.
+        model: the full model, or the top part of it that trains on cached
+            activations (see `activations.cut`).
+        train_data / val_data: batched (inputs, targets) tf.data datasets
+            (training batches augmented by the pipeline), or (x, y) arrays
+            of cached activations, batched here with `batch_size`.
         epochs: maximum epochs of this stage.
         initial_epoch: epochs already run by stage 1 (numbering continues).
         steps_per_epoch: batches per epoch (for the schedule).
@@ -144,10 +185,18 @@ def fit_finetune(model: keras.Model, train_ds, val_ds, *, epochs: int, initial_e
         0.0 if warmup else learning_rate, decay_steps=total - warmup, alpha=0.0,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
     model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label))
-    history, best_epoch, seconds = _fit(model, train_ds, None, val_ds, epochs, None, patience,
+                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
+                  jit_compile=jit_compile)
+    if isinstance(train_data, tuple):
+        x, y, bs = train_data[0], train_data[1], batch_size
+    else:
+        x, y, bs = train_data, None, None
+    history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, list(callbacks),
                                         class_weight=class_weight, verbose=verbose)
-    val_loss, val_acc = model.evaluate(val_ds, verbose=0)[:2]
+    if isinstance(val_data, tuple):
+        val_loss, val_acc = model.evaluate(*val_data, batch_size=batch_size, verbose=0)[:2]
+    else:
+        val_loss, val_acc = model.evaluate(val_data, verbose=0)[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds,
                        float(val_acc), float(val_loss), history)

@@ -1,0 +1,164 @@
+"""tl_keras with defaults vs the TensorFlow transfer-learning tutorial's recipe.
+
+Both run in this one script on the same split of the shared flowers photos
+(150 train / 50 test per class; the train part split 120 / 30 for
+validation), the same backbone (MobileNetV2 alpha 0.35 at 160 px, the
+official weights file) and the same seed.
+
+(a) The tutorial's recipe, written plainly: image_dataset_from_directory,
+    augmentation layers in the model, frozen base called with training=False,
+    GAP -> Dropout(0.2) -> Dense, Adam 1e-4 for 10 epochs, then layers from
+    100 on unfrozen and RMSprop 1e-5 for 10 more epochs.
+(b) tl_keras.pipeline.train with its defaults.
+
+Prints each one's stage times, total time and test accuracy, the speed-up,
+and stage 1's time divided by the plain inference passes it cannot avoid
+(one per cached view of the training images plus one over the validation
+images: the floor for a frozen backbone).
+
+Usage: python benchmarks/vs_recipe.py [--data DIR] [--weights FILE] [--skip_recipe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tl_keras import Config, backbones, data as data_lib, model as model_lib  # noqa: E402
+from tl_keras import pipeline  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
+SIZE, ALPHA, SEED, BATCH = 160, 0.35, 42, 32
+
+
+def materialize(split: data_lib.Split, classes: list[str], root: str) -> str:
+    """Symlinks a split into ROOT/CLASS/ so image_dataset_from_directory sees it."""
+    for path, label in zip(split.items, split.labels):
+        d = os.path.join(root, classes[label])
+        os.makedirs(d, exist_ok=True)
+        os.symlink(os.path.abspath(path), os.path.join(d, os.path.basename(path)))
+    return root
+
+
+def recipe(dirs: dict, weights: str, n_cls: int) -> dict:
+    """The TensorFlow tutorial's transfer-learning recipe, adapted to n classes."""
+    keras.utils.set_random_seed(SEED)
+    kw = dict(batch_size=BATCH, image_size=(SIZE, SIZE), seed=SEED, label_mode="int")
+    train_ds = keras.utils.image_dataset_from_directory(dirs["train"], shuffle=True, **kw)
+    val_ds = keras.utils.image_dataset_from_directory(dirs["val"], shuffle=False, **kw)
+    test_ds = keras.utils.image_dataset_from_directory(dirs["test"], shuffle=False, **kw)
+    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
+    val_ds = val_ds.prefetch(tf.data.AUTOTUNE)
+    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
+                                     keras.layers.RandomRotation(0.2)])
+    base = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), include_top=False,
+                                          weights=weights, alpha=ALPHA)
+    base.trainable = False
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = augmentation(inputs)
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1)(x)  # mobilenet_v2.preprocess_input
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(n_cls, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-4),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    t0 = time.perf_counter()
+    model.fit(train_ds, epochs=10, validation_data=val_ds, verbose=0)
+    t1 = time.perf_counter() - t0
+    base.trainable = True
+    for layer in base.layers[:100]:
+        layer.trainable = False
+    model.compile(optimizer=keras.optimizers.RMSprop(1e-5),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    t0 = time.perf_counter()
+    model.fit(train_ds, epochs=20, initial_epoch=10, validation_data=val_ds, verbose=0)
+    t2 = time.perf_counter() - t0
+    _, acc = model.evaluate(test_ds, verbose=0)
+    return {"stage1": t1, "stage2": t2, "total": t1 + t2, "test_accuracy": float(acc)}
+
+
+def inference_floor(cfg: Config, data, views: int) -> float:
+    """Seconds of the plain inference passes stage 1 cannot avoid."""
+    fam = backbones.get_family(cfg.backbone)
+    clf = model_lib.build_classifier(backbones.build_backbone(fam, cfg.weights, SIZE, ALPHA),
+                                     fam, len(data.class_names))
+    train = data_lib.image_dataset(data.train, SIZE)
+    val = data_lib.image_dataset(data.val, SIZE)
+    for ds in (train, val):  # decode once, outside the timing (the cached pipeline's state)
+        for _ in ds:
+            pass
+    fn = clf.features.predict_on_batch
+    fn(np.zeros((BATCH, SIZE, SIZE, 3), "float32"))  # build the predict function
+    t0 = time.perf_counter()
+    for _ in range(views):
+        for x, _ in train.batch(BATCH):
+            fn(tf.cast(x, tf.float32))
+    for x, _ in val.batch(BATCH):
+        fn(tf.cast(x, tf.float32))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=os.path.join(SHARED, "flowers"))
+    ap.add_argument("--weights", default=os.path.join(
+        SHARED, "weights", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"))
+    ap.add_argument("--skip_recipe", action="store_true")
+    args = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="tl_keras_bench_")
+    try:
+        cfg = Config(data=args.data, test_fraction=0.25, backbone="mobilenet_v2", alpha=ALPHA,
+                     image_size=SIZE, weights=args.weights, seed=SEED, export=False,
+                     output_dir=os.path.join(work, "out"))
+        data = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction,
+                                     val_fraction=cfg.val_fraction, seed=cfg.seed)
+        rows = {}
+        if not args.skip_recipe:
+            dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
+                    for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}
+            rows["tutorial recipe"] = recipe(dirs, args.weights, len(data.class_names))
+        keras.backend.clear_session()
+        t0 = time.perf_counter()
+        report = pipeline.train(cfg)
+        total = time.perf_counter() - t0
+        rows["tl_keras defaults"] = {"stage1": report["stage1"]["seconds"],
+                                     "stage2": report["stage2"].get("seconds", 0.0),
+                                     "total": total, "test_accuracy": report["test"]["accuracy"]}
+        keras.backend.clear_session()
+        floor = inference_floor(cfg, data, cfg.cache_views)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nflowers split: train {len(data.train)}, val {len(data.val)}, "
+          f"test {len(data.test)}; MobileNetV2-{ALPHA} at {SIZE}px, seed {SEED}, "
+          f"device {tf.config.list_physical_devices('GPU') and 'GPU' or 'CPU'}")
+    print(f"{'run':<20}{'stage 1 s':>11}{'stage 2 s':>11}{'total s':>10}{'test acc':>10}")
+    for name, r in rows.items():
+        print(f"{name:<20}{r['stage1']:>11.1f}{r['stage2']:>11.1f}{r['total']:>10.1f}"
+              f"{r['test_accuracy']:>10.3f}")
+    ours = rows["tl_keras defaults"]
+    if "tutorial recipe" in rows:
+        base = rows["tutorial recipe"]
+        print(f"speed-up end to end: {base['total'] / ours['total']:.2f}x; "
+              f"test accuracy {ours['test_accuracy']:.3f} vs {base['test_accuracy']:.3f}")
+    print(f"stage 1 / inference floor ({cfg.cache_views} train views + val): "
+          f"{ours['stage1']:.1f}s / {floor:.1f}s = {ours['stage1'] / floor:.2f}")
+
+
+if __name__ == "__main__":
+    main()

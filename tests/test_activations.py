@@ -1,0 +1,65 @@
+"""Stage 2 on cached activations is the same computation as through the full model."""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+
+from conftest import WEIGHTS_MNV2_035
+from tl_keras import activations, backbones
+from tl_keras import model as model_lib
+
+
+def _clf(seed=0):
+    keras.utils.set_random_seed(seed)
+    fam = backbones.get_family("mobilenet_v2")
+    bb = backbones.build_backbone(fam, str(WEIGHTS_MNV2_035), 64, 0.35)
+    return model_lib.build_classifier(bb, fam, 3, dropout=0.0)
+
+
+def test_one_step_on_cached_activations_equals_one_step_through_full_model():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 64, 64, 3)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, 3, 8), 3)
+
+    full, cached = _clf(), _clf()
+    for a, b in zip(full.model.weights, cached.model.weights):
+        b.assign(a.numpy())
+    for clf in (full, cached):
+        backbones.set_trainable_top_blocks(clf.backbone, clf.family, 3)
+
+    full.model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    full.model.train_on_batch(x, y)
+
+    cut = activations.cut(cached, 3)
+    assert cut is not None
+    acts = cut.bottom.predict(x, verbose=0)
+    assert acts.shape[1:] == cut.shape
+    cut.trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
+    cut.trainer.train_on_batch(acts, y)
+
+    changed = 0
+    for a, b in zip(full.model.weights, cached.model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+    before = _clf()
+    for a, b in zip(full.model.weights, before.model.weights):
+        changed += not np.allclose(a.numpy(), b.numpy())
+    assert changed >= 4, "the step changed nothing: the comparison would prove nothing"
+
+
+def test_trainer_shares_weights_with_full_model():
+    clf = _clf()
+    backbones.set_trainable_top_blocks(clf.backbone, clf.family, 2)
+    cut = activations.cut(clf, 2)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    np.testing.assert_allclose(cut.trainer.predict(cut.bottom.predict(x, verbose=0), verbose=0),
+                               clf.model.predict(x, verbose=0), rtol=1e-4, atol=1e-6)
+    trainable = {w.path for w in cut.trainer.trainable_weights}
+    assert trainable == {w.path for w in clf.model.trainable_weights}
+
+
+def test_no_cut_when_every_block_is_unfrozen():
+    clf = _clf()
+    n = backbones.num_blocks(clf.backbone, clf.family)
+    assert activations.cut(clf, n) is None
+    assert activations.cut(clf, n - 1) is not None

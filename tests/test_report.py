@@ -1,0 +1,344 @@
+"""Evaluation report, plots, TensorBoard logs, manifest and `compare`.
+
+The metric tests use prediction sets small enough to count by hand; the
+expected numbers below were worked out on paper, not by the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FLOWERS_MINI, run_cli
+from tl_keras import plots
+from tl_keras import report as report_lib
+
+CLASSES = ["a", "b", "c"]
+# 8 examples, 3 classes. Rows: true label, probabilities (argmax = prediction).
+KNOWN = [
+    (0, [0.80, 0.10, 0.10]),  # a -> a
+    (0, [0.70, 0.20, 0.10]),  # a -> a
+    (0, [0.30, 0.60, 0.10]),  # a -> b   (a is 2nd: top-2 hit)
+    (1, [0.20, 0.70, 0.10]),  # b -> b
+    (1, [0.10, 0.40, 0.50]),  # b -> c   (b is 2nd: top-2 hit)
+    (2, [0.10, 0.10, 0.80]),  # c -> c
+    (2, [0.20, 0.10, 0.70]),  # c -> c
+    (2, [0.90, 0.08, 0.02]),  # c -> a   (c is last: top-2 miss)
+]
+
+
+def _known():
+    labels = np.array([t for t, _ in KNOWN])
+    probs = np.array([p for _, p in KNOWN], dtype=np.float32)
+    names = [f"img{i}.jpg" for i in range(len(KNOWN))]
+    return report_lib.evaluation(probs, labels, CLASSES, top_k=2, names=names)
+
+
+def test_confusion_matrix_and_per_class_scores_of_a_known_prediction_set():
+    ev = _known()
+    assert ev["n"] == 8
+    assert ev["accuracy"] == pytest.approx(5 / 8)
+    assert ev["top_2_accuracy"] == pytest.approx(7 / 8)
+    assert ev["confusion_matrix"] == [[2, 1, 0],
+                                      [0, 1, 1],
+                                      [1, 0, 2]]
+    rows = {r["class"]: r for r in ev["per_class"]}
+    # a: predicted 3 times (2 right), 3 true -> P = R = F1 = 2/3.
+    # b: predicted 2 times (1 right), 2 true -> 1/2.  c: like a.
+    for name, value, support in (("a", 2 / 3, 3), ("b", 1 / 2, 2), ("c", 2 / 3, 3)):
+        assert rows[name]["precision"] == pytest.approx(value)
+        assert rows[name]["recall"] == pytest.approx(value)
+        assert rows[name]["f1"] == pytest.approx(value)
+        assert rows[name]["support"] == support
+    assert ev["macro_avg"]["f1"] == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert ev["weighted_avg"]["f1"] == pytest.approx((3 * 2 / 3 + 2 * 1 / 2 + 3 * 2 / 3) / 8)
+    assert ev["macro_avg"]["support"] == ev["weighted_avg"]["support"] == 8
+    # Each off-diagonal cell holds 1: ties are listed by true, then predicted class.
+    assert [(p["true"], p["predicted"], p["count"]) for p in ev["most_confused"]] == [
+        ("a", "b", 1), ("b", "c", 1), ("c", "a", 1)]
+
+
+def test_auc_and_mistakes_of_a_known_prediction_set():
+    ev = _known()
+    auc = ev["auc"]["per_class"]
+    # One-vs-rest ROC-AUC = fraction of (positive, negative) pairs ranked right.
+    assert auc["a"]["roc_auc"] == pytest.approx(12 / 15)  # 0.8,0.7,0.3 vs 0.2,0.1,0.1,0.2,0.9
+    assert auc["b"]["roc_auc"] == pytest.approx(11 / 12)  # 0.7,0.4 vs 0.1,0.2,0.6,0.1,0.1,0.08
+    assert auc["c"]["roc_auc"] == pytest.approx(10 / 15)  # 0.8,0.7,0.02 vs 0.1,0.1,0.1,0.1,0.5
+    assert ev["roc_auc"] == pytest.approx((12 / 15 + 11 / 12 + 10 / 15) / 3)
+    # b ranked: 0.7 (b), 0.6 (not b), 0.4 (b): AP = 1/2 * 1 + 1/2 * 2/3.
+    assert auc["b"]["pr_auc"] == pytest.approx(5 / 6)
+    assert ev["auc"]["average"] == "macro"
+    # The three mistakes, most confident first.
+    assert [(m["file"], m["true"], m["predicted"]) for m in ev["mistakes"]] == [
+        ("img7.jpg", "c", "a"), ("img2.jpg", "a", "b"), ("img4.jpg", "b", "c")]
+    assert [m["score"] for m in ev["mistakes"]] == pytest.approx([0.9, 0.6, 0.5])
+    json.dumps(ev)  # report.json must be able to hold it as is
+
+
+def test_expected_calibration_error_of_a_tiny_example():
+    # Two predictions at 0.95 (one right), three at 0.65 (two right):
+    # ECE = 2/5 * |1/2 - 0.95| + 3/5 * |2/3 - 0.65| = 0.18 + 0.01.
+    ece, bins = report_lib.expected_calibration_error(
+        np.array([0.95, 0.95, 0.65, 0.65, 0.65]), np.array([1, 0, 1, 1, 0]), n_bins=10)
+    assert ece == pytest.approx(0.19)
+    assert [(b["count"], b["accuracy"]) for b in bins] == [(3, pytest.approx(2 / 3)), (2, 0.5)]
+    # Perfect calibration: confidence 0.75 and three of four right.
+    assert report_lib.expected_calibration_error(np.full(4, 0.75),
+                                                 np.array([1, 1, 1, 0]))[0] == pytest.approx(0)
+
+
+def test_binary_auc_takes_the_second_class_as_positive():
+    probs1 = np.array([0.1, 0.6, 0.4, 0.9])
+    ev = report_lib.evaluation(np.stack([1 - probs1, probs1], 1), np.array([0, 0, 1, 1]),
+                               ["neg", "pos"], top_k=3)
+    assert ev["auc"]["average"] == "binary"
+    assert ev["roc_auc"] == pytest.approx(3 / 4)  # 0.4>0.1, 0.4<0.6, 0.9>both
+    assert ev["pr_auc"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert ev["top_2_accuracy"] == 1.0  # k is capped at the number of classes
+
+
+def test_multi_label_metrics():
+    targets = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    probs = np.array([[0.9, 0.2], [0.6, 0.4], [0.3, 0.8], [0.2, 0.1]])
+    ev = report_lib.evaluation(probs, targets, ["x", "y"], names=list("pqrs"))
+    assert ev["multi_label"] is True
+    assert ev["accuracy"] == pytest.approx(3 / 4)  # exact match; q misses y
+    rows = {r["class"]: r for r in ev["per_class"]}
+    assert (rows["x"]["precision"], rows["x"]["recall"]) == (1.0, 1.0)
+    assert (rows["y"]["precision"], rows["y"]["recall"]) == (1.0, 0.5)
+    assert rows["y"]["f1"] == pytest.approx(2 / 3)
+    assert ev["roc_auc"] == pytest.approx(1.0) and ev["auc"]["average"] == "macro"
+    assert ev["mistakes"] == [{"file": "q", "true": "x+y", "predicted": "x",
+                               "score": pytest.approx(0.6), "index": 1}]
+
+
+def test_a_class_missing_from_the_labels_has_no_auc():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    ev = report_lib.evaluation(probs, np.array([0, 1, 1]), CLASSES)
+    assert ev["auc"]["per_class"]["c"] == {"roc_auc": None, "pr_auc": None}
+    # Macro over a and b only. a: 0.7 vs 0.2, 0.6 -> 1. b: 0.7, 0.3 vs 0.2 -> 1.
+    # (Were c counted as 0 or 0.5, the mean would be below 1.)
+    assert ev["roc_auc"] == pytest.approx(1.0)
+    assert json.loads(json.dumps(ev))["auc"]["per_class"]["c"]["roc_auc"] is None
+
+
+def test_markdown_has_the_per_class_table():
+    md = report_lib.evaluation_markdown(_known(), "Test (8 images)", {"confusion": "cm.png"})
+    assert "| class | precision | recall | F1 | support | ROC-AUC | PR-AUC |" in md
+    assert "| a | 0.667 | 0.667 | 0.667 | 3 | 0.800 |" in md
+    assert "| b | 0.500 | 0.500 | 0.500 | 2 | 0.917 | 0.833 |" in md
+    assert "| *macro avg* | 0.611 | 0.611 | 0.611 | 8 |" in md
+    assert "| **c** | 1 | 0 | 2 |" in md  # confusion matrix row
+    assert "![confusion matrix](cm.png)" in md
+    assert "| 1 | `img7.jpg` | c | a | 0.900 |" in md
+
+
+def _png(path):
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        arr = np.asarray(img.convert("RGB"))
+    assert arr.std() > 10, "the figure is blank"
+    return arr.shape[1], arr.shape[0]
+
+
+def test_pngs_are_real_images_of_the_expected_size(tmp_path):
+    s1 = {"loss": [1.2, 0.9, 0.8], "accuracy": [0.5, 0.7, 0.75], "val_loss": [1.0, 0.9, 0.85],
+          "val_accuracy": [0.6, 0.7, 0.72], "lr": [1e-3, 5e-4, 1e-5]}
+    s2 = {"loss": [0.7, 0.6], "accuracy": [0.8, 0.85], "val_loss": [0.8, 0.82],
+          "val_accuracy": [0.75, 0.74], "lr": [1e-4, 0.0]}
+    curves = plots.learning_curves_png([s1, s2], str(tmp_path / "c.png"), kept_epoch=4)
+    assert _png(curves) == (1500, 450) == tuple(int(v * plots.DPI) for v in plots.CURVES_SIZE)
+
+    cm = plots.confusion_matrix_png(np.array([[2, 1, 0], [0, 1, 1], [1, 0, 2]]), CLASSES,
+                                    str(tmp_path / "cm.png"))
+    w, h = plots.confusion_figsize(3)
+    assert _png(cm) == (int(w * plots.DPI), int(h * plots.DPI)) == (650, 550)
+
+    photos = sorted((FLOWERS_MINI / "daisy").glob("*.jpg"))[:3]
+    items = [str(photos[0]), photos[1].read_bytes(), str(photos[2]), b"not an image",
+             str(photos[0])]
+    mistakes = [{"file": f"f{i}", "true": "daisy", "predicted": "rose", "score": 0.9 - i / 10}
+                for i in range(len(items))]
+    grid = plots.mistakes_png(mistakes, items, str(tmp_path / "m.png"))
+    # 5 thumbnails: 4 columns, 2 rows of 3 x 3.5 inches.
+    assert _png(grid) == (1200, 700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "cm.png", "m.png"]
+
+
+def test_a_perfect_evaluation_leaves_no_stale_mistakes_png(tmp_path):
+    (tmp_path / "evaluation_mistakes.png").write_bytes(b"from an earlier evaluation")
+    probs = np.full((3, 3), 0.1) + np.eye(3) * 0.7
+    ev = report_lib.evaluation(probs, np.array([0, 1, 2]), CLASSES)
+    written = report_lib.write_evaluation_files(str(tmp_path), {"data": "d", "test": ev},
+                                                ["unused"] * 3)
+    assert written == ["evaluation.md", "evaluation_confusion_matrix.png"]
+    assert not (tmp_path / "evaluation_mistakes.png").exists()
+    assert "No mistakes." in (tmp_path / "evaluation.md").read_text()
+
+
+def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
+    ev = _known()
+    hist = {"loss": [1.0, 0.8], "accuracy": [0.5, 0.6], "val_loss": [0.9, 0.85],
+            "val_accuracy": [0.55, 0.6], "lr": [1e-3, 1e-4]}
+    report = {"classes": CLASSES, "backbone": "mobilenet_v2", "image_size": 96,
+              "stage1": {"epochs": 2, "best_epoch": 2, "val_accuracy": 0.6, "val_loss": 0.85,
+                         "seconds": 1.0}, "stage2": {"epochs": 0}, "kept": "stage1", "val": ev}
+    photo = str(sorted((FLOWERS_MINI / "tulip").glob("*.jpg"))[0])
+    written = report_lib.write_run_files(str(tmp_path), report, [hist], [photo] * 8)
+    assert written == ["report.md", "learning_curves.png", "confusion_matrix.png", "mistakes.png"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Validation (8 images; no test split" in md and "optimistic" in md
+    assert "| a | 0.667 | 0.667 | 0.667 | 3 |" in md
+    assert _png(tmp_path / "mistakes.png") == (900, 350)  # 3 mistakes in one row
+
+
+def test_split_hash_names_examples_and_labels_not_order_or_location(tmp_path):
+    from tl_keras import data as data_lib
+    from tl_keras import manifest
+
+    photos = sorted((FLOWERS_MINI / "rose").glob("*.jpg"))[:3]
+    for root in ("x", "y"):
+        (tmp_path / root / "rose").mkdir(parents=True)
+        for p in photos:
+            shutil.copy(p, tmp_path / root / "rose")
+    _, x = data_lib.load_source(str(tmp_path / "x"), "data")
+    _, y = data_lib.load_source(str(tmp_path / "y"), "data")
+    assert manifest.split_hash(x) == manifest.split_hash(y)  # same files elsewhere
+    assert manifest.split_hash(x) == manifest.split_hash(x.subset([2, 0, 1]))
+    relabelled = data_lib.Split(x.items, x.labels + 1, x.source)
+    assert manifest.split_hash(relabelled) != manifest.split_hash(x)
+    assert manifest.split_hash(x.subset([0, 1])) != manifest.split_hash(x)
+    as_bytes = data_lib.Split([open(p, "rb").read() for p in x.items], x.labels, "tfds:t")
+    assert manifest.split_hash(as_bytes) == manifest.split_hash(
+        data_lib.Split(list(reversed(as_bytes.items)), x.labels, "tfds:t"))
+
+
+# --------------------------------------------------------------------------
+# End to end, on the shared real run of conftest
+# --------------------------------------------------------------------------
+
+def test_train_writes_report_md_pngs_and_extended_report_json(trained_run):
+    report = json.loads((trained_run / "report.json").read_text())
+    test = report["test"]
+    assert {"accuracy", "n"} <= set(test) and test["n"] == 30  # the old keys still there
+    assert sum(map(sum, test["confusion_matrix"])) == 30
+    diag = sum(test["confusion_matrix"][i][i] for i in range(5))
+    assert diag / 30 == pytest.approx(test["accuracy"])
+    assert [r["class"] for r in test["per_class"]] == report["classes"]
+    assert sum(r["support"] for r in test["per_class"]) == 30
+    assert 0.5 < test["roc_auc"] <= 1 and 0 <= test["ece"] < 1
+    wrong = 30 - diag
+    assert len(test["mistakes"]) == min(wrong, report_lib.NUM_MISTAKES)
+    assert all(m["file"].endswith(".jpg") and m["true"] != m["predicted"]
+               for m in test["mistakes"])
+    md = (trained_run / "report.md").read_text()
+    assert "| class | precision | recall | F1 | support |" in md
+    for name in report["classes"]:
+        assert f"| {name} |" in md
+    assert _png(trained_run / "learning_curves.png") == (1500, 450)
+    assert _png(trained_run / "confusion_matrix.png") == (650 + 100, 550 + 100)  # 5 classes
+    if wrong:
+        assert (trained_run / "mistakes.png").is_file()
+        _png(trained_run / "mistakes.png")
+
+
+def _events(folder):
+    """{tag: [(step, value)]} of every event file in `folder` (not its subfolders)."""
+    import tensorflow as tf
+
+    out: dict = {}
+    files = sorted(folder.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {folder}"
+    for f in files:
+        for e in tf.compat.v1.train.summary_iterator(str(f)):
+            for v in e.summary.value:
+                out.setdefault(v.tag, []).append((e.step, tf.make_ndarray(v.tensor)))
+    return out
+
+
+def test_tensorboard_has_both_stages_in_one_run(trained_run):
+    report = json.loads((trained_run / "report.json").read_text())
+    e1, e2 = report["stage1"]["epochs"], report["stage2"]["epochs"]
+    assert e1 >= 1 and e2 >= 1
+    tb = trained_run / "tensorboard"
+    train, val, root = _events(tb / "train"), _events(tb / "validation"), _events(tb)
+    stage = sorted(train["stage"])
+    # Stage 2 continues the epoch numbering of stage 1 in the same run.
+    assert [s for s, v in stage if v == 1] == list(range(1, e1 + 1))
+    assert [s for s, v in stage if v == 2] == list(range(e1 + 1, e1 + e2 + 1))
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate"):
+        assert [s for s, _ in sorted(train[tag])] == list(range(1, e1 + e2 + 1)), tag
+    for tag in ("epoch_loss", "epoch_accuracy"):
+        assert [s for s, _ in sorted(val[tag])] == list(range(1, e1 + e2 + 1)), tag
+    assert all(float(v) > 0 for _, v in train["epoch_learning_rate"][:e1])
+    assert b"image_size | 128" in root["hparams"][0][1].item()
+    assert float(root["test/accuracy"][0][1]) == pytest.approx(report["test"]["accuracy"])
+
+
+def test_manifest_in_run_folder_and_saved_model(trained_run):
+    import tensorflow as tf
+
+    from tl_keras import data as data_lib
+    from tl_keras import manifest
+
+    m = json.loads((trained_run / "manifest.json").read_text())
+    assert m == json.loads((trained_run / "export" / "1" / "assets.extra" /
+                            "manifest.json").read_text())
+    assert m["config"] == json.loads((trained_run / "config.json").read_text())
+    assert m["versions"]["tensorflow"] == tf.__version__
+    assert {"tl_keras", "keras", "python"} <= set(m["versions"])
+    assert m["device"]["summary"] and m["seeds"]["seed"] == m["config"]["seed"]
+    cfg = m["config"]
+    ds = data_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+                               val_fraction=cfg["val_fraction"])
+    assert m["data"] == manifest.data_manifest(ds)  # reproducible from the data alone
+    assert m["data"]["splits"]["test"]["class_counts"] == {c: 6 for c in ds.class_names}
+
+
+def test_evaluate_writes_the_full_report(trained_run, tmp_path):
+    from tl_keras import runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("model.keras", "labels.txt", "config.json"):
+        shutil.copy(trained_run / f, run / f)
+    data = tmp_path / "data"
+    for c in ("daisy", "tulip"):
+        (data / c).mkdir(parents=True)
+        for p in sorted((FLOWERS_MINI / c).glob("*.jpg"))[:4]:
+            shutil.copy(p, data / c)
+    result = runs.evaluate_run(str(run), str(data), batch_size=8)
+    ev = result["test"]
+    assert ev["n"] == 8 and len(ev["confusion_matrix"]) == 5  # all the model's classes
+    assert json.loads((run / "evaluation.json").read_text()) == result
+    md = (run / "evaluation.md").read_text()
+    assert "| daisy |" in md and "| class | precision |" in md
+    assert _png(run / "evaluation_confusion_matrix.png") == (750, 650)
+
+
+def test_compare_prints_runs_side_by_side(trained_run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ("report.json", "config.json", "manifest.json"):
+        shutil.copy(trained_run / f, other / f)
+    r = json.loads((other / "report.json").read_text())
+    r["test"]["accuracy"] = 0.123456
+    (other / "report.json").write_text(json.dumps(r))
+    proc = run_cli("compare", str(trained_run), str(other), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert str(trained_run) in lines[0] and str(other) in lines[0]
+    acc = next(line for line in lines if line.startswith("accuracy"))
+    mine = json.loads((trained_run / "report.json").read_text())["test"]["accuracy"]
+    assert acc.split()[1:] == [f"{mine:.4f}", "0.1235"]
+    assert any(line.startswith("macro F1") for line in lines)
+
+    proc = run_cli("compare", str(trained_run), str(tmp_path / "nothing"), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("tl-keras: error: run ")
+    assert "Traceback" not in proc.stderr

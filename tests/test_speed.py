@@ -1,0 +1,111 @@
+"""Speed plumbing: precision policy, XLA fallback, keyed caches."""
+
+from __future__ import annotations
+
+import numpy as np
+import keras
+import pytest
+import tensorflow as tf
+
+from tl_keras import cache as cache_lib
+from tl_keras import precision
+from tl_keras import train as train_lib
+from tl_keras.config import ConfigError
+
+
+@pytest.mark.parametrize("cc,want", [(None, "float32"), ((7, 5), "mixed_float16"),
+                                     ((8, 0), "mixed_bfloat16"), ((9, 0), "mixed_bfloat16")])
+def test_auto_precision_follows_the_device(cc, want):
+    assert precision.resolve("auto", cc) == want
+
+
+def test_explicit_precision_and_bad_value():
+    assert precision.resolve("mixed_float16", None) == "mixed_float16"
+    with pytest.raises(ConfigError, match="--precision='fp8'"):
+        precision.resolve("fp8", None)
+
+
+def test_apply_sets_the_global_policy_before_models_are_built():
+    try:
+        assert precision.apply("mixed_bfloat16") == "mixed_bfloat16"
+        layer = keras.layers.Dense(2)
+        assert layer.compute_dtype == "bfloat16" and layer.variable_dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+class _HostOp(keras.layers.Layer):
+    """A layer whose op XLA cannot compile (a host-side numpy function)."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda a: a * 1.0, [x], tf.float32)
+        y.set_shape(x.shape)
+        return y
+
+
+def test_xla_failure_falls_back_to_plain_tensorflow(capsys):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(2, activation="softmax")(_HostOp()(inp))
+    head = keras.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(32) % 2]
+    result = train_lib.fit_head(head, x, y, x, y, epochs=2, learning_rate=1e-2, weight_decay=0,
+                                batch_size=8, patience=0, label_smoothing=0.0,
+                                jit_compile=True, verbose=0)
+    assert result.epochs == 2
+    assert "continuing without --jit_compile" in capsys.readouterr().out
+    assert head.jit_compile is False
+
+
+def test_jit_compile_works_on_cpu_for_a_plain_head():
+    inp = keras.Input((4,))
+    head = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.eye(2, dtype="float32")[np.arange(16) % 2]
+    r = train_lib.fit_head(head, x, y, x, y, epochs=1, learning_rate=1e-2, weight_decay=0,
+                           batch_size=8, patience=0, label_smoothing=0.0, jit_compile=True,
+                           verbose=0)
+    assert head.jit_compile is True and r.epochs == 1
+
+
+def test_array_cache_hits_misses_and_recovers_from_corruption(tmp_path):
+    c = cache_lib.ArrayCache(str(tmp_path), ram_budget_mb=1)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.arange(10.0), np.arange(10)
+
+    k1 = cache_lib.make_key(seed=1, views=2)
+    (a, b), hit = c.get_or_compute(k1, ("x", "y"), compute)
+    assert not hit and len(calls) == 1
+    (a2, b2), hit = c.get_or_compute(k1, ("x", "y"), compute)
+    assert hit and len(calls) == 1
+    np.testing.assert_array_equal(a2, a)
+    # Any change of the key misses.
+    assert cache_lib.make_key(seed=2, views=2) != k1
+    _, hit = c.get_or_compute(cache_lib.make_key(seed=2, views=2), ("x", "y"), compute)
+    assert not hit and len(calls) == 2
+    # A truncated entry (a crash mid-write by an older version) is recomputed, not trusted.
+    (tmp_path / f"{k1}.x.npy").write_bytes(b"\x93NUMPY garbage")
+    (a3, _), hit = c.get_or_compute(k1, ("x", "y"), compute)
+    assert not hit and len(calls) == 3
+    np.testing.assert_array_equal(a3, np.arange(10.0))
+
+
+def test_large_arrays_are_memory_mapped_not_loaded(tmp_path):
+    c = cache_lib.ArrayCache(str(tmp_path), ram_budget_mb=1)
+    big = np.zeros((600, 1000), np.float32)  # 2.4 MB > 1 MB budget
+    (x,), _ = c.get_or_compute("k", ("x",), lambda: (big,))
+    assert isinstance(x, np.memmap)
+
+
+def test_split_fingerprint_changes_with_files(tmp_path):
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"1")
+    labels = np.array([0])
+    h1 = cache_lib.split_fingerprint([str(f)], labels)
+    assert cache_lib.split_fingerprint([str(f)], np.array([1])) != h1
+    f.write_bytes(b"12")
+    assert cache_lib.split_fingerprint([str(f)], labels) != h1

@@ -1,0 +1,402 @@
+"""Helpers for the notebooks in `notebooks/` (Colab or any Jupyter).
+
+Each notebook cell is one call into the library; what a cell needs beyond
+`run_training` lives here: finding the images (a folder, a zip, Google Drive
+or an upload), showing a finished run, classifying one image with the
+exported SavedModel, and handing the export to the user as a zip.
+
+Colab-only features (uploads, Drive, downloads) are used only when the code
+runs in Colab; elsewhere every function takes plain paths, which is how the
+notebooks run headless under papermill. TensorFlow and IPython are imported
+only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import zipfile
+from typing import Optional
+
+from tl_keras import outputs
+
+# Figures a training run writes (see `report.write_run_files`), in the order shown.
+FIGURES = {
+    "learning_curves": ("learning_curves.png",
+                        "Loss, accuracy and learning rate of both stages"),
+    "confusion_matrix": ("confusion_matrix.png",
+                         "Confusion matrix of the evaluated split, normalised by true class"),
+    "mistakes": ("mistakes.png", "The most confident mistakes"),
+}
+# Entries of zips that are not images of the data set: macOS resource forks
+# and folder metadata that Finder and Windows put into the zips they make.
+_ZIP_JUNK_DIRS = ("__MACOSX",)
+_ZIP_JUNK_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+COLAB_DRIVE = "/content/drive"
+
+
+def in_colab() -> bool:
+    """Whether this code runs in Google Colab."""
+    if "google.colab" in sys.modules:  # Colab's kernel imports it at start
+        return True
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ModuleNotFoundError, ValueError):  # no `google` package at all
+        return False
+
+
+def _colab(module: str):
+    """Imports `google.colab.<module>`; a clear error outside Colab."""
+    if not in_colab():
+        raise RuntimeError(f"google.colab.{module} is only available in Colab; "
+                           "outside Colab give a path in the parameters cell instead")
+    return importlib.import_module(f"google.colab.{module}")
+
+
+def _display(obj) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+# --------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------
+
+def describe_environment() -> dict:
+    """Prints and returns the versions, the device and the precision `auto` picks.
+
+    In Colab without a GPU it also says how to get one (training on a CPU
+    runtime works, only slowly).
+    """
+    import keras
+    import tensorflow as tf
+
+    import tl_keras
+    from tl_keras import precision
+
+    env = {"tl_keras": tl_keras.__version__, "tensorflow": tf.__version__,
+           "keras": keras.__version__, "device": precision.describe_device(),
+           "precision_auto": precision.resolve("auto")}
+    print(", ".join(f"{k}: {v}" for k, v in env.items()))
+    if in_colab() and env["device"] == "CPU":
+        print("No GPU: training runs on the CPU, which is slow. In Colab choose "
+              "Runtime > Change runtime type > GPU, then run the notebook again.")
+    return env
+
+
+# --------------------------------------------------------------------------
+# Finding the images
+# --------------------------------------------------------------------------
+
+def mount_drive(folder: str, mountpoint: str = COLAB_DRIVE) -> str:
+    """Mounts Google Drive (Colab only) and returns the path of `folder` in it.
+
+    Args:
+        folder: a folder in your Drive, e.g. "MyDrive/photos" or
+            "photos" (taken to be under MyDrive), or a full path under
+            the mount point. It may also be a .zip file.
+        mountpoint: where Drive is mounted.
+
+    Returns:
+        The local path of `folder`.
+    """
+    drive = _colab("drive")
+    drive.mount(mountpoint)
+    if folder.startswith(mountpoint + "/"):
+        path = folder
+    else:
+        rel = folder.strip().strip("/")
+        if rel.split("/")[0] not in ("MyDrive", "Shareddrives", "Othercomputers"):
+            rel = "MyDrive/" + rel
+        path = os.path.join(mountpoint, rel)
+    if not os.path.exists(path):
+        raise ValueError(f"drive_folder={folder!r}: {path} does not exist in your Drive")
+    return path
+
+
+def upload_zip(dest_dir: str = "uploads") -> str:
+    """Asks for a zip of class subfolders in Colab's upload widget; returns its path.
+
+    Args:
+        dest_dir: where the uploaded file is written.
+    """
+    files = _colab("files")
+    print("Choose a .zip holding one subfolder of images per class.")
+    uploaded = files.upload()
+    zips = {name: data for name, data in uploaded.items() if name.lower().endswith(".zip")}
+    if len(zips) != 1:
+        raise ValueError(f"uploaded {sorted(uploaded)!r}: expected exactly one .zip file")
+    name, data = next(iter(zips.items()))
+    path = os.path.join(dest_dir, os.path.basename(name))
+    with outputs.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return path
+
+
+def _is_junk(member: str) -> bool:
+    parts = member.replace("\\", "/").split("/")
+    return (any(p in _ZIP_JUNK_DIRS for p in parts) or parts[-1] in _ZIP_JUNK_FILES
+            or parts[-1].startswith("._"))
+
+
+def extract_zip(path: str, dest_dir: str) -> str:
+    """Extracts a zip of images, leaving out macOS and Windows metadata.
+
+    Extraction goes to a temporary folder renamed into place, so an
+    interrupted extraction leaves nothing half-written. Member names are
+    sanitised by `zipfile` (no absolute paths, no `..`).
+
+    Args:
+        path: the .zip file.
+        dest_dir: the folder to extract into (replaced if it exists).
+
+    Returns:
+        `dest_dir`.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf, outputs.atomic_path(dest_dir) as tmp:
+            os.makedirs(tmp)
+            for member in zf.infolist():
+                if not member.is_dir() and not _is_junk(member.filename):
+                    zf.extract(member, tmp)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"data={path!r}: not a readable zip file ({e})") from None
+    return dest_dir
+
+
+def find_class_root(folder: str) -> str:
+    """The folder whose subfolders are the classes.
+
+    Zips usually wrap everything in one top folder (photos/cats, photos/dogs),
+    sometimes next to a README: while a folder holds exactly one subfolder
+    and no images of its own, the classes are further down.
+    """
+    from tl_keras.data import IMAGE_EXTENSIONS
+
+    root = folder
+    while True:
+        entries = [e for e in os.listdir(root) if not e.startswith(".")]
+        dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+        images = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS)]
+        if len(dirs) != 1 or images:
+            return root
+        root = os.path.join(root, dirs[0])
+
+
+def prepare_images(data: str, extract_dir: str = "images") -> str:
+    """Resolves `data` to a folder of class subfolders and prints what it holds.
+
+    Args:
+        data: a folder of class subfolders (possibly wrapped in one top
+            folder), or a .zip of one.
+        extract_dir: a zip is extracted to `extract_dir/ZIP_NAME`, on local
+            disk (not next to a zip in Google Drive, where reading thousands
+            of small files is slow).
+
+    Returns:
+        The folder to train on: `--data` of `tl-keras train`.
+    """
+    from tl_keras import data as data_lib
+
+    if not data:
+        raise ValueError("data='': set `data` in the parameters cell to a folder of class "
+                         "subfolders or a .zip of one (in Colab: upload a zip or use Drive)")
+    if os.path.isfile(data) and data.lower().endswith(".zip"):
+        stem = os.path.splitext(os.path.basename(data))[0]
+        data = extract_zip(data, os.path.join(extract_dir, stem))
+    elif not os.path.isdir(data):
+        raise ValueError(f"data={data!r}: no such folder or .zip file")
+    root = find_class_root(data)
+    classes, files = data_lib.list_class_folder(root, "data")
+    print(f"{root}: {len(classes)} classes, {sum(len(v) for v in files.values())} images")
+    for c in classes:
+        print(f"  {c}: {len(files[c])}")
+    return root
+
+
+# --------------------------------------------------------------------------
+# Showing a run
+# --------------------------------------------------------------------------
+
+def show_results(run_dir: str) -> dict:
+    """Prints the headline figures of a finished run (from its report.json).
+
+    Returns:
+        The headline of the evaluated split (test, else validation).
+    """
+    from tl_keras import report as report_lib
+
+    with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    split = "test" if "test" in report else "val"
+    head = report_lib.headline(report[split])
+    for stage in ("stage1", "stage2"):
+        s = report.get(stage, {})
+        if s.get("epochs"):
+            print(f"{stage}: val_accuracy {s['val_accuracy']:.3f} after {s['epochs']} epochs "
+                  f"({s['seconds']:.0f}s)")
+    print(f"kept: {report.get('kept')}")
+    print(f"{split} ({head.get('n')} images): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in head.items() if k != "n" and v is not None))
+    return head
+
+
+def show_figure(run_dir: str, name: str) -> Optional[str]:
+    """Displays one figure of a finished run.
+
+    Args:
+        run_dir: the run folder (`output_dir`).
+        name: one of `FIGURES` (learning_curves, confusion_matrix, mistakes).
+
+    Returns:
+        The PNG's path, or None when the run has none (a run with no
+        mistakes has no mistakes figure).
+    """
+    from IPython.display import Image
+
+    if name not in FIGURES:
+        raise ValueError(f"figure {name!r}: choose one of {', '.join(FIGURES)}")
+    file, caption = FIGURES[name]
+    path = os.path.join(run_dir, file)
+    if not os.path.isfile(path):
+        print(f"{caption}: none in {run_dir}" +
+              (" (no mistakes)" if name == "mistakes" else ""))
+        return None
+    print(caption)
+    _display(Image(filename=path))
+    return path
+
+
+def show_run(run_dir: str) -> dict:
+    """Prints the headline figures of a run and displays all its figures."""
+    head = show_results(run_dir)
+    for name in FIGURES:
+        show_figure(run_dir, name)
+    return head
+
+
+# --------------------------------------------------------------------------
+# Using the export
+# --------------------------------------------------------------------------
+
+def export_dir(run_dir: str) -> str:
+    """The newest SavedModel version folder of a run (OUT/export/N)."""
+    if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
+        return run_dir
+    base = os.path.join(run_dir, "export")
+    versions = sorted((int(v) for v in os.listdir(base) if v.isdigit()),
+                      reverse=True) if os.path.isdir(base) else []
+    for v in versions:
+        path = os.path.join(base, str(v))
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            return path
+    raise ValueError(f"output_dir={run_dir!r}: no exported SavedModel (export/N/saved_model.pb)")
+
+
+def classify_bytes(saved_model: str, images: list[bytes]) -> list[list[tuple[str, float]]]:
+    """Classifies encoded images with an exported SavedModel's serving_default.
+
+    Args:
+        saved_model: a SavedModel folder (OUT/export/1) or a run folder.
+        images: encoded JPEG/PNG/GIF/BMP files.
+
+    Returns:
+        For each image, its top-k (class name, score) pairs, best first.
+    """
+    import tensorflow as tf
+
+    model = tf.saved_model.load(export_dir(saved_model))
+    out = model.signatures["serving_default"](image_bytes=tf.constant(images))
+    return [[(c.decode("utf-8"), float(s)) for c, s in zip(cls, sc)]
+            for cls, sc in zip(out["classes"].numpy(), out["scores"].numpy())]
+
+
+def _image_to_classify(image: str) -> tuple[Optional[str], Optional[bytes]]:
+    if image:
+        if not os.path.isfile(image):
+            raise ValueError(f"image={image!r}: no such file")
+        with open(image, "rb") as f:
+            return image, f.read()
+    if in_colab():
+        print("Choose an image (JPEG, PNG, GIF or BMP) to classify.")
+        uploaded = _colab("files").upload()
+        if not uploaded:
+            return None, None
+        name = next(iter(uploaded))
+        return name, uploaded[name]
+    return None, None
+
+
+def classify_image(run_dir: str, image: str = "") -> Optional[list[tuple[str, float]]]:
+    """Shows an image and what the run's SavedModel predicts for it.
+
+    Args:
+        run_dir: the run folder (`output_dir`) or a SavedModel folder.
+        image: the image file; empty: in Colab, ask for an upload.
+
+    Returns:
+        The top-k (class name, score) pairs, best first; None when no image
+        was given.
+    """
+    name, data = _image_to_classify(image)
+    if data is None:
+        print("No image to classify: set `image` in the parameters cell to a photo's path "
+              "(in Colab, leave it empty to upload one).")
+        return None
+    import tensorflow as tf
+    from IPython.display import Image
+
+    try:
+        top = classify_bytes(run_dir, [data])[0]
+    except tf.errors.InvalidArgumentError:
+        raise ValueError(f"image={name!r}: not a JPEG, PNG, GIF or BMP image "
+                         "the model can decode") from None
+    _display(Image(data=data, width=256))
+    print(f"{os.path.basename(name)}: predicted: {top[0][0]} ({top[0][1]:.2f})")
+    print("top classes: " + ", ".join(f"{c} {s:.2f}" for c, s in top))
+    return top
+
+
+def zip_export(run_dir: str, name: str = "") -> str:
+    """Zips a run's exported SavedModel(s) for download.
+
+    The zip holds `NAME/VERSION/saved_model.pb ...`, the layout TF Serving
+    expects under its model base path.
+
+    Args:
+        run_dir: the run folder (`output_dir`).
+        name: the model's name in the zip; default: the run folder's name.
+
+    Returns:
+        The path of the zip, `run_dir/NAME.zip`.
+    """
+    export_dir(run_dir)  # fails clearly when there is nothing to zip
+    name = name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    base = os.path.join(run_dir, "export")
+    path = os.path.join(run_dir, name + ".zip")
+    with outputs.atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                # Temporaries of an interrupted export are not part of it.
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for f in sorted(filenames):
+                    full = os.path.join(dirpath, f)
+                    zf.write(full, os.path.join(name, os.path.relpath(full, base)))
+    size = os.path.getsize(path)
+    print(f"{path}: {size / 2 ** 20:.1f} MB")
+    return path
+
+
+def download(path: str) -> str:
+    """Downloads a file to your computer in Colab; elsewhere says where it is."""
+    if in_colab():
+        _colab("files").download(path)
+    else:
+        print(f"saved to {os.path.abspath(path)}")
+    return path
