@@ -302,10 +302,17 @@ def text_run(tmp_path_factory, data_dir):
 
 def test_cli_text_run_writes_the_contract_and_beats_chance(text_run):
     root, out, stdout = text_run
-    for f in ("model.keras", "labels.txt", "config.json", "report.json",
-              "export/1/saved_model.pb", "export/1/assets/labels.txt"):
+    for f in ("model.keras", "labels.txt", "config.json", "report.json", "export_check.json",
+              "export/1/saved_model.pb", "export/1/assets/labels.txt",
+              "export/1/assets.extra/tf_serving_warmup_requests"):
         assert (out / f).exists(), f
     report = json.loads((out / "report.json").read_text())
+    # The export is a parity-gated version, as for images.
+    assert report["export"]["version"] == 1 and report["export"]["published"]
+    assert report["export"]["parity"]["passed"] and report["export"]["parity"]["n"] == 100
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["version"] == 1
+    assert check["artifacts"]["saved_model"]["top1_agreement"] == 1.0
     assert report["classes"] == ["neg", "pos"] == (out / "labels.txt").read_text().split()
     emb = report["embeddings"]
     assert emb["source"] == str(GLOVE) and emb["format"] == "glove" and emb["dim"] == 50
@@ -361,6 +368,48 @@ def test_saved_model_serving_default_on_strings_matches_keras(text_run):
     top1 = [c.decode() for c in got["classes"].numpy()[:, 0]]
     assert top1 == [classes[i] for i in want.argmax(1)]
     np.testing.assert_allclose(got["scores"].numpy()[:, 0], want.max(1), atol=1e-5)
+
+
+def test_text_export_versions_and_parity_gate(tmp_path):
+    """Versions 1, 2 on strings; a failed gate publishes nothing; --overwrite replaces."""
+    from tl_keras import export as export_lib
+    from tl_keras import text_export
+
+    texts, labels = _rt_polarity(20, seed=2)
+    vectorizer = text_lib.build_vectorizer(texts, 500, 12)
+    matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
+    clf = text_lib.build_text_classifier(vectorizer, matrix, 2, "pool", 4, 0.5)
+    classes = ["neg", "pos"]
+    export_dir = tmp_path / "export"
+    first = text_export.export_text_version(clf.model, classes, str(export_dir), top_k=1,
+                                            parity_texts=texts, parity_samples=10,
+                                            check_path=str(tmp_path / "check.json"))
+    assert (first["version"], first["published"], first["parity"]["n"]) == (1, True, 10)
+    assert first["parity"]["artifacts"]["saved_model"]["top1_agreement"] == 1.0
+    second = text_export.export_text_version(clf.model, classes, str(export_dir))
+    assert second["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
+
+    # serving_default: a batch of strings in, class names and probabilities out,
+    # equal to the Keras model's.
+    batch = ["An utterly charming, funny film!", "a mess .", "", "zzyzx qwertq"]
+    serve = tf.saved_model.load(second["path"]).signatures["serving_default"]
+    got = serve(text=tf.constant(batch))
+    want = text_lib.predict_texts(clf.model, batch)
+    np.testing.assert_allclose(got["probabilities"].numpy(), want, atol=1e-6)
+    assert [c.decode() for c in got["classes"].numpy()[:, 0]] == [classes[i]
+                                                                   for i in want.argmax(1)]
+    assert got["scores"].shape == got["classes"].shape == (4, 2)  # top_k=3 capped at 2 classes
+
+    # A gate that cannot pass: nothing published, the comparison written, no temporary left.
+    with pytest.raises(export_lib.ExportRejected, match="parity gate"):
+        text_export.export_text_version(clf.model, classes, str(export_dir),
+                                        parity_texts=texts, max_prob_diff={"saved_model": -1.0},
+                                        check_path=str(tmp_path / "check.json"))
+    assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
+    assert json.loads((tmp_path / "check.json").read_text())["published"] is False
+    replaced = text_export.export_text_version(clf.model, classes, str(export_dir),
+                                               overwrite=True)
+    assert replaced["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
 
 
 def test_bad_text_flag_gives_a_one_line_cli_error(tmp_path):

@@ -131,8 +131,8 @@ class Config:
     tflite: str = ""
     # Training images in the int8 variant's representative (calibration) dataset.
     int8_calibration_images: int = 200
-    # Validation images the parity gate predicts with Keras, the SavedModel and
-    # each TFLite variant; 0: all.
+    # Validation images (texts for --task=text) the parity gate predicts with Keras,
+    # the SavedModel and each TFLite variant; 0: all.
     parity_images: int = 100
     # Parity gate: minimum top-1 agreement with the Keras model per artifact
     # (NAME=VALUE,...; names left out keep these defaults).

@@ -4,7 +4,7 @@ data -> vocabulary (training texts) -> word vectors -> model -> vectorize once
 -> stage 1 (embeddings frozen; encoder and head trained) -> unfreeze the
 embeddings -> stage 2 (everything at a low learning rate) -> keep the better
 stage -> evaluate on raw strings -> write model, labels, config, report ->
-export SavedModel.
+export a new SavedModel version (parity-gated, as for images).
 
 Without `--embeddings` the word vectors are random, and are trained from
 stage 1 on: freezing random vectors would only handicap them.
@@ -20,7 +20,9 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import evaluate as evaluate_lib
+from tl_keras import export as export_lib
 from tl_keras import outputs
+from tl_keras import parity
 from tl_keras import text as text_lib
 from tl_keras import text_export
 from tl_keras import train as train_lib
@@ -175,11 +177,24 @@ def train(cfg: Config) -> dict:
         clf.model.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    rejected = None
     if cfg.export:
-        path = text_export.export_text_saved_model(clf.model, classes,
-                                                   os.path.join(out, "export", "1"), cfg.top_k)
-        report["export"] = path
-        log(f"exported SavedModel to {path}")
+        # As for images: a new version (or the newest replaced, --overwrite),
+        # published only if the reloaded SavedModel predicts the validation
+        # texts as the Keras model does (the parity gate).
+        try:
+            report["export"] = text_export.export_text_version(
+                clf.model, classes, os.path.join(out, "export"), top_k=cfg.top_k,
+                overwrite=cfg.overwrite, parity_texts=data.val.items,
+                parity_samples=cfg.parity_images,
+                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+                seed=cfg.seed, log=log)
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
     return report
