@@ -269,7 +269,8 @@ def test_every_encoder_takes_raw_strings(encoder):
     texts = ["A fine, warm film!", "dull and far too long", ""]
     vectorizer = text_lib.build_vectorizer(texts, 50, 6)
     matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
-    clf = text_lib.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5)
+    clf = text_lib.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5,
+                                         embedding_dropout=0.3)
     probs = clf.model(tf.constant(["Never seen words here.", "a FINE film", ""])).numpy()
     assert probs.shape == (3, 3) and np.all(np.isfinite(probs))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -427,6 +428,7 @@ def test_bad_text_flag_gives_a_one_line_cli_error(tmp_path):
     ({"task": "audio"}, r"--task='audio': must be image or text"),
     ({"sequence_length": 4}, r"--sequence_length=4: must be >= 5 for --encoder=cnn"),
     ({"max_tokens": 2}, r"--max_tokens=2"),
+    ({"embedding_dropout": 1.0}, r"--embedding_dropout=1.0: must be in \[0, 1\)"),
     ({"embedding_dim": 300}, r"--embedding_dim=300: the vectors in .* have 50 dimensions"),
 ])
 def test_bad_text_settings_are_refused_before_training(changes, match, tmp_path):

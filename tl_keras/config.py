@@ -162,6 +162,9 @@ class Config:
     encoder: str = "cnn"
     # Hidden units (pool), filters per width (cnn) or units per direction (lstm, gru).
     encoder_units: int = 100
+    # Dropout of whole word vectors (the same words dropped in every dimension) before
+    # the encoder, in training only; 0: off.
+    embedding_dropout: float = 0.0
 
     # --- source models: tl-keras pretrain, train --backbone=PATH.keras (issue 10) ---
     # pretrain: architecture of the source model trained from scratch: compact_cnn

@@ -572,8 +572,8 @@ class TextClassifier:
 
 def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np.ndarray,
                           num_classes: int, encoder: str = "cnn", units: int = 100,
-                          dropout: float = 0.5, train_embeddings: bool = False
-                          ) -> TextClassifier:
+                          dropout: float = 0.5, train_embeddings: bool = False,
+                          embedding_dropout: float = 0.0) -> TextClassifier:
     """Builds strings -> vectorizer -> embedding -> encoder -> dropout -> softmax head.
 
     Args:
@@ -587,6 +587,8 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
             direction (lstm, gru).
         dropout: dropout rate before the head.
         train_embeddings: whether the embeddings start trainable.
+        embedding_dropout: rate at which whole word vectors are dropped
+            (SpatialDropout1D) before the encoder, in training only.
 
     Returns:
         A TextClassifier.
@@ -604,6 +606,11 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
     # whole matrix into the saved model's config.
     embedding.embeddings.assign(matrix)
     embedding.trainable = train_embeddings
+    if embedding_dropout:
+        # Drops whole words (all their dimensions): a sentence must be
+        # classified from the rest of its words, which curbs memorizing
+        # the few words of each training sentence.
+        x = keras.layers.SpatialDropout1D(embedding_dropout, name="embedding_dropout")(x)
     x = _encoder(x, encoder, units)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     probs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",

@@ -45,6 +45,8 @@ def validate_text(cfg: Config) -> None:
                    f"must be >= {shortest} for --encoder={cfg.encoder}")
     if cfg.encoder_units < 1:
         raise fail("encoder_units", cfg.encoder_units, "must be >= 1")
+    if not 0 <= cfg.embedding_dropout < 1:
+        raise fail("embedding_dropout", cfg.embedding_dropout, "must be in [0, 1)")
     if cfg.embedding_dim < 0:
         raise fail("embedding_dim", cfg.embedding_dim, "must be >= 1 (or 0 for the default)")
     if cfg.embeddings and not os.path.isfile(cfg.embeddings):
@@ -119,7 +121,8 @@ def train(cfg: Config) -> dict:
     # --- model ---------------------------------------------------------------
     clf = text_lib.build_text_classifier(vectorizer, matrix, n_cls, cfg.encoder,
                                          cfg.encoder_units, cfg.dropout,
-                                         train_embeddings=vectors is None)
+                                         train_embeddings=vectors is None,
+                                         embedding_dropout=cfg.embedding_dropout)
     log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {cfg.sequence_length} tokens "
         f"per text, {clf.ids_model.count_params()} parameters")
 
