@@ -35,7 +35,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tl_keras import Config, backbones, data as data_lib, model as model_lib  # noqa: E402
+from tl_keras import Config, augment, backbones, data as data_lib  # noqa: E402
+from tl_keras import model as model_lib  # noqa: E402
 from tl_keras import pipeline  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +54,13 @@ def materialize(split: data_lib.Split, classes: list[str], root: str) -> str:
 
 
 def recipe(dirs: dict, weights: str, n_cls: int) -> dict:
-    """The TensorFlow tutorial's transfer-learning recipe, adapted to n classes."""
+    """The TensorFlow tutorial's transfer-learning recipe, adapted to n classes.
+
+    Its total runs from listing the files to the test accuracy (datasets,
+    model, both fits, evaluation), like tl_keras's, which also writes its
+    reports and model file inside its total.
+    """
+    t_start = time.perf_counter()
     keras.utils.set_random_seed(SEED)
     kw = dict(batch_size=BATCH, image_size=(SIZE, SIZE), seed=SEED, label_mode="int")
     train_ds = keras.utils.image_dataset_from_directory(dirs["train"], shuffle=True, **kw)
@@ -88,26 +95,36 @@ def recipe(dirs: dict, weights: str, n_cls: int) -> dict:
     model.fit(train_ds, epochs=20, initial_epoch=10, validation_data=val_ds, verbose=0)
     t2 = time.perf_counter() - t0
     _, acc = model.evaluate(test_ds, verbose=0)
-    return {"stage1": t1, "stage2": t2, "total": t1 + t2, "test_accuracy": float(acc)}
+    return {"stage1": t1, "stage2": t2, "total": time.perf_counter() - t_start,
+            "test_accuracy": float(acc)}
 
 
 def inference_floor(cfg: Config, data, views: int) -> float:
-    """Seconds of the plain inference passes stage 1 cannot avoid."""
+    """Seconds of the plain inference passes stage 1 cannot avoid.
+
+    What a plain script must do to get the same features: decode the
+    training and validation images once (tf.data cache), then one
+    `predict_on_batch` pass per view over the training images (views after
+    the first augmented with the same layer, as stage 1 does) and one over
+    the validation images, at the batch size tl_keras infers with. The model
+    is traced before the clock starts; nothing is stored or trained.
+    """
     fam = backbones.get_family(cfg.backbone)
     clf = model_lib.build_classifier(backbones.build_backbone(fam, cfg.weights, SIZE, ALPHA),
                                      fam, len(data.class_names))
-    train = data_lib.image_dataset(data.train, SIZE)
-    val = data_lib.image_dataset(data.val, SIZE)
-    for ds in (train, val):  # decode once, outside the timing (the cached pipeline's state)
-        for _ in ds:
-            pass
+    aug = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                  cfg.translation, cfg.crop_min_area)
+    bs = 2 * cfg.batch_size
     fn = clf.features.predict_on_batch
-    fn(np.zeros((BATCH, SIZE, SIZE, 3), "float32"))  # build the predict function
+    fn(np.zeros((bs, SIZE, SIZE, 3), "float32"))  # trace outside the timing
     t0 = time.perf_counter()
-    for _ in range(views):
-        for x, _ in train.batch(BATCH):
-            fn(tf.cast(x, tf.float32))
-    for x, _ in val.batch(BATCH):
+    train = data_lib.image_dataset(data.train, SIZE, cache=False).cache()
+    val = data_lib.image_dataset(data.val, SIZE, cache=False)
+    for v in range(views):
+        for x, _ in train.batch(bs).prefetch(data_lib.AUTOTUNE):
+            x = tf.cast(x, tf.float32)
+            fn(aug(x, training=True) if v and aug is not None else x)
+    for x, _ in val.batch(bs).prefetch(data_lib.AUTOTUNE):
         fn(tf.cast(x, tf.float32))
     return time.perf_counter() - t0
 
@@ -156,7 +173,8 @@ def main() -> None:
         base = rows["tutorial recipe"]
         print(f"speed-up end to end: {base['total'] / ours['total']:.2f}x; "
               f"test accuracy {ours['test_accuracy']:.3f} vs {base['test_accuracy']:.3f}")
-    print(f"stage 1 / inference floor ({cfg.cache_views} train views + val): "
+    print(f"stage 1 / inference floor (decode once; {cfg.cache_views} train views, "
+          f"{cfg.cache_views - 1} augmented, + val): "
           f"{ours['stage1']:.1f}s / {floor:.1f}s = {ours['stage1'] / floor:.2f}")
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
+from conftest import FLOWERS_MINI, run_cli
 
 
 def _assert_one_line_error(proc, *needles):

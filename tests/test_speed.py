@@ -109,3 +109,59 @@ def test_split_fingerprint_changes_with_files(tmp_path):
     assert cache_lib.split_fingerprint([str(f)], np.array([1])) != h1
     f.write_bytes(b"12")
     assert cache_lib.split_fingerprint([str(f)], labels) != h1
+
+
+def test_view_stream_is_a_seeded_permutation_per_pass_and_reads_memory_maps(tmp_path):
+    x = np.arange(10 * 3, dtype="float32").reshape(10, 3)
+    y = np.eye(10, dtype="float32")
+    np.save(tmp_path / "x.npy", x)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    def rows(seed):
+        it = iter(train_lib.view_stream(mm, y, batch_size=5, seed=seed))
+        return [np.asarray(next(it)[0][:, 0] // 3).astype(int).tolist() for _ in range(4)]
+
+    a = rows(7)
+    # Every pass of 10 rows (two batches) holds each row exactly once...
+    assert sorted(a[0] + a[1]) == list(range(10)) == sorted(a[2] + a[3])
+    # ...the passes are reshuffled, and the order repeats with the seed.
+    assert a[0] + a[1] != a[2] + a[3]
+    assert rows(7) == a
+    _, by = next(iter(train_lib.view_stream(mm, y, batch_size=5, seed=7)))
+    assert by.shape == (5, 10)
+
+
+def test_an_epoch_of_the_head_is_one_pass_over_the_images_not_over_every_view():
+    rng = np.random.default_rng(0)
+    images, views, bs = 40, 4, 8
+    x = rng.normal(size=(images * views, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, images * views)]
+    head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=3, learning_rate=1e-2,
+                           weight_decay=0.0, batch_size=bs, patience=10, label_smoothing=0.0,
+                           examples_per_epoch=images, verbose=0)
+    assert r.epochs == 3
+    # 5 steps per epoch (40 images / 8), run 5 to a compiled call, never past an epoch.
+    assert int(head.optimizer.iterations.numpy()) == 3 * images // bs
+    assert head.steps_per_execution == 5
+
+
+def test_steps_per_call_divides_the_epoch():
+    assert train_lib._steps_per_call(None) == 1
+    assert train_lib._steps_per_call(19) == 19
+    assert train_lib._steps_per_call(3000) == 60
+    assert train_lib._steps_per_call(3001) == 1  # prime above the cap: one per call
+
+
+def test_feature_extraction_pads_the_last_batch_without_changing_results():
+    from tl_keras import features
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.GlobalAveragePooling2D()])
+    imgs = np.random.default_rng(1).integers(0, 256, (7, 8, 8, 3)).astype("uint8")
+    ds = tf.data.Dataset.from_tensor_slices((imgs, np.arange(7)))
+    got, labels, _ = features.extract(model, ds, batch_size=4, progress=False)
+    want = model.predict(imgs.astype("float32"), verbose=0)
+    assert got.shape == (7, 4) and labels.tolist() == list(range(7))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,6 @@ up with the trained weights.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Optional
 
 import keras
@@ -19,7 +18,6 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import backbones
-from tl_keras import data as data_lib
 from tl_keras.model import Classifier
 
 

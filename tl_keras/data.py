@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tl_keras.config import ConfigError, fail
+from tl_keras.config import fail
 
 # Listed from class folders. Formats TensorFlow cannot decode (TIFF) are still
 # listed: the pre-flight scan converts them or reports why it cannot.

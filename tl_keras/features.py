@@ -54,9 +54,12 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
         ds = ds.map(prep, num_parallel_calls=data_lib.AUTOTUNE).prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:
+            n = int(x.shape[0])
+            if n < batch_size:  # one traced shape: padding is cheaper than a retrace
+                x = tf.pad(x, [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1))
             out = feature_model.predict_on_batch(x)
             outs = out if isinstance(out, (list, tuple)) else [out]
-            fs.append([np.asarray(o, dtype=np.float32) for o in outs])
+            fs.append([np.asarray(o[:n], dtype=np.float32) for o in outs])
             ys.append(y.numpy())
         feats.append([np.concatenate(parts) for parts in zip(*fs)])
         labels.append(np.concatenate(ys))

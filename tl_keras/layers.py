@@ -67,6 +67,36 @@ class FlipLeftRight(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="tl_keras")
+class MirrorStack(keras.layers.Layer):
+    """Stacks a batch [N, H, W, C] with its left-right mirror: [2N, H, W, C].
+
+    With `MirrorMean` after the model, mirror averaging runs the wrapped model
+    once on a doubled batch instead of twice: one copy of its graph to trace,
+    save and serve instead of two.
+    """
+
+    def call(self, images):
+        return ops.concatenate([images, ops.flip(images, axis=2)], axis=0)
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[0]
+        return (None if n is None else 2 * n,) + tuple(input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class MirrorMean(keras.layers.Layer):
+    """Averages the two halves of a [2N, C] batch made by `MirrorStack`: [N, C]."""
+
+    def call(self, probs):
+        n = ops.shape(probs)[0] // 2
+        return 0.5 * (probs[:n] + probs[n:])
+
+    def compute_output_shape(self, input_shape):
+        n = input_shape[0]
+        return (None if n is None else n // 2,) + tuple(input_shape[1:])
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
 class LocalResponseNormalization(keras.layers.Layer):
     """AlexNet's local response normalization across channels.
 

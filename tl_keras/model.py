@@ -17,7 +17,7 @@ import dataclasses
 import keras
 
 from tl_keras.backbones import Family
-from tl_keras.layers import FlipLeftRight, Preprocess
+from tl_keras.layers import MirrorMean, MirrorStack, Preprocess
 
 FEATURES_LAYER = "features"
 HEAD_LAYER = "head"
@@ -52,9 +52,8 @@ class Classifier:
         if not mirror_average:
             return self.model
         images = keras.Input(self.model.input_shape[1:], name="images")
-        plain = self.model(images)
-        mirrored = self.model(FlipLeftRight(name="mirror")(images))
-        probs = keras.layers.Average(dtype="float32", name="probabilities")([plain, mirrored])
+        both = self.model(MirrorStack(name="mirror")(images))
+        probs = MirrorMean(dtype="float32", name="probabilities")(both)
         return keras.Model(images, probs, name=self.model.name + "_mirror_avg")
 
 

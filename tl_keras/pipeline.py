@@ -103,8 +103,10 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
                              blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
 
     def compute():
+        # Inference keeps no activations for gradients: twice the training
+        # batch fits wherever training fits, and runs faster.
         out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
-                                          cfg.batch_size, views, augmenter,
+                                          2 * cfg.batch_size, views, augmenter,
                                           progress=split == "train")
         return (*out, labels) if cut is not None else (out, labels)
 
@@ -196,7 +198,8 @@ def train(cfg: Config) -> dict:
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
                             multi_label=multi, class_weight=class_weight, jit_compile=jit,
-                            callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
+                            callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
+                            examples_per_epoch=len(data.train), seed=cfg.seed)
     s1.seconds += t_cache
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
@@ -224,7 +227,9 @@ def train(cfg: Config) -> dict:
             train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
                                           seed=cfg.seed, augment=augmenter)
             val_data = data_lib.batched(val_images, cfg.batch_size, n_cls)
-        n_train = len(train_data[0]) if isinstance(train_data, tuple) else len(data.train)
+        # An epoch is one pass over the training images (one cached view of
+        # each, on average), as in stage 1.
+        n_train = len(data.train)
         s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs,
                                     steps_per_epoch=-(-n_train // cfg.batch_size),
@@ -232,7 +237,7 @@ def train(cfg: Config) -> dict:
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
                                     label_smoothing=cfg.label_smoothing, multi_label=multi,
                                     class_weight=class_weight,
-                                    batch_size=cfg.batch_size, jit_compile=jit,
+                                    batch_size=cfg.batch_size, jit_compile=jit, seed=cfg.seed,
                                     callbacks=tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
         histories.append(s2.history)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 
 @dataclasses.dataclass
@@ -74,7 +75,7 @@ def _is_xla_failure(e: Exception) -> bool:
 
 
 def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch, callbacks,
-         class_weight=None, verbose=2) -> tuple[dict, int, float]:
+         class_weight=None, verbose=2, steps_per_epoch=None) -> tuple[dict, int, float]:
     """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds).
 
     When XLA cannot compile the step (an unsupported op), the model is
@@ -82,7 +83,7 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
     """
     try:
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
-                         initial_epoch, callbacks, class_weight, verbose)
+                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch)
     except Exception as e:  # noqa: BLE001 - only XLA failures are retried
         if not (model.jit_compile and _is_xla_failure(e)):
             raise
@@ -92,7 +93,7 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
         model.compile(optimizer=model.optimizer, loss=model.loss,
                       metrics=_metrics_like(model), jit_compile=False)
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
-                         initial_epoch, callbacks, class_weight, verbose)
+                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch)
 
 
 def _metrics_like(model):
@@ -101,7 +102,7 @@ def _metrics_like(model):
 
 
 def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch,
-              callbacks, class_weight, verbose) -> tuple[dict, int, float]:
+              callbacks, class_weight, verbose, steps_per_epoch=None) -> tuple[dict, int, float]:
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
                                          restore_best_weights=True)
     if not patience:
@@ -110,7 +111,11 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     t0 = time.perf_counter()
     hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
                      initial_epoch=initial_epoch, validation_data=validation_data,
-                     callbacks=cbs, verbose=verbose, class_weight=class_weight)
+                     callbacks=cbs, verbose=verbose, class_weight=class_weight,
+                     steps_per_epoch=steps_per_epoch,
+                     # A tf.data input is shuffled by its own pipeline; Keras
+                     # only warns when asked to shuffle it again.
+                     shuffle=not isinstance(x, tf.data.Dataset))
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
@@ -118,12 +123,66 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     return hist.history, best + 1, seconds
 
 
+def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
+                ) -> tf.data.Dataset:
+    """An endless stream of shuffled batches drawn from cached arrays.
+
+    With K cached views per image, an epoch is one pass over the training
+    images, not over all K views: each epoch sees about one view of every
+    image, so extra views add augmentation without multiplying the cost of
+    an epoch. Rows are gathered by index, so a memory-mapped cache is read
+    batch by batch and never copied whole into the graph.
+
+    Args:
+        x: [N, ...] cached inputs (features or activations), possibly memory-mapped.
+        y: [N, C] targets.
+        batch_size: rows per batch.
+        seed: shuffle seed (the order is reproducible).
+
+    Returns:
+        A repeating dataset of (x, y) batches; pass `steps_per_epoch` to fit.
+    """
+    n = len(x)
+
+    def gather(idx):
+        idx = np.sort(idx)  # in-order reads of a memory-mapped file
+        return np.asarray(x[idx]), np.asarray(y[idx])
+
+    def load(idx):
+        bx, by = tf.numpy_function(gather, [idx], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
+        bx.set_shape((None,) + tuple(x.shape[1:]))
+        by.set_shape((None,) + tuple(y.shape[1:]))
+        return bx, by
+
+    return (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .repeat().batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE))
+
+
+def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
+    """Training steps per compiled call: a small head's step costs less than
+    the Python round trip around it, so several run in one call. A divisor of
+    the epoch's steps, so that no epoch runs past its end."""
+    if not steps_per_epoch:
+        return 1
+    return max(d for d in range(1, min(most, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+
+
+def _epochs_of(x, y, batch_size, examples_per_epoch, seed):
+    """(x, y, batch_size, steps_per_epoch) for fit: the arrays themselves when
+    an epoch is a full pass, else a `view_stream` and its steps per epoch."""
+    if not examples_per_epoch or examples_per_epoch >= len(x):
+        return x, y, batch_size, None
+    return view_stream(x, y, batch_size, seed), None, None, math.ceil(
+        examples_per_epoch / batch_size)
+
+
 def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.ndarray,
              val_features: np.ndarray, val_targets: np.ndarray, *, epochs: int,
              learning_rate: float, weight_decay: float, batch_size: int, patience: int,
              label_smoothing: float, multi_label: bool = False,
              class_weight: Optional[dict] = None, callbacks=(), jit_compile="auto",
-             verbose: int = 2) -> StageResult:
+             verbose: int = 2, examples_per_epoch: Optional[int] = None,
+             seed: int = 0) -> StageResult:
     """Stage 1: trains the head on cached features.
 
     Args:
@@ -135,18 +194,24 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
         learning_rate: peak learning rate of AdamW with cosine decay.
         weight_decay: AdamW decoupled weight decay.
         patience: epochs without val_loss improvement before stopping.
+        examples_per_epoch: rows one epoch trains on (the number of training
+            images when `train_features` holds several views of each; see
+            `view_stream`); None: every row, every epoch.
+        seed: shuffle seed of the view stream.
 
     Returns:
         The StageResult; the head holds the best weights.
     """
-    steps = math.ceil(len(train_features) / batch_size) * max(epochs, 1)
+    x, y, bs, per_epoch = _epochs_of(train_features, train_targets, batch_size,
+                                     examples_per_epoch, seed)
+    steps = (per_epoch or math.ceil(len(train_features) / batch_size)) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
-                 jit_compile=jit_compile)
+                 jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
     history, best_epoch, seconds = _fit(
-        head, train_features, train_targets, (val_features, val_targets), epochs, batch_size,
-        patience, 0, list(callbacks), class_weight=class_weight, verbose=verbose)
+        head, x, y, (val_features, val_targets), epochs, bs, patience, 0, list(callbacks),
+        class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch)
     val_loss, val_acc = head.evaluate(val_features, val_targets, verbose=0,
                                       batch_size=batch_size)[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
@@ -157,7 +222,7 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
                  steps_per_epoch: int, learning_rate: float, warmup_epochs: int,
                  patience: int, label_smoothing: float, multi_label: bool = False,
                  class_weight: Optional[dict] = None, callbacks=(), batch_size: int = 32,
-                 jit_compile="auto", verbose: int = 2) -> StageResult:
+                 jit_compile="auto", verbose: int = 2, seed: int = 0) -> StageResult:
     """Stage 2: fine-tunes the unfrozen top blocks and the head.
 
     The model must already have its top blocks unfrozen (see
@@ -172,7 +237,10 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
             of cached activations, batched here with `batch_size`.
         epochs: maximum epochs of this stage.
         initial_epoch: epochs already run by stage 1 (numbering continues).
-        steps_per_epoch: batches per epoch (for the schedule).
+        steps_per_epoch: batches per epoch (for the schedule); with arrays
+            holding several views per image, fewer than a full pass: each
+            epoch then draws that many batches from `view_stream`.
+        seed: shuffle seed of the view stream.
         learning_rate: peak learning rate after warmup.
         warmup_epochs: linear warmup length.
 
@@ -184,16 +252,19 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0 if warmup else learning_rate, decay_steps=total - warmup, alpha=0.0,
         warmup_target=learning_rate if warmup else None, warmup_steps=warmup)
-    model.compile(optimizer=keras.optimizers.Adam(schedule),
-                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
-                  jit_compile=jit_compile)
+    per_epoch = None
     if isinstance(train_data, tuple):
-        x, y, bs = train_data[0], train_data[1], batch_size
+        x, y, bs, per_epoch = _epochs_of(train_data[0], train_data[1], batch_size,
+                                         steps_per_epoch * batch_size, seed)
     else:
         x, y, bs = train_data, None, None
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
+                  jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
     history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, list(callbacks),
-                                        class_weight=class_weight, verbose=verbose)
+                                        class_weight=class_weight, verbose=verbose,
+                                        steps_per_epoch=per_epoch)
     if isinstance(val_data, tuple):
         val_loss, val_acc = model.evaluate(*val_data, batch_size=batch_size, verbose=0)[:2]
     else:
