@@ -155,6 +155,19 @@ class Config:
     embeddings: str = ""
     # Word-vector size; 0: the size of --embeddings, or 100 without them.
     embedding_dim: int = 0
+    # Words of --embeddings that join the vocabulary besides the training words: the
+    # first N records of the file (GloVe and word2vec files are sorted by frequency),
+    # with their vectors, so words that no training text contains (but validation,
+    # test or users' texts do) keep their meaning instead of becoming [UNK]; 0: the
+    # training words only. The default 100000 covers nearly all the words of ordinary
+    # English text and costs N x dim floats in the model (100k x 300d = 120 MB, x 50d =
+    # 20 MB); the full GloVe 6B (400k words) adds mostly rare names and numbers.
+    embedding_vocabulary: int = 100000
+    # How the embedding rows start with --embeddings: pretrained (the file's vectors,
+    # frozen in stage 1) or random (only the file's words, for the same vocabulary as
+    # with pretrained; random vectors trained from stage 1 on, as without --embeddings:
+    # the control arm of benchmarks/text_glove.py).
+    embedding_init: str = "pretrained"
     # Vocabulary size: the most frequent training words, padding and [UNK] included.
     max_tokens: int = 20000
     # Tokens kept per text (longer texts are cut, shorter ones padded).

@@ -29,6 +29,9 @@ from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
 
+EMBEDDING_INITS = ("pretrained", "random")
+
+
 def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
 
@@ -47,6 +50,13 @@ def validate_text(cfg: Config) -> None:
         raise fail("encoder_units", cfg.encoder_units, "must be >= 1")
     if not 0 <= cfg.embedding_dropout < 1:
         raise fail("embedding_dropout", cfg.embedding_dropout, "must be in [0, 1)")
+    if cfg.embedding_vocabulary < 0:
+        raise fail("embedding_vocabulary", cfg.embedding_vocabulary,
+                   "must be >= 0 (words of --embeddings added to the training vocabulary; "
+                   "0: none)")
+    if cfg.embedding_init not in EMBEDDING_INITS:
+        raise fail("embedding_init", cfg.embedding_init,
+                   f"must be one of {', '.join(EMBEDDING_INITS)}")
     if cfg.embedding_dim < 0:
         raise fail("embedding_dim", cfg.embedding_dim, "must be >= 1 (or 0 for the default)")
     if cfg.embeddings and not os.path.isfile(cfg.embeddings):
@@ -92,43 +102,57 @@ def train(cfg: Config) -> dict:
 
     # --- vocabulary and word vectors -----------------------------------------
     vectorizer = text_lib.build_vectorizer(data.train.items, cfg.max_tokens, cfg.sequence_length)
-    vocabulary = vectorizer.get_vocabulary()
-    train_ids = text_lib.vectorize(vectorizer, data.train.items)
-    val_ids = text_lib.vectorize(vectorizer, data.val.items)
+    training_words = len(vectorizer.get_vocabulary()) - 2
     vectors = None
     if cfg.embeddings:
-        vectors = text_lib.load_vectors(cfg.embeddings, set(vocabulary[2:]))
+        vectors = text_lib.load_vectors(cfg.embeddings, set(vectorizer.get_vocabulary()[2:]),
+                                        first=cfg.embedding_vocabulary)
         if cfg.embedding_dim and cfg.embedding_dim != vectors.dim:
             raise fail("embedding_dim", cfg.embedding_dim,
                        f"the vectors in {cfg.embeddings} have {vectors.dim} dimensions")
         dim = vectors.dim
+        # The file's most frequent words join the vocabulary after the training words.
+        vectorizer, _ = text_lib.extend_vocabulary(vectorizer, vectors.top)
     else:
         dim = cfg.embedding_dim or text_lib.DEFAULT_RANDOM_DIM
-    matrix, coverage = text_lib.embedding_matrix(vocabulary, vectors, dim, cfg.seed, train_ids)
-    embeddings = {"source": cfg.embeddings or "random", "dim": dim, **coverage}
+    vocabulary = vectorizer.get_vocabulary()
+    train_ids = text_lib.vectorize(vectorizer, data.train.items)
+    val_ids = text_lib.vectorize(vectorizer, data.val.items)
+    pretrained = vectors is not None and cfg.embedding_init == "pretrained"
+    matrix, coverage = text_lib.embedding_matrix(vocabulary, vectors if pretrained else None,
+                                                 dim, cfg.seed, train_ids, training_words,
+                                                 val_ids)
+    embeddings = {"source": cfg.embeddings or "random", "dim": dim,
+                  "init": "pretrained" if pretrained else "random", **coverage}
     if vectors is not None:
         embeddings["format"] = vectors.format
+    extra = (f", {coverage['vectors_only']} of them from {cfg.embeddings} only "
+             f"(--embedding_vocabulary={cfg.embedding_vocabulary})" if vectors is not None else "")
+    if pretrained:
         if coverage["found"] == 0:
             raise fail("embeddings", cfg.embeddings,
-                       f"has a vector for none of the {coverage['words']} training words")
-        log(f"word vectors: {coverage['found']} of {coverage['words']} vocabulary words found "
-            f"in {cfg.embeddings} ({vectors.format}, {dim}d): word coverage "
-            f"{coverage['word_coverage']:.1%}, token coverage {coverage['token_coverage']:.1%}")
+                       f"has a vector for none of the {coverage['training_words']} training "
+                       "words")
+        log(f"word vectors: {coverage['found']} of {coverage['training_words']} training words "
+            f"found in {cfg.embeddings} ({vectors.format}, {dim}d): word coverage "
+            f"{coverage['word_coverage']:.1%}, token coverage {coverage['token_coverage']:.1%} "
+            f"(validation {coverage['val_token_coverage']:.1%}); vocabulary "
+            f"{coverage['words']} words{extra}")
     else:
         log(f"word vectors: random, {dim}d, trained from stage 1 on "
-            f"({coverage['words']} vocabulary words)")
+            f"(vocabulary {coverage['words']} words{extra})")
 
     # --- model ---------------------------------------------------------------
     clf = text_lib.build_text_classifier(vectorizer, matrix, n_cls, cfg.encoder,
                                          cfg.encoder_units, cfg.dropout,
-                                         train_embeddings=vectors is None,
+                                         train_embeddings=not pretrained,
                                          embedding_dropout=cfg.embedding_dropout)
     log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {cfg.sequence_length} tokens "
         f"per text, {clf.ids_model.count_params()} parameters")
 
     # --- stage 1: encoder and head on frozen word vectors -------------------
     tr_y, va_y = _one_hot(data.train.labels, n_cls), _one_hot(data.val.labels, n_cls)
-    log("stage 1: " + ("embeddings frozen" if vectors is not None else "embeddings trained")
+    log("stage 1: " + ("embeddings frozen" if pretrained else "embeddings trained")
         + f", encoder and head at lr {cfg.head_learning_rate}")
     s1 = train_lib.fit_head(clf.ids_model, train_ids, tr_y, val_ids, va_y,
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
