@@ -2,7 +2,7 @@
 
 The same model and pipeline (`tl-keras train --task=text` with the settings
 of flags/rt_polarity.flags), once with `--embeddings=glove.6B.50d.rt-polarity.txt`
-and once with random 50-d vectors, over several seeds, on one fixed split. Prints each run and the
+and once with random 50-d vectors for the same vocabulary (`--embedding_init=random`), over several seeds, on one fixed split. Prints each run and the
 mean ± standard deviation of test accuracy per arm.
 
 Data: ../shared/data/text/rt-polarity.{pos,neg} (Pang & Lee v1.0, 5331 + 5331
@@ -45,7 +45,8 @@ GLOVE = TEXT_DATA / "glove.6B.50d.rt-polarity.txt"
 SPLIT_DIR = REPO / "runs" / "rt_polarity" / "data"
 FLAGFILE = REPO / "flags" / "rt_polarity.flags"
 # Set by the benchmark itself, whatever the flagfile says.
-OWN_FIELDS = ("data", "val_data", "test_data", "embeddings", "output_dir", "seed", "export")
+OWN_FIELDS = ("data", "val_data", "test_data", "embeddings", "embedding_init", "output_dir",
+              "seed", "export")
 
 
 def write_split(out_dir: Path, seed: int = 0) -> dict:
@@ -67,7 +68,7 @@ def write_split(out_dir: Path, seed: int = 0) -> dict:
     paths = {}
     for part, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         paths[part] = out_dir / f"{part}.tsv"
-        tmp = out_dir / f".{part}.tsv.tmp"
+        tmp = out_dir / f".{part}.tsv.{os.getpid()}.tmp"  # arms may run as parallel processes
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f, delimiter="\t")
             w.writerow(["text", "label"])
@@ -136,7 +137,11 @@ def main() -> None:
         for arm in arms:
             run_dir = os.path.join(args.out, f"{arm}_seed{seed}")
             if not args.summarize_only:
-                cfg = base.replace(seed=seed, embeddings=str(GLOVE) if arm == "glove" else "",
+                # Both arms read the GloVe file, so both have the same vocabulary
+                # (the training words and --embedding_vocabulary words of the
+                # file): the random arm takes its words, not its vectors.
+                cfg = base.replace(seed=seed, embeddings=str(GLOVE),
+                                   embedding_init="pretrained" if arm == "glove" else "random",
                                    output_dir=run_dir)
                 text_pipeline.train(cfg)
             with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
