@@ -43,3 +43,29 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
         "--finetune_epochs=2", "--finetune_blocks=1", f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out
+
+
+# Small real runs (64 px, the real MobileNetV2-0.35 weights, stage 2 through the full model
+# with augmentation in tf.data) seeded and deterministic: the determinism test compares two
+# of them, the resume test kills and reruns one and compares it with them.
+SMALL_RUN_ARGS = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+                  "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
+                  "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
+                  "--cache_views=2", "--cache_max_mb=0", "--batch_size=16",
+                  "--tensorboard=false", "--deterministic", "--seed=7")
+
+
+@pytest.fixture(scope="session")
+def deterministic_runs(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    """Two uninterrupted `SMALL_RUN_ARGS` runs, side by side in separate processes."""
+    root = tmp_path_factory.mktemp("deterministic")
+    outs = (root / "a", root / "b")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "tl_keras", "train", *SMALL_RUN_ARGS,
+                               f"--output_dir={o}", "--export=false"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for o in outs]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, stderr[-3000:] + stdout[-2000:]
+    return outs

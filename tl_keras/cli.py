@@ -74,7 +74,8 @@ def _pretrain(cfg: Config) -> int:
 def _evaluate(cfg: Config, model_path: str) -> int:
     from tl_keras import runs
 
-    result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k)
+    result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k,
+                               allow_external_paths=cfg.allow_external_paths)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -82,7 +83,8 @@ def _evaluate(cfg: Config, model_path: str) -> int:
 def _predict(cfg: Config, model_path: str) -> int:
     from tl_keras import predict
 
-    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size)
+    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size,
+                                    max_pixels=cfg.max_pixels)
     for s in result["skipped"]:
         print(f"tl-keras: skipped {s['image']!r}: {s['error']}", file=sys.stderr)
     if not result["predictions"]:

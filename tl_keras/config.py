@@ -102,6 +102,17 @@ class Config:
     # to plain TensorFlow, saying so, when an op cannot be compiled.
     jit_compile: str = "auto"
 
+    # --- distribution: tf.distribute strategies (issue 8, tl_keras/distribute.py) ---
+    # auto | default | one_device | mirrored | multi_worker | tpu (auto: tpu when --tpu
+    # names one, multi_worker when TF_CONFIG lists several workers, mirrored with more
+    # than one GPU, default otherwise). See docs/distribute.md.
+    strategy: str = "auto"
+    # The TPU to run on: `local` on a Cloud TPU VM, or a TPU name / grpc:// address.
+    tpu: str = ""
+    # With N replicas: sqrt (global batch = batch_size x N, learning rates x sqrt(N)),
+    # linear (batch x N, rates x N) or none (batch_size is the global batch, rates as given).
+    replica_scaling: str = "sqrt"
+
     # --- evaluation / export -------------------------------------------------
     # Average the predictions of each image and its mirror (only with --flip,
     # whose augmentation says a mirror is a valid image).
@@ -180,6 +191,16 @@ class Config:
     # Dropout of whole word vectors (the same words dropped in every dimension) before
     # the encoder, in training only; 0: off.
     embedding_dropout: float = 0.0
+
+    # --- reliability: resume, determinism, untrusted inputs (issue 7) ----------
+    # Discard the interrupted run in OUTPUT_DIR (its state.json and checkpoints/;
+    # caches and data stay) and start over, instead of resuming it.
+    restart: bool = False
+    # TensorFlow op determinism: with the same --seed, two runs on the same
+    # machine give identical weights and metrics (slower, mostly on GPUs).
+    deterministic: bool = False
+    # Let list files (CSV/TSV) name images outside the list's own folder.
+    allow_external_paths: bool = False
 
     # --- source models: tl-keras pretrain, train --backbone=PATH.keras (issue 10) ---
     # pretrain: architecture of the source model trained from scratch: compact_cnn
@@ -329,6 +350,11 @@ def validate(cfg: Config) -> None:
     # Text classification; its other checks are in text_pipeline.validate_text.
     if cfg.task not in ("image", "text"):
         raise fail("task", cfg.task, "must be image or text")
+    # --- reliability (issue 7) ---
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise fail("seed", cfg.seed, "must be in [0, 2**32)")
+    if cfg.head_epochs < 1:  # the new head starts random: stage 2 would fine-tune noise
+        raise fail("head_epochs", cfg.head_epochs, "must be >= 1 (stage 1 trains the new head)")
 
     # --- source models (issue 10) ---
     if cfg.preprocess not in ("auto", "tf", "caffe", "torch", "none"):

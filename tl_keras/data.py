@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import untrusted
 from tl_keras.config import fail
 
 # Listed from class folders. Formats TensorFlow cannot decode (TIFF) are still
@@ -165,13 +166,22 @@ def _sniff_delimiter(text: str) -> str:
         return ","
 
 
-def read_list_file(path: str, flag: str) -> tuple[list[str], list[list[str]], bool]:
+def read_list_file(path: str, flag: str, allow_external_paths: bool = False
+                   ) -> tuple[list[str], list[list[str]], bool]:
     """Reads a CSV/TSV list of `path<delimiter>label` rows.
 
     The delimiter (comma, tab or semicolon) is detected; a header row is
     optional (recognised by its column names, or by a first row whose path
     does not exist while the next one's does). Relative paths are taken from
     the list file's folder. A label field `a|b` gives several labels.
+
+    Args:
+        path: the list file.
+        flag: the flag that named it, for error messages.
+        allow_external_paths: let rows name files outside the list's folder
+            (absolute paths, `..`, links that lead out); by default such a
+            row is refused, so a downloaded list cannot make a run read
+            arbitrary files.
 
     Returns:
         (image paths, label names per row, whether any row has several or no
@@ -214,7 +224,8 @@ def read_list_file(path: str, flag: str) -> tuple[list[str], list[list[str]], bo
         if not r[path_col].strip():
             raise fail(flag, path, f"line {line}: empty path")
         multi = multi or len(names) != 1
-        paths.append(resolve(r[path_col]))
+        paths.append(untrusted.check_inside(os.path.expanduser(r[path_col].strip()), base, flag,
+                                            path, allow_external_paths, f"line {line}"))
         labels.append(names)
     if not paths:
         raise fail(flag, path, "the list has a header but no rows")
@@ -222,8 +233,9 @@ def read_list_file(path: str, flag: str) -> tuple[list[str], list[list[str]], bo
 
 
 def _list_split(path: str, flag: str, class_names: Optional[list[str]],
-                multi_label: Optional[bool]) -> tuple[list[str], Split]:
-    paths, names, multi = read_list_file(path, flag)
+                multi_label: Optional[bool], allow_external_paths: bool = False
+                ) -> tuple[list[str], Split]:
+    paths, names, multi = read_list_file(path, flag, allow_external_paths)
     multi = multi if multi_label is None else multi_label
     if class_names is None:
         class_names = sorted({n for row in names for n in row})
@@ -311,7 +323,8 @@ def is_list_file(spec: str) -> bool:
 
 def load_source(spec: str, flag: str, class_names: Optional[list[str]] = None,
                 tfds_split: str = "train", tfds_data_dir: str = "",
-                multi_label: Optional[bool] = None) -> tuple[list[str], Split]:
+                multi_label: Optional[bool] = None,
+                allow_external_paths: bool = False) -> tuple[list[str], Split]:
     """Reads one data source named by a flag.
 
     Args:
@@ -324,6 +337,8 @@ def load_source(spec: str, flag: str, class_names: Optional[list[str]] = None,
         multi_label: whether labels must be multi-hot rows (the training
             data's kind); None: as the source says (lists with `a|b` rows
             are multi-label, everything else single-label).
+        allow_external_paths: let a list file name images outside its own
+            folder (see `read_list_file`).
 
     Returns:
         (class names, split).
@@ -333,7 +348,7 @@ def load_source(spec: str, flag: str, class_names: Optional[list[str]] = None,
     if is_list_file(spec):
         if not os.path.isfile(spec):
             raise fail(flag, spec, "no such list file")
-        return _list_split(spec, flag, class_names, multi_label)
+        return _list_split(spec, flag, class_names, multi_label, allow_external_paths)
     return _folder_split(spec, flag, class_names, bool(multi_label))
 
 
@@ -384,18 +399,24 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int,
 
 
 def load_sources(data: str, val_data: str = "", test_data: str = "", tfds_split: str = "train",
-                 tfds_data_dir: str = "") -> tuple[list[str], dict[str, Split]]:
+                 tfds_data_dir: str = "", allow_external_paths: bool = False
+                 ) -> tuple[list[str], dict[str, Split]]:
     """Reads the sources named by --data, --val_data and --test_data, unsplit.
+
+    Args:
+        allow_external_paths: let list files name images outside their folder.
 
     Returns:
         (class names, {"train": ..., and "val"/"test" where given}).
     """
-    class_names, train = load_source(data, "data", None, tfds_split, tfds_data_dir)
+    class_names, train = load_source(data, "data", None, tfds_split, tfds_data_dir,
+                                     allow_external_paths=allow_external_paths)
     sources = {"train": train}
     for name, spec in (("val", val_data), ("test", test_data)):
         if spec:
             _, sources[name] = load_source(spec, f"{name}_data", class_names, tfds_split,
-                                           tfds_data_dir, multi_label=train.multi_label)
+                                           tfds_data_dir, multi_label=train.multi_label,
+                                           allow_external_paths=allow_external_paths)
     return class_names, sources
 
 
@@ -424,7 +445,7 @@ def split_sources(class_names: list[str], sources: dict[str, Split], val_fractio
 
 def load_dataset(data: str, val_data: str = "", test_data: str = "", val_fraction: float = 0.2,
                  test_fraction: float = 0.0, seed: int = 42, tfds_split: str = "train",
-                 tfds_data_dir: str = "") -> Dataset:
+                 tfds_data_dir: str = "", allow_external_paths: bool = False) -> Dataset:
     """Resolves the train/val/test splits of a run (no pre-flight scan).
 
     Without `val_data`, a seeded stratified `val_fraction` of the training
@@ -432,7 +453,8 @@ def load_dataset(data: str, val_data: str = "", test_data: str = "", val_fractio
     is held out for testing. `tl_keras.preflight.prepare_dataset` does the
     same with the scan in between.
     """
-    class_names, sources = load_sources(data, val_data, test_data, tfds_split, tfds_data_dir)
+    class_names, sources = load_sources(data, val_data, test_data, tfds_split, tfds_data_dir,
+                                        allow_external_paths)
     ds = split_sources(class_names, sources, val_fraction, test_fraction, seed)
     check_dataset(ds)
     return ds

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 
 from tl_keras import data as data_lib
+from tl_keras import distribute
 
 
 def predict(model: keras.Model, split: data_lib.Split, image_size: int,
@@ -13,7 +14,7 @@ def predict(model: keras.Model, split: data_lib.Split, image_size: int,
     """Probabilities [N, C] for every example of `split`, in order."""
     ds = data_lib.image_dataset(split, image_size, cache=False)
     ds = ds.map(lambda x, y: x).batch(batch_size).prefetch(data_lib.AUTOTUNE)
-    return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+    return np.asarray(distribute.predict(model, ds), dtype=np.float32)
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray, top_k: int = 3) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import data as data_lib
+from tl_keras import distribute
 from tl_keras import outputs
 from tl_keras import parity
 from tl_keras import report as report_lib
@@ -344,7 +345,8 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
     os.makedirs(export_dir, exist_ok=True)
     # Hidden, non-numeric name in the same folder: TF Serving ignores it and
     # the final rename is atomic.
-    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
+    # Named as outputs.py names temporaries, so a rerun removes one a killed export left.
+    tmp = tempfile.mkdtemp(dir=export_dir, prefix=f"{outputs.TMP_PREFIX}{os.getpid()}.export-")
     try:
         write_saved_model(model, class_names, image_size, tmp, top_k, extra_files)
         log("wrote the SavedModel; converting TFLite variants" if tflite_variants
@@ -358,8 +360,9 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
 
         if eval_split is not None and len(eval_split) and lites:
             pixels = tflite_lib.load_pixels(eval_split, image_size)
-            ref = model.predict(pixels.astype(np.float32), batch_size=batch_size, verbose=0)
-            result["keras"] = {eval_name: _metrics(ref, eval_split, class_names, top_k)}
+            ref = distribute.predict(model, pixels.astype(np.float32), batch_size)
+            result["keras"] = {eval_name: _metrics(np.asarray(ref), eval_split, class_names,
+                                                   top_k)}
             for v, lite in lites.items():
                 m = _metrics(lite.predict(pixels), eval_split, class_names, top_k)
                 result["tflite"][v][eval_name] = m

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import data as data_lib
+from tl_keras import distribute
 
 
 def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
@@ -57,7 +58,8 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
             n = int(x.shape[0])
             if n < batch_size:  # one traced shape: padding is cheaper than a retrace
                 x = tf.pad(x, [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1))
-            out = feature_model.predict_on_batch(x)
+            # model.predict_on_batch, or split over this worker's replicas.
+            out = distribute.predict_on_batch(feature_model, x)
             outs = out if isinstance(out, (list, tuple)) else [out]
             fs.append([np.asarray(o[:n], dtype=np.float32) for o in outs])
             ys.append(y.numpy())

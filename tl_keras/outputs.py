@@ -10,10 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
 from tl_keras.config import fail
+
+# Temporaries are named TMP_PREFIX + writer's pid + "." + ..., next to their target.
+TMP_PREFIX = ".tmp"
+_TMP_NAME = re.compile(r"^\.tmp(\d+)\.(.+)$")
 
 
 def ensure_writable_dir(path: str, flag: str = "output_dir") -> str:
@@ -31,7 +36,10 @@ def atomic_write_text(path: str, text: str) -> None:
     """Writes `text` to `path` through a temporary file and a rename."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".tmp")
+    # Named like atomic_path's temporaries, so clean_temporaries finds those
+    # a killed process left behind.
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{TMP_PREFIX}{os.getpid()}.",
+                               suffix="." + os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -75,7 +83,7 @@ def atomic_path(path: str):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     # The temporary keeps the extension (Keras insists on ".keras").
-    tmp = os.path.join(d, f".tmp{os.getpid()}.{os.path.basename(path)}")
+    tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}.{os.path.basename(path)}")
     _remove(tmp)
     try:
         yield tmp
@@ -97,3 +105,74 @@ def _remove(p: str) -> None:
         shutil.rmtree(p, ignore_errors=True)
     elif os.path.lexists(p):
         os.unlink(p)
+
+
+def check_free_space(path: str, need_bytes: int, what: str, flag: str = "output_dir") -> None:
+    """Stops with one line when the file system of `path` has less than `need_bytes` free.
+
+    Args:
+        path: an existing folder on the file system to check.
+        need_bytes: the estimated space the run will write there.
+        what: what needs the space, for the message.
+        flag: the flag that chose `path`.
+    """
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise fail(flag, path, f"only {_mb(free)} free there, {what} need about {_mb(need_bytes)}; "
+                   "free some space or choose another folder")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.0f} MB" if n < 2 ** 30 else f"{n / 2 ** 30:.1f} GB"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_temporaries(folder: str) -> list[str]:
+    """Removes the temporaries that killed writers left under `folder`.
+
+    A writer killed between the two renames of a folder replacement (see
+    `atomic_path`) leaves its complete new folder and the previous one set
+    aside, with nothing at the target: the new one is moved into place.
+    Temporaries of live processes are left alone.
+
+    Returns:
+        The paths removed or moved into place.
+    """
+    done = []
+    if not os.path.isdir(folder):
+        return done
+    for root, dirs, files in os.walk(folder, topdown=True):
+        dead = {}
+        for name in dirs + files:
+            m = _TMP_NAME.match(name)
+            if m and not _pid_alive(int(m.group(1))):
+                dead[name] = m
+        # First the folders set aside by an interrupted replacement.
+        for name, m in list(dead.items()):
+            p = os.path.join(root, name)
+            if not (name.endswith(".old") and os.path.isdir(p)):
+                continue
+            new_name = name[:-len(".old")]
+            target = os.path.join(root, m.group(2)[:-len(".old")])
+            if new_name in dead and not os.path.lexists(target):
+                os.replace(os.path.join(root, new_name), target)
+                dead.pop(new_name)
+                done.append(target)
+        for name in dead:
+            p = os.path.join(root, name)
+            if os.path.lexists(p):
+                _remove(p)
+                done.append(p)
+        dirs[:] = [d for d in dirs if d not in dead and not d.startswith(TMP_PREFIX)]
+    return done

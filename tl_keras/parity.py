@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tl_keras import distribute
 from tl_keras.config import fail
 
 # Artifacts the gate knows: the SavedModel and the TFLite variants.
@@ -151,8 +152,8 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
     from tl_keras import tflite as tflite_lib
 
     pixels = tflite_lib.load_pixels(split, image_size)
-    reference = np.asarray(model.predict(pixels.astype(np.float32), batch_size=batch_size,
-                                         verbose=0), np.float32)
+    reference = np.asarray(distribute.predict(model, pixels.astype(np.float32), batch_size),
+                           np.float32)
     encoded = [_encoded(item) for item in split.items]
     artifacts: dict[str, dict] = {}
     failures: list[str] = []

@@ -21,6 +21,8 @@ from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import cache as cache_lib
 from tl_keras import data as data_lib
+from tl_keras import determinism
+from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import manifest as manifest_lib
@@ -31,6 +33,7 @@ from tl_keras import parity
 from tl_keras import precision
 from tl_keras import preflight
 from tl_keras import report as report_lib
+from tl_keras import resume
 from tl_keras import tensorboard_logs
 from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
@@ -117,13 +120,32 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
 def train(cfg: Config) -> dict:
     """Runs the whole two-stage pipeline described by `cfg`.
 
+    Under a distribution strategy (--strategy, see `distribute.py`) every
+    worker runs this; only the chief evaluates and writes the outputs.
+
     Returns:
-        The report (also written to `OUT/report.json`).
+        The report (also written to `OUT/report.json` by the chief).
     """
     if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
         from tl_keras import text_pipeline
 
+        distribute.require_one_device(cfg.strategy, cfg.tpu, "--task=text")
         return text_pipeline.train(cfg)
+    validate(cfg)
+    # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.
+    dist = distribute.create(cfg.strategy, cfg.tpu, cfg.replica_scaling)
+    log(f"distribution: {dist}")
+    dist.activate()  # models are built and trained in the strategy's scope
+    try:
+        report = _train(cfg, dist)
+    finally:
+        dist.deactivate()
+    dist.barrier()  # the other workers wait until the chief has written the outputs
+    return report
+
+
+def _train(cfg: Config, dist: distribute.Distribution) -> dict:
+    """The image pipeline; trains in the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
     validate(cfg)
     family = (backbones.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
@@ -132,10 +154,13 @@ def train(cfg: Config) -> dict:
     size = cfg.image_size or family.default_size
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
-    policy = precision.apply(cfg.precision)  # before any model is built
+    policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
-    keras.utils.set_random_seed(cfg.seed)
-    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    determinism.apply(cfg.seed, cfg.deterministic)
+    cfg = dist.scale(cfg)  # --batch_size and learning rates per --replica_scaling
+    cache_dir = outputs.ensure_writable_dir(
+        cfg.cache_dir or os.path.join(dist.worker_dir(out), "cache"),
+        "cache_dir" if cfg.cache_dir else "output_dir")
     cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
@@ -143,7 +168,8 @@ def train(cfg: Config) -> dict:
     data, scan = preflight.prepare_dataset(
         cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
         cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(out, "preflight.json"), log=log)
+        os.path.join(dist.worker_dir(out), "preflight.json"), log=log,
+        allow_external_paths=cfg.allow_external_paths)
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label
@@ -155,6 +181,16 @@ def train(cfg: Config) -> dict:
         counts["test"] = data.test.class_counts(n_cls)
     sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
     log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
+
+    # --- resume (issue 7): continue an interrupted run, refuse a changed one ----
+    # Each worker keeps its own state (the chief's is OUT's): resume per worker.
+    state = resume.RunState.open(
+        dist.worker_dir(out), cfg.replace(image_size=size), _cache_key_parts(cfg, family, size, data, policy),
+        {"test": data.test and cache_lib.split_fingerprint(data.test.items, data.test.labels)},
+        log)
+    if state.finished:
+        log(f"{out} holds this run, finished: nothing to do (--restart trains it again)")
+        return state.report()
 
     # --- model ---------------------------------------------------------------
     backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
@@ -170,22 +206,27 @@ def train(cfg: Config) -> dict:
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                         cfg.translation, cfg.crop_min_area)
     image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
-    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
-                                          order_seed=cfg.seed)
-    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
+    # Each worker reads, caches and trains on its own part of the data.
+    train_images = data_lib.image_dataset(dist.shard(data.train), size, budget=image_cache,
+                                          name="train", order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(dist.shard(data.val), size, budget=image_cache,
+                                        name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
     for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
         log(note)
-    key_parts = _cache_key_parts(cfg, family, size, data, policy)
+    key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
-    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(),
+                                cfg.tensorboard and dist.is_chief,  # only the chief writes
+                                resume=state.resumed)
 
     # --- stage 1: the head on cached features ------------------------------
     # One inference pass per view feeds both stages: pooled features for the
     # head and, below the blocks stage 2 unfreezes, activations for stage 2.
     t0 = time.perf_counter()
     cut = _plan_cut(cfg, clf, data)
+    resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg, cut, len(data.train), len(data.val))
     tr, hit = _cached_views(cfg, clf, cut, train_images, "train", cfg.cache_views, augmenter,
                             cache, key_parts)
     va, _ = _cached_views(cfg, clf, cut, val_images, "val", 1, None, cache, key_parts)
@@ -198,9 +239,11 @@ def train(cfg: Config) -> dict:
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
                             multi_label=multi, class_weight=class_weight, jit_compile=jit,
-                            callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
+                            callbacks=state.stage_callbacks(1, cfg.head_learning_rate)
+                            + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
                             examples_per_epoch=len(data.train), seed=cfg.seed)
     s1.seconds += t_cache
+    s1 = state.finish_stage(1, s1)
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
@@ -224,11 +267,13 @@ def train(cfg: Config) -> dict:
             val_data = (va["a"], data_lib.targets(va["y"], n_cls))
         else:
             trainer, mode = clf.model, "full_model"
-            train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+            batch = distribute.local_batch_size(cfg.batch_size)  # this worker's share
+            train_data = data_lib.batched(train_images, batch, n_cls, shuffle=True,
                                           seed=cfg.seed, augment=augmenter)
-            val_data = data_lib.batched(val_images, cfg.batch_size, n_cls)
+            val_data = data_lib.batched(val_images, batch, n_cls)
         # An epoch is one pass over the training images (one cached view of
-        # each, on average), as in stage 1.
+        # each, on average), as in stage 1: all the workers' images together,
+        # so every worker takes the same steps (each its share of every batch).
         n_train = len(data.train)
         s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs,
@@ -238,8 +283,11 @@ def train(cfg: Config) -> dict:
                                     label_smoothing=cfg.label_smoothing, multi_label=multi,
                                     class_weight=class_weight,
                                     batch_size=cfg.batch_size, jit_compile=jit, seed=cfg.seed,
-                                    callbacks=tensorboard_logs.stage_callbacks(
+                                    callbacks=state.stage_callbacks(
+                                        2, cfg.finetune_learning_rate)
+                                    + tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
+        s2 = state.finish_stage(2, s2)
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
@@ -257,6 +305,15 @@ def train(cfg: Config) -> dict:
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
     image_cache.cleanup()
+    report["distribution"] = dist.describe(clf.model, cfg)
+    log(f"weights fingerprint {report['distribution']['weights_fingerprint']}")
+    dist.deactivate()  # evaluate, save and export outside the strategy's scope
+    if not dist.is_chief:  # only the chief evaluates and writes outputs
+        # The worker's own report, in its own folder, so that rerunning the
+        # command on this worker finds its run finished.
+        outputs.atomic_write_json(os.path.join(dist.worker_dir(out), "report.json"), report)
+        state.finish()
+        return report
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
@@ -264,11 +321,11 @@ def train(cfg: Config) -> dict:
         thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
                                                           cfg.batch_size)
         report["thresholds"] = thresholds_doc["thresholds"]
-        report[eval_name] = multilabel.evaluate_split(final, eval_split, classes, size,
-                                                      cfg.batch_size, cfg.top_k, thresholds)
+        report[eval_name] = state.once("evaluation", lambda: multilabel.evaluate_split(
+            final, eval_split, classes, size, cfg.batch_size, cfg.top_k, thresholds))
     else:
-        report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
-                                                      cfg.batch_size, cfg.top_k)
+        report[eval_name] = state.once("evaluation", lambda: report_lib.evaluate_split(
+            final, eval_split, classes, size, cfg.batch_size, cfg.top_k))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -276,7 +333,8 @@ def train(cfg: Config) -> dict:
         tb.close()
 
     # --- write outputs and export ----------------------------------------------
-    resolved = cfg.replace(image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
+    resolved = dist.unscale(cfg).replace(  # the flags as given, not scaled per replica
+        image_size=size, alpha=backbones.resolve_alpha(family, cfg.alpha) or 0.0)
     with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
         final.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
@@ -290,7 +348,7 @@ def train(cfg: Config) -> dict:
         # TFLite, then the parity gate; published only if the gate passes.
         variants = tflite_lib.parse_variants(cfg.tflite)
         try:
-            report["export"] = export_lib.export_version(
+            report["export"] = state.once("export", lambda: export_lib.export_version(
                 final, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
                 overwrite=cfg.overwrite, tflite_variants=variants,
                 calibration_images=(tflite_lib.representative_images(
@@ -302,7 +360,7 @@ def train(cfg: Config) -> dict:
                 max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
                 check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
                 seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
-                log=log)
+                log=log), lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     if multi:
@@ -315,4 +373,5 @@ def train(cfg: Config) -> dict:
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
     if rejected is not None:
         raise rejected
+    state.finish()
     return report

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tl_keras import data as data_lib
 from tl_keras import export as export_lib
+from tl_keras import preflight
 from tl_keras import tflite as tflite_lib
 from tl_keras.config import fail
 
@@ -146,27 +147,39 @@ def _first_line(msg: str) -> str:
 
 
 def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32,
-                   model_flag: str = "model", images_flag: str = "images") -> dict:
+                   model_flag: str = "model", images_flag: str = "images",
+                   max_pixels: int = 100_000_000) -> dict:
     """Predicts image files with an exported model.
 
     Args:
         model: a SavedModel export (or export / run folder) or a .tflite file.
         images: comma-separated image files and folders.
         top_k: how many classes to return per image.
+        batch_size: images per SavedModel call.
+        model_flag, images_flag: the flags named in error messages.
+        max_pixels: images whose header claims more pixels are skipped
+            undecoded (decompression bombs).
 
     Returns:
         {"model": resolved path, "predictions": [{"image", "classes", "scores"}],
          "skipped": [{"image", "error"}]} in the order the files were listed.
-        Files that cannot be read or decoded are skipped, not fatal.
+        Files that cannot be read or decoded, or are over `max_pixels`,
+        are skipped, not fatal.
     """
     if top_k < 1:
         raise fail("top_k", top_k, "must be >= 1")
     path = resolve_model(model, model_flag)
     files = list_images(images, images_flag)
-    if path.endswith(".tflite"):
-        names, probs, errors = _predict_tflite(path, files, model_flag)
+    refused = {f: why for f in files
+               if (why := preflight.over_pixel_limit(f, max_pixels)) is not None}
+    todo = [f for f in files if f not in refused]
+    if not todo:
+        names, probs, errors = [], {}, {}
+    elif path.endswith(".tflite"):
+        names, probs, errors = _predict_tflite(path, todo, model_flag)
     else:
-        names, probs, errors = _predict_saved_model(path, files, batch_size, model_flag)
+        names, probs, errors = _predict_saved_model(path, todo, batch_size, model_flag)
+    errors.update(refused)
     predictions, skipped = [], []
     for f in files:
         if f in probs:

@@ -227,6 +227,25 @@ def _no_pillow_pixel_limit():
         Image.MAX_IMAGE_PIXELS = old
 
 
+def over_pixel_limit(path: str, max_pixels: int) -> Optional[str]:
+    """Why the image file at `path` must not be decoded, from its header alone; else None.
+
+    Only the header is read (Pillow opens images lazily), so a decompression
+    bomb is refused without allocating its pixels. Files Pillow cannot
+    identify return None: their decoder reports them.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with _no_pillow_pixel_limit(), Image.open(path) as im:
+            w, h = (int(v) for v in im.size)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    if w * h > max_pixels:
+        return _bomb(w, h, "", max_pixels).reason + "; not decoded"
+    return None
+
+
 class Scanner:
     """Scans items with a persistent cache of results and fixed files.
 
@@ -456,7 +475,8 @@ def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
                     tfds_split: str = "train", tfds_data_dir: str = "",
                     max_pixels: int = 100_000_000, cache_dir: str = "",
                     drop_leakage: bool = False, report_path: str = "",
-                    progress: bool = True, log=print) -> tuple[data_lib.Dataset, dict]:
+                    progress: bool = True, log=print,
+                    allow_external_paths: bool = False) -> tuple[data_lib.Dataset, dict]:
     """Loads the run's sources, scans them, splits them and checks the result.
 
     Args:
@@ -468,13 +488,14 @@ def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
         report_path: where to write the report (OUT/preflight.json); it is
             written before any error about the data is raised.
         log: prints one summary line per split and the class counts.
+        allow_external_paths: let list files name images outside their folder.
 
     Returns:
         (the dataset to train on, the report).
     """
     t0 = time.perf_counter()
     class_names, sources = data_lib.load_sources(data, val_data, test_data, tfds_split,
-                                                 tfds_data_dir)
+                                                 tfds_data_dir, allow_external_paths)
     scanner = Scanner(max_pixels, cache_dir, progress)
     report: dict = {"max_pixels": int(max_pixels), "sources": {}}
     cleaned, origins = {}, {}

@@ -31,6 +31,8 @@ import keras
 from tl_keras import augment
 from tl_keras import backbones
 from tl_keras import data as data_lib
+from tl_keras import determinism
+from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import manifest as manifest_lib
 from tl_keras import outputs
@@ -55,6 +57,7 @@ def validate_pretrain(cfg: Config) -> None:
     """Checks the pretraining flags; raises ConfigError."""
     if cfg.task != "image":
         raise fail("task", cfg.task, "pretrain trains image models")
+    distribute.require_one_device(cfg.strategy, cfg.tpu, "pretrain")
     if int(cfg.pretrain_epochs) < 1:
         raise fail("pretrain_epochs", cfg.pretrain_epochs, "must be >= 1")
     if int(cfg.pretrain_batch_size) < 1:
@@ -158,14 +161,16 @@ def pretrain(cfg: Config) -> dict:
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(cfg.precision)  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
-    keras.utils.set_random_seed(cfg.seed)
-    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    determinism.apply(cfg.seed, cfg.deterministic)
+    cache_dir = outputs.ensure_writable_dir(cfg.cache_dir or os.path.join(out, "cache"),
+                                            "cache_dir" if cfg.cache_dir else "output_dir")
 
     # --- data: scanned as for train; decoded once, then cached ------------------
     data, scan = preflight.prepare_dataset(
         cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
         cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(out, "preflight.json"), log=log)
+        os.path.join(out, "preflight.json"), log=log,
+        allow_external_paths=cfg.allow_external_paths)
     if data.train.multi_label:
         raise fail("data", cfg.data, "pretrain needs one class per image (multi-label data "
                    "cannot train its softmax classifier)")

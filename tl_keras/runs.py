@@ -13,6 +13,7 @@ from tl_keras import report as report_lib
 from tl_keras import layers  # noqa: F401  (registers tl_keras layers for loading)
 from tl_keras import text  # noqa: F401  (registers the text model's layer and standardize)
 from tl_keras import outputs
+from tl_keras import untrusted
 from tl_keras.config import Config, fail
 
 
@@ -35,18 +36,23 @@ def load_run(path: str, flag: str = "model") -> tuple[keras.Model, list[str], Co
         classes = [line.rstrip("\n") for line in f if line.strip()]
     with open(config_file, encoding="utf-8") as f:
         cfg = Config.from_dict(json.load(f))
-    try:
-        model = keras.models.load_model(model_file, safe_mode=True, compile=False)
-    except Exception as e:  # noqa: BLE001
-        raise fail(flag, path, f"cannot load the model: {' '.join(str(e).split())[:300]}") from None
+    model = untrusted.load_model(model_file, flag)  # safe mode: never runs code from the file
     return model, classes, cfg
 
 
-def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> dict:
+def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3,
+                 allow_external_paths: bool = False) -> dict:
     """Evaluates a finished run on a labelled source.
 
     Writes OUT/evaluation.json, a readable OUT/evaluation.md and its PNGs
     (evaluation_confusion_matrix.png, evaluation_mistakes.png).
+
+    Args:
+        path: the run folder (OUT) or its model.keras.
+        data: the labelled source to evaluate on (folder, list file, tfds:NAME).
+        batch_size: images per prediction batch.
+        top_k: the k of top-k accuracy.
+        allow_external_paths: let a list file name images outside its folder.
 
     Returns:
         {"data": data, "test": {"accuracy", "n", ...}}, the same test block
@@ -69,7 +75,7 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> 
 
     multi = os.path.isfile(os.path.join(run_dir, multilabel.THRESHOLDS_FILE))
     _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir,
-                                    multi_label=multi)
+                                    multi_label=multi, allow_external_paths=allow_external_paths)
     split, scan = preflight.scan_for_evaluation(split, classes, cfg.max_pixels,
                                                 cfg.cache_dir or os.path.join(run_dir, "cache"))
     if multi:

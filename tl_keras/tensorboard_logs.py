@@ -61,17 +61,19 @@ def _hparams_api():
 class RunLog:
     """The TensorBoard run folder of one training run (see the module doc)."""
 
-    def __init__(self, log_dir: str, hparams: dict, run_name: str = ""):
+    def __init__(self, log_dir: str, hparams: dict, run_name: str = "", resume: bool = False):
         """Starts the run folder, replacing the logs of an earlier run there.
 
         Args:
             log_dir: the run folder, e.g. OUT/tensorboard.
             hparams: flat {name: bool/int/float/str} hyperparameters.
             run_name: the trial id shown by the HParams dashboard.
+            resume: this run continues the interrupted run whose logs are
+                there (see `resume.py`): keep them.
         """
         # The logs describe the model in OUT; an earlier run's curves in the
         # same folder would be drawn as if they were this run's.
-        if os.path.isdir(log_dir):
+        if os.path.isdir(log_dir) and not resume:
             shutil.rmtree(log_dir)
         self.log_dir = log_dir
         self.train_writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
@@ -157,12 +159,16 @@ class _EpochLogger(keras.callbacks.Callback):
         self.run.val_writer.flush()
 
 
-def start(out_dir: str, hparams: dict, enabled: bool = True) -> Optional[RunLog]:
-    """The TensorBoard run of a training run in `out_dir/tensorboard`, or None if disabled."""
+def start(out_dir: str, hparams: dict, enabled: bool = True,
+          resume: bool = False) -> Optional[RunLog]:
+    """The TensorBoard run of a training run in `out_dir/tensorboard`, or None if disabled.
+
+    `resume`: keep the logs of the interrupted run this one continues.
+    """
     if not enabled:
         return None
     return RunLog(os.path.join(out_dir, LOG_DIR), hparams,
-                  os.path.basename(os.path.abspath(out_dir)))
+                  os.path.basename(os.path.abspath(out_dir)), resume)
 
 
 def stage_callbacks(run: Optional[RunLog], stage: int, note: str = "") -> list:

@@ -19,10 +19,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import cache as cache_lib
+from tl_keras import determinism
 from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
 from tl_keras import outputs
 from tl_keras import parity
+from tl_keras import resume
 from tl_keras import text as text_lib
 from tl_keras import text_export
 from tl_keras import train as train_lib
@@ -77,6 +80,19 @@ def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
         v.assign(a)
 
 
+def _fingerprint(split) -> str:
+    """A hash of a split's texts and labels (what resuming must find unchanged)."""
+    return cache_lib.make_key(items=list(split.items), labels=np.asarray(split.labels).tolist())
+
+
+def _fingerprints(cfg: Config, data) -> dict:
+    """What training reads besides the settings: the splits and the word-vectors file."""
+    vectors = (cache_lib.file_fingerprint(cfg.embeddings) if os.path.isfile(cfg.embeddings)
+               else cfg.embeddings)
+    return {"train": _fingerprint(data.train), "val": _fingerprint(data.val),
+            "embeddings": vectors}
+
+
 def train(cfg: Config) -> dict:
     """Runs the two-stage text pipeline described by `cfg` (cfg.task == "text").
 
@@ -87,7 +103,7 @@ def train(cfg: Config) -> dict:
     validate(cfg)
     validate_text(cfg)
     out = outputs.ensure_writable_dir(cfg.output_dir)
-    keras.utils.set_random_seed(cfg.seed)
+    determinism.apply(cfg.seed, cfg.deterministic)
 
     # --- data ----------------------------------------------------------------
     data = text_lib.load_text_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
@@ -99,6 +115,13 @@ def train(cfg: Config) -> dict:
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
     log(f"{n_cls} classes; texts: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+
+    # --- resume (issue 7): continue an interrupted run, refuse a changed one ----
+    state = resume.RunState.open(out, cfg, _fingerprints(cfg, data),
+                                 {"test": data.test and _fingerprint(data.test)}, log)
+    if state.finished:
+        log(f"{out} holds this run, finished: nothing to do (--restart trains it again)")
+        return state.report()
 
     # --- vocabulary and word vectors -----------------------------------------
     vectorizer = text_lib.build_vectorizer(data.train.items, cfg.max_tokens, cfg.sequence_length)
@@ -157,7 +180,9 @@ def train(cfg: Config) -> dict:
     s1 = train_lib.fit_head(clf.ids_model, train_ids, tr_y, val_ids, va_y,
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
-                            patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+                            patience=cfg.patience, label_smoothing=cfg.label_smoothing,
+                            callbacks=state.stage_callbacks(1, cfg.head_learning_rate))
+    s1 = state.finish_stage(1, s1)
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"task": "text", "classes": classes, "class_counts": counts,
@@ -180,7 +205,10 @@ def train(cfg: Config) -> dict:
                                     initial_epoch=s1.epochs, steps_per_epoch=steps,
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                                    label_smoothing=cfg.label_smoothing)
+                                    label_smoothing=cfg.label_smoothing,
+                                    callbacks=state.stage_callbacks(
+                                        2, cfg.finetune_learning_rate))
+        s2 = state.finish_stage(2, s2)
         report["stage2"] = s2.summary()
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
@@ -194,8 +222,9 @@ def train(cfg: Config) -> dict:
 
     # --- evaluate (the string model: what is saved and served) ---------------
     if data.test is not None:
-        probs = text_lib.predict_texts(clf.model, data.test.items, cfg.batch_size)
-        report["test"] = evaluate_lib.metrics(probs, data.test.labels, cfg.top_k)
+        report["test"] = state.once("evaluation", lambda: evaluate_lib.metrics(
+            text_lib.predict_texts(clf.model, data.test.items, cfg.batch_size),
+            data.test.labels, cfg.top_k))
         log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} texts")
 
     # --- write outputs and export ----------------------------------------------
@@ -208,20 +237,22 @@ def train(cfg: Config) -> dict:
     if cfg.export:
         # As for images: a new version (or the newest replaced, --overwrite),
         # published only if the reloaded SavedModel predicts the validation
-        # texts as the Keras model does (the parity gate).
+        # texts as the Keras model does (the parity gate). Done once: a
+        # resumed run does not export again.
         try:
-            report["export"] = text_export.export_text_version(
+            report["export"] = state.once("export", lambda: text_export.export_text_version(
                 clf.model, classes, os.path.join(out, "export"), top_k=cfg.top_k,
                 overwrite=cfg.overwrite, parity_texts=data.val.items,
                 parity_samples=cfg.parity_images,
                 min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
                 max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
                 check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
-                seed=cfg.seed, log=log)
+                seed=cfg.seed, log=log), lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
     if rejected is not None:
         raise rejected
+    state.finish()
     return report

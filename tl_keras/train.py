@@ -17,6 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import distribute
+
 
 @dataclasses.dataclass
 class StageResult:
@@ -55,6 +57,13 @@ def _metrics(multi_label: bool):
     return [keras.metrics.CategoricalAccuracy(name="accuracy")]
 
 
+def _metric_fns(model) -> dict:
+    """The per-example form of `_metrics`, for the strategy-aware loop (distribute.py)."""
+    if isinstance(model.loss, keras.losses.BinaryCrossentropy):
+        return {"accuracy": keras.metrics.binary_accuracy}
+    return {"accuracy": keras.metrics.categorical_accuracy}
+
+
 class _LearningRateLogger(keras.callbacks.Callback):
     """Adds the optimizer's current learning rate to each epoch's logs."""
 
@@ -75,7 +84,8 @@ def _is_xla_failure(e: Exception) -> bool:
 
 
 def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch, callbacks,
-         class_weight=None, verbose=2, steps_per_epoch=None) -> tuple[dict, int, float]:
+         class_weight=None, verbose=2, steps_per_epoch=None,
+         global_batch=None) -> tuple[dict, int, float]:
     """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds).
 
     When XLA cannot compile the step (an unsupported op), the model is
@@ -83,7 +93,8 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
     """
     try:
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
-                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch)
+                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch,
+                         global_batch)
     except Exception as e:  # noqa: BLE001 - only XLA failures are retried
         if not (model.jit_compile and _is_xla_failure(e)):
             raise
@@ -93,7 +104,8 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
         model.compile(optimizer=model.optimizer, loss=model.loss,
                       metrics=_metrics_like(model), jit_compile=False)
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
-                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch)
+                         initial_epoch, callbacks, class_weight, verbose, steps_per_epoch,
+                         global_batch)
 
 
 def _metrics_like(model):
@@ -102,20 +114,28 @@ def _metrics_like(model):
 
 
 def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch,
-              callbacks, class_weight, verbose, steps_per_epoch=None) -> tuple[dict, int, float]:
+              callbacks, class_weight, verbose, steps_per_epoch=None,
+              global_batch=None) -> tuple[dict, int, float]:
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
                                          restore_best_weights=True)
     if not patience:
         stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
     cbs = [stop, _LearningRateLogger()] + list(callbacks or [])
+    for c in cbs:  # a resumable fit (resume.StageCheckpoint) saves and restores its state
+        if hasattr(c, "track_early_stopping"):
+            c.track_early_stopping(stop)
     t0 = time.perf_counter()
-    hist = model.fit(x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
-                     initial_epoch=initial_epoch, validation_data=validation_data,
-                     callbacks=cbs, verbose=verbose, class_weight=class_weight,
-                     steps_per_epoch=steps_per_epoch,
-                     # A tf.data input is shuffled by its own pipeline; Keras
-                     # only warns when asked to shuffle it again.
-                     shuffle=not isinstance(x, tf.data.Dataset))
+    # distribute.fit is this very model.fit call under the default strategy,
+    # or a loop driving the same callbacks where the strategy needs one
+    # (one-device, mirrored, multi-worker, TPU).
+    hist = distribute.fit(model, x, y, batch_size=batch_size, epochs=initial_epoch + epochs,
+                          initial_epoch=initial_epoch, validation_data=validation_data,
+                          callbacks=cbs, verbose=verbose, class_weight=class_weight,
+                          steps_per_epoch=steps_per_epoch,
+                          # A tf.data input is shuffled by its own pipeline; Keras
+                          # only warns when asked to shuffle it again.
+                          shuffle=not isinstance(x, tf.data.Dataset),
+                          metric_fns=_metric_fns(model), global_batch=global_batch)
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
@@ -158,6 +178,28 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
             .repeat().batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE))
 
 
+def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """The rows of cached arrays as ordered (x, y) batches, one pass.
+
+    For validation: Keras rebuilds its own pipeline around numpy arrays on
+    every epoch (about 0.1 s each, more than a small head's whole epoch);
+    this one is built once, and gathers slices, so a memory-mapped cache is
+    read batch by batch.
+    """
+    n = len(x)
+
+    def gather(start):
+        return np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
+
+    def load(start):
+        bx, by = tf.numpy_function(gather, [start], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
+        bx.set_shape((None,) + tuple(x.shape[1:]))
+        by.set_shape((None,) + tuple(y.shape[1:]))
+        return bx, by
+
+    return tf.data.Dataset.range(0, n, batch_size).map(load).prefetch(tf.data.AUTOTUNE)
+
+
 def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
     """Training steps per compiled call: a small head's step costs less than
     the Python round trip around it, so several run in one call. A divisor of
@@ -169,11 +211,17 @@ def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
 
 def _epochs_of(x, y, batch_size, examples_per_epoch, seed):
     """(x, y, batch_size, steps_per_epoch) for fit: the arrays themselves when
-    an epoch is a full pass, else a `view_stream` and its steps per epoch."""
-    if not examples_per_epoch or examples_per_epoch >= len(x):
+    an epoch is a full pass, else a `view_stream` and its steps per epoch.
+
+    `batch_size` and `examples_per_epoch` are global (all workers together);
+    `x` and `y` are this worker's rows. Under a multi-worker strategy each
+    worker streams its share of every global batch, and the steps are counted
+    from the global examples, so every worker takes the same number.
+    """
+    if not examples_per_epoch or distribute.local_share(examples_per_epoch) >= len(x):
         return x, y, batch_size, None
-    return view_stream(x, y, batch_size, seed), None, None, math.ceil(
-        examples_per_epoch / batch_size)
+    return (view_stream(x, y, distribute.local_batch_size(batch_size), seed), None, None,
+            math.ceil(examples_per_epoch / batch_size))
 
 
 def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.ndarray,
@@ -204,16 +252,19 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     """
     x, y, bs, per_epoch = _epochs_of(train_features, train_targets, batch_size,
                                      examples_per_epoch, seed)
-    steps = (per_epoch or math.ceil(len(train_features) / batch_size)) * max(epochs, 1)
+    steps = (per_epoch or distribute.steps_per_epoch(len(train_features), batch_size)
+             ) * max(epochs, 1)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                  jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
+    val = array_batches(val_features, val_targets, distribute.local_batch_size(batch_size))
     history, best_epoch, seconds = _fit(
-        head, x, y, (val_features, val_targets), epochs, bs, patience, 0, list(callbacks),
-        class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch)
-    val_loss, val_acc = head.evaluate(val_features, val_targets, verbose=0,
-                                      batch_size=batch_size)[:2]
+        head, x, y, val, epochs, bs, patience, 0, list(callbacks),
+        class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch,
+        global_batch=batch_size)
+    val_loss, val_acc = distribute.evaluate(head, val, batch_size=batch_size,
+                                            metric_fns=_metric_fns(head))[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
                        float(val_loss), history)
 
@@ -261,13 +312,14 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                   jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
+    if isinstance(val_data, tuple):
+        val_data = array_batches(val_data[0], val_data[1],
+                                 distribute.local_batch_size(batch_size))
     history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, list(callbacks),
                                         class_weight=class_weight, verbose=verbose,
-                                        steps_per_epoch=per_epoch)
-    if isinstance(val_data, tuple):
-        val_loss, val_acc = model.evaluate(*val_data, batch_size=batch_size, verbose=0)[:2]
-    else:
-        val_loss, val_acc = model.evaluate(val_data, verbose=0)[:2]
+                                        steps_per_epoch=per_epoch, global_batch=batch_size)
+    val_loss, val_acc = distribute.evaluate(model, val_data, batch_size=batch_size,
+                                            metric_fns=_metric_fns(model))[:2]
     return StageResult(len(history["loss"]), best_epoch, seconds,
                        float(val_acc), float(val_loss), history)

@@ -1,0 +1,843 @@
+"""Running on tf.distribute: one GPU, several GPUs, several machines, TPUs.
+
+Everything that differs between strategies lives here, so the rest of
+tl_keras is written once:
+
+* `create` turns --strategy/--tpu (and TF_CONFIG) into a `Distribution`:
+  the tf.distribute strategy, the number of replicas and workers, whether
+  this process is the chief, and where this worker keeps its own files
+  (`worker_dir`). This is the one place that decides "am I the chief" and
+  which folder is this worker's: outputs are written by the chief only;
+  per-worker state (feature caches, resume checkpoints) goes under
+  `worker_dir(OUT)`.
+* `Distribution.scale` applies the stated replica-scaling rule to the batch
+  size and learning rates (`--replica_scaling`).
+* `Distribution.shard` gives each worker its own shard of the data, so each
+  worker computes and caches only its part of the features.
+* `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
+  features.py and evaluate.py call instead of the Keras methods. Under the
+  default strategy they are the Keras methods, called with the arguments
+  given (a single-device run is exactly what it is without this module).
+  Under every other strategy
+  (one-device, mirrored, multi-worker, TPU) they run a strategy-aware loop
+  (`strategy.run` over a distributed dataset, the model's own optimizer and
+  loss, per-example losses averaged over the global batch), because
+  `model.fit` fails under MultiWorkerMirroredStrategy with TF 2.21 /
+  Keras 3.15 (keras-team/keras#20585), and under the others reads the
+  examples in another order than on the default strategy. The loop drives
+  Keras callbacks with the same hooks and logs as `model.fit` (loss,
+  metrics, val_*), so early stopping with best-weight restore, learning-rate
+  logging and user callbacks behave the same under every strategy.
+
+The loop reads training examples in the order `model.fit` reads them
+(arrays through Keras's own array pipeline, a dataset in its own order; a
+fresh iterator each epoch, or one endless stream with `steps_per_epoch`), so
+a run on several replicas takes the same steps as a run on one device. It
+runs one step per call: `steps_per_execution` (several small steps per
+compiled call, a speed setting of model.fit) is not applied there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import weakref
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tl_keras.config import ConfigError, fail
+
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+SCALING_RULES = ("sqrt", "linear", "none")
+_SUM = tf.distribute.ReduceOp.SUM
+# Compiled step functions per model (rebuilt when the model is recompiled).
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PREDICT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------
+# TF_CONFIG
+# --------------------------------------------------------------------------
+
+def _tf_config() -> dict:
+    """The parsed TF_CONFIG environment variable ({} when unset)."""
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return {}
+    try:
+        conf = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG={raw[:200]!r}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict) or not isinstance(conf.get("cluster", {}), dict):
+        raise ConfigError(f"TF_CONFIG={raw[:200]!r}: expected "
+                          '{"cluster": {"worker": [...]}, "task": {"type": ..., "index": ...}}')
+    return conf
+
+
+def _cluster_size(conf: dict) -> int:
+    cluster = conf.get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+# --------------------------------------------------------------------------
+# Strategy creation
+# --------------------------------------------------------------------------
+
+def resolve_strategy(name: str, tpu: str, num_gpus: int, cluster_size: int) -> str:
+    """Maps --strategy (maybe `auto`) to a concrete strategy name.
+
+    auto: `tpu` when --tpu names one, `multi_worker` when TF_CONFIG lists more
+    than one worker, `mirrored` with more than one GPU, `default` otherwise.
+    """
+    if name not in STRATEGIES:
+        raise fail("strategy", name, "choose one of " + ", ".join(STRATEGIES))
+    if tpu and name not in ("auto", "tpu"):
+        raise fail("tpu", tpu, f"names a TPU but --strategy={name}; use --strategy=tpu or auto")
+    if name != "auto":
+        return name
+    if tpu:
+        return "tpu"
+    if cluster_size > 1:
+        return "multi_worker"
+    return "mirrored" if num_gpus > 1 else "default"
+
+
+def _make_strategy(kind: str, tpu: str) -> tf.distribute.Strategy:
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    if kind == "one_device":
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if kind == "mirrored":
+        # All GPUs; without GPUs, every logical CPU device (one unless the
+        # program split the CPU with tf.config.set_logical_device_configuration).
+        devices = (tf.config.list_logical_devices("GPU")
+                   or tf.config.list_logical_devices("CPU"))
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if kind == "multi_worker":
+        conf = _tf_config()
+        task = conf.get("task", {})
+        if conf and task.get("type") not in ("chief", "worker"):
+            raise ConfigError(f"TF_CONFIG task {task!r}: --strategy=multi_worker runs "
+                              "'chief' and 'worker' tasks only")
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except (RuntimeError, ValueError) as e:
+            raise fail("strategy", kind, f"cannot start: {' '.join(str(e).split())[:300]} "
+                       "(it must be created before TensorFlow runs anything)") from None
+    if kind == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "local")
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+            return tf.distribute.TPUStrategy(resolver)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the TPU is one message
+            raise fail("tpu", tpu or "local",
+                       f"cannot connect to the TPU: {' '.join(str(e).split())[:300]}") from None
+    raise fail("strategy", kind, "choose one of " + ", ".join(STRATEGIES))
+
+
+def uses_custom_loop(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `fit`/`evaluate`/`predict` use the strategy-aware loop (not Keras's).
+
+    Every strategy but the default one does: besides keras-team/keras#20585
+    under MultiWorkerMirroredStrategy, `model.fit` under any strategy passes
+    its dataset through `experimental_distribute_dataset`, which reshuffles
+    it in another order than the same seed gives on the default strategy.
+    """
+    return _kind_of(strategy) in ("one_device", "mirrored", "multi_worker", "tpu")
+
+
+def _kind_of(strategy: tf.distribute.Strategy) -> str:
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "multi_worker"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored"
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        return "one_device"
+    return "default"
+
+
+@dataclasses.dataclass
+class Distribution:
+    """The strategy of a run and this process's place in it.
+
+    Attributes:
+        strategy: the tf.distribute strategy (the default strategy for `default`).
+        kind: default | one_device | mirrored | multi_worker | tpu.
+        num_replicas: replicas in sync (devices taking part in each step).
+        num_workers: worker processes (1 except under multi_worker).
+        worker_index: this worker's position, 0..num_workers-1 (the chief is 0).
+        task: this worker's TF_CONFIG task as "type-index" ("" without TF_CONFIG).
+        is_chief: whether this process writes the run's outputs.
+        scaling: the --replica_scaling rule applied by `scale`.
+    """
+
+    strategy: tf.distribute.Strategy
+    kind: str
+    num_replicas: int
+    num_workers: int
+    worker_index: int
+    task: str
+    is_chief: bool
+    scaling: str = "none"
+    # (batch_size, head_learning_rate, finetune_learning_rate) before `scale`.
+    _given: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
+    _active: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, strategy: tf.distribute.Strategy, scaling: str = "none") -> "Distribution":
+        """Describes `strategy` (e.g. the one in scope: `tf.distribute.get_strategy()`)."""
+        kind = _kind_of(strategy)
+        workers, index, task, chief = 1, 0, "", True
+        if kind == "multi_worker":
+            resolver = strategy.cluster_resolver
+            spec = resolver.cluster_spec().as_dict()
+            n_chief = len(spec.get("chief", []))
+            workers = max(n_chief + len(spec.get("worker", [])), 1)
+            if resolver.task_type:
+                task = f"{resolver.task_type}-{resolver.task_id}"
+                # MultiWorkerMirroredStrategy's own order: the chief first, then workers.
+                index = (0 if resolver.task_type == "chief"
+                         else n_chief + int(resolver.task_id))
+                chief = index == 0
+        return cls(strategy, kind, int(strategy.num_replicas_in_sync), workers, index, task,
+                   chief, scaling)
+
+    def scope(self):
+        """The strategy's scope: models, optimizers and metrics must be made inside it."""
+        return self.strategy.scope()
+
+    def activate(self) -> None:
+        """Enters the strategy's scope until `deactivate` (a `with scope()` that
+        can end before the block does: training runs inside the scope, saving and
+        exporting outside it, where a reloaded SavedModel gets plain variables)."""
+        if self.kind != "default" and not self._active:
+            tf.distribute.experimental_set_strategy(self.strategy)
+            self._active = True
+
+    def deactivate(self) -> None:
+        """Leaves the scope entered by `activate` (no-op otherwise)."""
+        if self._active:
+            tf.distribute.experimental_set_strategy(None)
+            self._active = False
+
+    def worker_dir(self, out: str) -> str:
+        """Where this worker keeps its own files (caches, resume state).
+
+        The chief uses OUT itself; other workers use OUT/workers/TASK, so
+        workers that share a file system never write the same file and the
+        outputs in OUT are the chief's alone.
+        """
+        if self.is_chief:
+            return out
+        return os.path.join(out, "workers", self.task or f"worker-{self.worker_index}")
+
+    def shard(self, split):
+        """This worker's shard of a `data.Split` (every num_workers-th example)."""
+        if self.num_workers == 1:
+            return split
+        return split.subset(range(self.worker_index, len(split), self.num_workers))
+
+    def cache_key(self) -> dict:
+        """Extra cache-key parts: a worker's shard is its own cache entry."""
+        return {} if self.num_workers == 1 else {"shard": [self.worker_index, self.num_workers]}
+
+    def precision(self, name: str) -> str:
+        """--precision for this strategy: `auto` means bfloat16 on TPUs."""
+        return "mixed_bfloat16" if name == "auto" and self.kind == "tpu" else name
+
+    def scale(self, cfg):
+        """Applies the replica-scaling rule to a Config.
+
+        With N replicas, `sqrt` (the default) makes --batch_size the batch of
+        each replica (global batch = batch_size x N) and multiplies the
+        learning rates by sqrt(N), the square-root rule for Adam-type
+        optimizers (Malladi et al., 2022); `linear` multiplies them by N (the
+        rule of Goyal et al., 2017, for SGD); `none` keeps both as given, and
+        --batch_size is the global batch, split evenly over the replicas.
+        """
+        n = self.num_replicas
+        self._given = (cfg.batch_size, cfg.head_learning_rate, cfg.finetune_learning_rate)
+        if self.scaling == "none" or n == 1:
+            if cfg.batch_size % n:
+                raise fail("batch_size", cfg.batch_size,
+                           f"must be a multiple of the {n} replicas with --replica_scaling=none")
+            return cfg
+        factor = math.sqrt(n) if self.scaling == "sqrt" else float(n)
+        return cfg.replace(batch_size=cfg.batch_size * n,
+                           head_learning_rate=cfg.head_learning_rate * factor,
+                           finetune_learning_rate=cfg.finetune_learning_rate * factor)
+
+    def unscale(self, cfg):
+        """The Config with the batch size and learning rates as given before `scale`."""
+        if self._given is None:
+            return cfg
+        return cfg.replace(batch_size=self._given[0], head_learning_rate=self._given[1],
+                           finetune_learning_rate=self._given[2])
+
+    def barrier(self) -> None:
+        """Waits until every worker gets here (a no-op with one worker)."""
+        if self.num_workers > 1:
+            _gather_counts(self.strategy, 0)
+
+    def describe(self, model: Optional[keras.Model] = None, cfg=None) -> dict:
+        """The report block: strategy, replicas, workers, effective settings."""
+        d = {"strategy": self.kind, "replicas": self.num_replicas, "workers": self.num_workers,
+             "worker_index": self.worker_index, "replica_scaling": self.scaling}
+        if cfg is not None:
+            d.update(global_batch_size=cfg.batch_size,
+                     head_learning_rate=cfg.head_learning_rate,
+                     finetune_learning_rate=cfg.finetune_learning_rate)
+        if model is not None:
+            d["weights_fingerprint"] = weights_fingerprint(model)
+        return d
+
+    def __str__(self) -> str:
+        where = (f", worker {self.worker_index + 1}/{self.num_workers} ({self.task}"
+                 f"{', chief' if self.is_chief else ''})") if self.num_workers > 1 else ""
+        return f"{self.kind}: {self.num_replicas} replica(s){where}"
+
+
+def create(strategy: str = "auto", tpu: str = "", replica_scaling: str = "sqrt") -> Distribution:
+    """Creates the strategy named by --strategy / --tpu / --replica_scaling.
+
+    Call it before anything else runs TensorFlow ops: MultiWorkerMirroredStrategy
+    must configure collective ops before TensorFlow initializes, and a TPU
+    must be connected before its devices are used.
+
+    Raises:
+        ConfigError: a bad value, a bad TF_CONFIG, or a TPU that cannot be reached.
+    """
+    if replica_scaling not in SCALING_RULES:
+        raise fail("replica_scaling", replica_scaling,
+                   "choose one of " + ", ".join(SCALING_RULES))
+    if strategy not in STRATEGIES:
+        raise fail("strategy", strategy, "choose one of " + ", ".join(STRATEGIES))
+    conf = _tf_config() if strategy in ("auto", "multi_worker") else {}
+    num_gpus = len(tf.config.list_physical_devices("GPU")) if strategy == "auto" else 0
+    kind = resolve_strategy(strategy, tpu, num_gpus, _cluster_size(conf))
+    return Distribution.of(_make_strategy(kind, tpu), replica_scaling)
+
+
+def require_one_device(strategy: str, tpu: str, what: str) -> None:
+    """Refuses --strategy / --tpu for what trains on one device only.
+
+    Args:
+        strategy, tpu: the --strategy and --tpu values.
+        what: the command or mode, for the message (e.g. "--task=text").
+
+    Raises:
+        ConfigError: a strategy other than auto/default, or a TPU.
+    """
+    if strategy not in ("auto", "default"):
+        raise fail("strategy", strategy, f"{what} trains on one device (auto or default)")
+    if tpu:
+        raise fail("tpu", tpu, f"{what} trains on one device; drop --tpu")
+
+
+def current() -> Distribution:
+    """The Distribution of the strategy in scope (the default one outside any scope)."""
+    return Distribution.of(tf.distribute.get_strategy())
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short hash of all weight values: equal on workers that hold equal weights."""
+    h = hashlib.sha256()
+    for v in model.weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(v)).tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------
+# Cross-worker counts
+# --------------------------------------------------------------------------
+
+def _gather_counts(strategy: tf.distribute.Strategy, local: int) -> np.ndarray:
+    """Every worker's `local` value, in worker order (a collective: all workers call it)."""
+    dist = Distribution.of(strategy)
+    local_replicas = len(strategy.extended.worker_devices)
+    onehot = np.zeros(dist.num_workers, np.float64)
+    onehot[dist.worker_index] = float(local) / local_replicas
+
+    @tf.function
+    def gather():
+        per_replica = strategy.run(lambda: tf.constant(onehot))
+        return strategy.reduce(_SUM, per_replica, axis=None)
+
+    return np.rint(gather().numpy()).astype(np.int64)
+
+
+def steps_per_epoch(n_local: int, global_batch: int) -> int:
+    """Training steps in one pass over the data, under the strategy in scope.
+
+    Each worker passes over its own `n_local` examples, global_batch /
+    num_workers per step; the epoch lasts as long as the largest shard.
+    """
+    dist = current()
+    if dist.num_workers == 1:
+        return max(1, math.ceil(n_local / global_batch))
+    biggest = int(_gather_counts(dist.strategy, n_local).max())
+    return max(1, math.ceil(biggest * dist.num_workers / global_batch))
+
+
+def local_share(n_global: int) -> int:
+    """This worker's share of `n_global` examples (all of them with one worker)."""
+    return -(-n_global // current().num_workers)
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This worker's share of a global batch, under the strategy in scope.
+
+    A dataset given to `fit` under a multi-worker strategy must be batched at
+    this size (each worker's input pipeline makes its part of every step),
+    endless streams (`train.view_stream`) included.
+    """
+    return max(1, global_batch // current().num_workers)
+
+
+# --------------------------------------------------------------------------
+# Input pipelines (the example order of model.fit under every strategy)
+# --------------------------------------------------------------------------
+
+def _is_dataset(x) -> bool:
+    return isinstance(x, tf.data.Dataset)
+
+
+def _index_batches(n: int, batch: int) -> tf.data.Dataset:
+    """Batches of row indices 0..n-1, in order (evaluation of arrays)."""
+    return tf.data.Dataset.range(n).batch(batch)
+
+
+def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
+    """Maps (index batch, *rest) to (rows of each array, *rest).
+
+    Rows are gathered by index (as Keras does for arrays), so the arrays are
+    held once, never copied into a shuffle buffer.
+    """
+    whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
+
+    def gather(item, a):
+        item = item if isinstance(item, tuple) else (item,)
+        return tuple(tf.gather(t, item[0]) for t in a) + tuple(item[1:])
+
+    return tf.data.Dataset.zip((indices, whole)).map(
+        gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _keras_batches(x, y, batch: int, shuffle: bool) -> tf.data.Dataset:
+    """One epoch of (x, y) batches of arrays, made by Keras's own array
+    pipeline, the one `model.fit(x, y, shuffle=...)` reads: the same order."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    return ArrayDataAdapter(x, y, batch_size=batch, shuffle=shuffle).get_tf_dataset()
+
+
+def _pad_rows(t: tf.Tensor, size: int) -> tf.Tensor:
+    pad = [[0, size - tf.shape(t)[0]]] + [[0, 0]] * (len(t.shape) - 1)
+    out = tf.pad(t, pad)
+    out.set_shape([size] + list(t.shape[1:]))
+    return out
+
+
+def _replica_slices(batches: tf.data.Dataset, parts: int, size: int) -> tf.data.Dataset:
+    """Cuts every batch (a tuple of tensors) into `parts` consecutive slices,
+    one per local replica, each padded to `size` rows, plus a mask of real rows.
+
+    Static shapes everywhere (TPUs need them) and no empty batches (some CPU
+    kernels fail on those); padded rows get weight 0.
+    """
+
+    def slices(*b):
+        n = tf.shape(b[0])[0]
+        check = tf.debugging.assert_less_equal(
+            n, parts * size, message="a batch is larger than this worker's share of the "
+            "global batch (global batch size / number of workers)")
+
+        def one(r):
+            start = tf.minimum(tf.cast(r, tf.int32) * size, n)
+            stop = tf.minimum(start + size, n)
+            mask = tf.cast(tf.range(size) < stop - start, tf.float32)
+            return tuple(_pad_rows(t[start:stop], size) for t in b) + (mask,)
+
+        with tf.control_dependencies([check]):
+            return tf.data.Dataset.range(parts).map(one)
+
+    return batches.map(lambda *b: b).flat_map(slices)
+
+
+def _padding(spec: tuple) -> tf.data.Dataset:
+    """Endless all-padding replica batches (mask 0) shaped like `spec`."""
+    zeros = tuple(tf.zeros(s.shape, s.dtype) for s in spec)
+    return tf.data.Dataset.from_tensors(zeros).repeat()
+
+
+def _num_batches(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n >= 0:
+        return n
+    return int(ds.reduce(np.int64(0), lambda c, _: c + 1))  # unknown: count once
+
+
+def _class_weights(y, class_weight: Optional[dict]):
+    """Per-example weights from one-hot targets (ones without class weights)."""
+    if class_weight is None:
+        return tf.ones(tf.shape(y)[:1], tf.float32)
+    table = tf.constant([float(class_weight.get(i, 1.0)) for i in range(int(y.shape[-1]))],
+                        tf.float32)
+    return tf.gather(table, tf.argmax(y, axis=-1))
+
+
+class _Feed:
+    """The input of one fit or evaluation under a strategy-aware loop.
+
+    Each worker feeds its own data (no auto-sharding: the pipeline gave each
+    worker its shard): arrays, or a dataset batched at this worker's share of
+    the global batch (global batch / number of workers). Every local batch is
+    cut into one slice per local replica, so one global step sees the same
+    examples as one step of the whole batch on a single device.
+
+    Training reads what `model.fit` reads: arrays through Keras's array
+    pipeline (the same shuffle), a dataset as it comes. With
+    `steps_per_epoch` (an endless stream such as `train.view_stream`) the
+    epochs are consecutive runs of that many steps from one iterator, the
+    steps counted by the caller from the global examples, so the same on
+    every worker; without it an epoch is one pass, read from a fresh iterator
+    as Keras does, and all workers take the same number of steps (the longest
+    shard's): a worker whose shard is shorter wraps around (training) or
+    feeds padding (evaluation).
+
+    Attributes:
+        dataset: the distributed dataset of (x, y, weight, mask) per replica.
+        steps: global steps per epoch.
+        fresh_each_epoch: whether each epoch reads a new iterator of `dataset`.
+    """
+
+    def __init__(self, strategy, x, y, global_batch: int, train: bool,
+                 class_weight: Optional[dict], steps_per_epoch: Optional[int] = None,
+                 shuffle: bool = True):
+        dist = Distribution.of(strategy)
+        replicas = strategy.num_replicas_in_sync
+        if not global_batch:
+            raise ValueError("the strategy-aware loop needs the global batch size")
+        if global_batch % replicas:
+            raise fail("batch_size", global_batch,
+                       f"must be a multiple of the {replicas} replicas")
+        local_replicas = len(strategy.extended.worker_devices)
+        local_batch = global_batch // dist.num_workers
+        size = global_batch // replicas
+        stream = bool(train and steps_per_epoch)
+        self.fresh_each_epoch = not stream
+        if stream:
+            self.steps = int(steps_per_epoch)
+        else:
+            if _is_dataset(x):
+                local_steps = _num_batches(x)
+            else:
+                local_steps = math.ceil(len(x) / local_batch)
+            self.steps = max(1, local_steps)
+            if dist.num_workers > 1:
+                self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
+        steps = self.steps
+
+        def make(_ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            if _is_dataset(x):
+                batches = x
+            elif train:
+                batches = _keras_batches(x, y, local_batch, shuffle)
+            else:
+                batches = _index_batches(len(x), local_batch)
+            if stream:
+                batches = batches.repeat()
+            elif train:
+                batches = batches.repeat().take(steps)  # one pass; a short shard wraps
+            ds = _replica_slices(batches, local_replicas, size)
+            if not train:
+                ds = ds.concatenate(_padding(ds.element_spec)).take(steps * local_replicas)
+                if not _is_dataset(x):
+                    ds = _gather_rows(ds, (x, y))
+            return ds.map(lambda a, b, m: (a, b, m * _class_weights(b, class_weight), m))
+
+        self.dataset = strategy.distribute_datasets_from_function(make)
+
+
+# --------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------
+
+def _per_example_loss(model: keras.Model) -> Callable:
+    """The compiled loss as (y_true, y_pred) -> per-example losses (no reduction)."""
+    loss = model.loss
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    # A Loss object's `call` is its unreduced form; loss functions are unreduced.
+    return loss.call if isinstance(loss, keras.losses.Loss) else loss
+
+
+class _Steps:
+    """tf.functions running one global training step and one evaluation step."""
+
+    def __init__(self, model: keras.Model, metric_fns: dict[str, Callable]):
+        if model.loss is None:
+            raise ValueError(f"model {model.name!r}: compile it with a loss before fit/evaluate")
+        self.model = model
+        self.strategy = model.distribute_strategy
+        self.metric_fns = dict(metric_fns)
+        self.loss = _per_example_loss(model)
+        n = self.strategy.num_replicas_in_sync
+        jit = bool(model.jit_compile) and not isinstance(self.strategy, tf.distribute.TPUStrategy)
+
+        def forward(x, y, w, mask, n_global, training):
+            pred = model(x, training=training)
+            pred = tf.cast(pred, tf.float32)
+            y = tf.cast(y, pred.dtype)
+            per_example = tf.reshape(self.loss(y, pred), [-1])
+            # Averaged over the global batch: the optimizer sums the replicas'
+            # gradients, which then equal the gradient of the global mean.
+            loss = tf.reduce_sum(per_example * w) / tf.maximum(n_global, 1.0)
+            if training and model.losses:
+                loss += tf.add_n(model.losses) / n
+            # Metrics count every real example once, class weights or not
+            # (Keras's `metrics`, as opposed to `weighted_metrics`).
+            sums = [tf.reduce_sum(per_example * w), tf.reduce_sum(mask)]
+            for fn in self.metric_fns.values():
+                m = tf.reshape(tf.cast(fn(y, pred), tf.float32), [tf.shape(pred)[0], -1])
+                sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * mask))
+            return loss, sums
+
+        def grads(x, y, w, mask, n_global):
+            with tf.GradientTape() as tape:
+                loss, sums = forward(x, y, w, mask, n_global, True)
+                scaled = model.optimizer.scale_loss(loss)
+            return tape.gradient(scaled, model.trainable_variables), sums
+
+        grads_fn = tf.function(grads, jit_compile=True) if jit else grads
+
+        def replica_train(x, y, w, mask):
+            # Real (unpadded) examples in the whole global batch.
+            n_global = tf.distribute.get_replica_context().all_reduce(_SUM, tf.reduce_sum(mask))
+            g, sums = grads_fn(x, y, w, mask, n_global)
+            model.optimizer.apply_gradients(zip(g, model.trainable_variables))
+            return sums
+
+        def replica_test(x, y, w, mask):
+            return forward(x, y, w, mask, tf.constant(1.0), False)[1]
+
+        strategy = self.strategy
+
+        @tf.function
+        def train_step(batch):
+            return strategy.reduce(_SUM, strategy.run(replica_train, args=batch), axis=None)
+
+        @tf.function
+        def test_step(batch):
+            return strategy.reduce(_SUM, strategy.run(replica_test, args=batch), axis=None)
+
+        self.train_step, self.test_step = train_step, test_step
+
+    def logs(self, totals: np.ndarray) -> dict:
+        loss_sum, count = totals[:2]
+        logs = {"loss": float(loss_sum / max(count, 1.0))}
+        for name, value in zip(self.metric_fns, totals[2:]):
+            logs[name] = float(value / max(count, 1.0))
+        return logs
+
+
+def _steps_for(model: keras.Model, metric_fns: dict) -> _Steps:
+    """The model's step functions, traced again after each compile (new optimizer)."""
+    key = (tuple(metric_fns), model.jit_compile)
+    cached = _STEPS.get(model)
+    # The cached optimizer itself (not its id) is compared: a recompiled model
+    # has a new optimizer, and the traced steps captured the old one.
+    if cached is None or cached[0] is not model.optimizer or cached[1] != key:
+        with model.distribute_strategy.scope():
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            cached = _STEPS[model] = (model.optimizer, key, _Steps(model, metric_fns))
+    return cached[2]
+
+
+def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
+    totals = None
+    if callbacks is not None:
+        callbacks.on_test_begin()
+    batches = iter(feed.dataset)
+    for i in range(feed.steps):
+        batch = next(batches)
+        if callbacks is not None:
+            callbacks.on_test_batch_begin(i)
+        out = np.asarray([float(t) for t in steps.test_step(batch)])
+        totals = out if totals is None else totals + out
+        if callbacks is not None:
+            callbacks.on_test_batch_end(i, steps.logs(totals))
+    logs = steps.logs(totals if totals is not None else np.zeros(2 + len(steps.metric_fns)))
+    if callbacks is not None:
+        callbacks.on_test_end(logs)
+    return logs
+
+
+# --------------------------------------------------------------------------
+# What train.py, features.py and evaluate.py call
+# --------------------------------------------------------------------------
+
+def fit(model: keras.Model, x, y=None, *, batch_size: Optional[int], epochs: int = 1,
+        initial_epoch: int = 0, validation_data=None, callbacks=(), verbose=2,
+        class_weight: Optional[dict] = None, steps_per_epoch: Optional[int] = None,
+        shuffle: bool = True, metric_fns: Optional[dict] = None,
+        global_batch: Optional[int] = None) -> keras.callbacks.History:
+    """`model.fit` that works under every strategy (the model must be compiled).
+
+    Under the default strategy this is `model.fit` with these arguments.
+
+    Args:
+        model: a compiled model, built in the scope of the strategy it trains under.
+        x, y: arrays (this worker's examples), or a batched dataset of (x, y) as
+            x, batched at this worker's share of the global batch
+            (`local_batch_size`); endless with `steps_per_epoch`.
+        batch_size: as in `model.fit`: the global batch of arrays, None for a dataset.
+        epochs / initial_epoch / callbacks / verbose / class_weight / shuffle:
+            as in `model.fit`.
+        steps_per_epoch: as in `model.fit`; for an endless dataset, counted
+            from all workers' examples (the same on every worker).
+        validation_data: a batched (x, y) dataset (or (x, y) arrays).
+        metric_fns: name -> per-example metric function (e.g.
+            keras.metrics.categorical_accuracy); the strategy-aware loop logs
+            these, `model.fit` logs the compiled metrics (give the same ones).
+        global_batch: the global batch size (all replicas together) for the
+            strategy-aware loop; defaults to `batch_size`.
+
+    Returns:
+        The History, as `model.fit` returns it.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        return model.fit(x, y, batch_size=batch_size, epochs=epochs,
+                         initial_epoch=initial_epoch, validation_data=validation_data,
+                         callbacks=callbacks, verbose=verbose, class_weight=class_weight,
+                         steps_per_epoch=steps_per_epoch, shuffle=shuffle)
+    return _loop_fit(model, x, y, global_batch or batch_size, epochs, initial_epoch,
+                     validation_data, list(callbacks), verbose, class_weight,
+                     dict(metric_fns or {}), steps_per_epoch, shuffle)
+
+
+def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, callbacks,
+              verbose, class_weight, metric_fns, steps_per_epoch=None,
+              shuffle=True) -> keras.callbacks.History:
+    """model.fit's sequence of callback hooks and logs around strategy.run steps."""
+    strategy = model.distribute_strategy
+    dist = Distribution.of(strategy)
+    steps = _steps_for(model, metric_fns)
+    train = _Feed(strategy, x, y, batch_size, True, class_weight, steps_per_epoch, shuffle)
+    val = None
+    if validation_data is not None:
+        vx, vy = (validation_data, None) if _is_dataset(validation_data) else validation_data
+        val = _Feed(strategy, vx, vy, batch_size, False, None)
+    history = keras.callbacks.History()
+    # Only the chief prints progress.
+    verbose = (1 if verbose == "auto" else verbose) if dist.is_chief else 0
+    cbs = keras.callbacks.CallbackList(
+        callbacks + [history], add_history=False, add_progbar=bool(verbose), model=model,
+        verbose=verbose, epochs=epochs, steps=train.steps)
+    model.stop_training = False
+    cbs.on_train_begin()
+    logs = {}
+    batches = None
+    for epoch in range(initial_epoch, epochs):
+        if batches is None or train.fresh_each_epoch:
+            batches = iter(train.dataset)
+        cbs.on_epoch_begin(epoch)
+        totals = np.zeros(2 + len(metric_fns))
+        for i in range(train.steps):
+            cbs.on_train_batch_begin(i)
+            totals += np.asarray([float(t) for t in steps.train_step(next(batches))])
+            cbs.on_train_batch_end(i, steps.logs(totals))
+        logs = steps.logs(totals)
+        if val is not None:
+            logs.update({f"val_{k}": v for k, v in _run_eval(steps, val, cbs).items()})
+        cbs.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    cbs.on_train_end(logs)
+    return history
+
+
+def evaluate(model: keras.Model, x, y=None, *, batch_size: int,
+             metric_fns: Optional[dict] = None) -> list[float]:
+    """`model.evaluate(..., verbose=0)` under every strategy: [loss, *metrics].
+
+    Under a multi-worker strategy each worker passes its own examples and
+    all get the metrics of all examples together.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        if _is_dataset(x):
+            return model.evaluate(x, verbose=0)
+        return model.evaluate(x, y, batch_size=batch_size, verbose=0)
+    metric_fns = dict(metric_fns or {})
+    logs = _run_eval(_steps_for(model, metric_fns),
+                     _Feed(strategy, x, y, batch_size, False, None))
+    return [logs["loss"]] + [logs[k] for k in metric_fns]
+
+
+def _predict_fn(model: keras.Model):
+    cached = _PREDICT.get(model)
+    if cached is None:
+        strategy = model.distribute_strategy
+
+        @tf.function(reduce_retracing=True)
+        def step(x):
+            return strategy.run(lambda a: model(a, training=False), args=(x,))
+
+        cached = _PREDICT[model] = step
+    return cached
+
+
+def predict_on_batch(model: keras.Model, x):
+    """`model.predict_on_batch` under every strategy, computed on this worker's devices.
+
+    Under every strategy but the default one the batch is split over
+    the local replicas; no other worker takes part, so workers may predict
+    different amounts of data.
+
+    Returns:
+        What the model returns, as numpy: an array, or a list for several outputs.
+    """
+    strategy = model.distribute_strategy
+    if not uses_custom_loop(strategy):
+        return model.predict_on_batch(x)
+    x = keras.ops.convert_to_numpy(x)
+    devices = len(strategy.extended.worker_devices)
+    pieces = np.array_split(x, devices)
+    first = Distribution.of(strategy).worker_index * devices
+    values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(pieces[ctx.replica_id_in_sync_group - first]))
+    out = _predict_fn(model)(values)
+    parts = [np.concatenate([keras.ops.convert_to_numpy(t)
+                             for t in strategy.experimental_local_results(o)])
+             for o in tf.nest.flatten(out)]
+    return parts if isinstance(out, (list, tuple)) else parts[0]
+
+
+def predict(model: keras.Model, x, batch_size: int = 32):
+    """`model.predict(x, batch_size=..., verbose=0)` under every strategy.
+
+    Args:
+        x: a dataset of input batches, or an array (batched here).
+    """
+    if not uses_custom_loop(model.distribute_strategy):
+        if _is_dataset(x):
+            return model.predict(x, verbose=0)
+        return model.predict(x, batch_size=batch_size, verbose=0)
+    batches = x if _is_dataset(x) else (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+    outs = [predict_on_batch(model, b) for b in batches]
+    if outs and isinstance(outs[0], list):
+        return [np.concatenate(o) for o in zip(*outs)]
+    return np.concatenate(outs) if outs else np.zeros((0,) + tuple(model.output.shape[1:]))
