@@ -31,10 +31,10 @@ NEGATIVE_OK: dict[str, str] = {}
 # Values beyond the top of a numeric flag's range.
 TOO_LARGE = {"val_fraction": 1.0, "test_fraction": 1.0, "dropout": 1.0, "label_smoothing": 1.0,
              "zoom": 1.0, "contrast": 1.0, "rotation": 181.0, "seed": 2 ** 32,
-             "translation": 1.0, "crop_min_area": 1.0}
+             "translation": 1.0, "crop_min_area": 1.0, "embedding_dropout": 1.0}
 # Flags only --task=text reads: their bad values are fed with --task=text.
 TEXT_ONLY = ("encoder", "max_tokens", "sequence_length", "encoder_units", "embedding_dim",
-             "embeddings")
+             "embeddings", "embedding_dropout", "embedding_vocabulary", "embedding_init")
 # Flags only `tl-keras pretrain` reads: their bad values are fed to that command.
 PRETRAIN_ONLY = ("architecture", "pretrain_epochs", "pretrain_learning_rate",
                  "pretrain_weight_decay", "pretrain_batch_size")
@@ -56,6 +56,7 @@ BAD_STRINGS = {
     "task": "video",
     "encoder": "transformer",
     "embeddings": "/no/such/vectors.txt",
+    "embedding_init": "word2vec",
     "architecture": "resnet9000",
     # Only meaningful with --backbone=PATH.keras: a conflicting pair with any other backbone.
     "cut_layer": "block_16_project",

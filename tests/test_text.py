@@ -7,7 +7,9 @@ safe-mode reload, the SavedModel, and a real CLI run on rt-polarity.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 
 import keras
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DATA, run_cli
+from conftest import DATA
 from tl_keras import runs
 from tl_keras import text as text_lib
 from tl_keras import train as train_lib
@@ -167,8 +169,8 @@ def test_coverage_counts_words_and_tokens(tmp_path):
     wv = text_lib.load_vectors(str(path), set(vocab[2:]))
     matrix, cov = text_lib.embedding_matrix(vocab, wv, 50, seed=0, train_ids=ids)
     # 6 of the 9 words have vectors; 9 of the 12 tokens ("the" x3, movie, is x2, great, !, film).
-    assert cov == {"words": 9, "found": 6, "word_coverage": round(6 / 9, 4),
-                   "token_coverage": 0.75}
+    assert cov == {"words": 9, "training_words": 9, "vectors_only": 0, "found": 6,
+                   "word_coverage": round(6 / 9, 4), "token_coverage": 0.75}
     for word in known:
         np.testing.assert_array_equal(matrix[vocab.index(word)], wv.vectors[wv.index[word]])
     assert not matrix[:2].any()  # padding and [UNK]
@@ -176,6 +178,43 @@ def test_coverage_counts_words_and_tokens(tmp_path):
     assert np.all(np.abs(others).sum(1) > 0)
     # Random rows are on the scale of the real vectors.
     assert 0.5 < others.std() / wv.vectors.std() < 2.0
+
+
+def test_embedding_vocabulary_adds_the_files_first_words_with_their_vectors(tmp_path):
+    """--embedding_vocabulary: the file's first words join the vocabulary with their vectors."""
+    path = tmp_path / "glove.txt"
+    path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    file_vectors = _parsed(LINES)
+    texts = ["the film is great !", "a dull film ."]
+    vectorizer = text_lib.build_vectorizer(texts, max_tokens=100, sequence_length=8)
+    training = [str(w) for w in vectorizer.get_vocabulary()]
+    wv = text_lib.load_vectors(str(path), set(training[2:]), first=120)
+    # The words of the first 120 records, in file order, as the vectorizer makes them.
+    first = [l.split(" ")[0] for l in LINES[:120]]
+    assert wv.top == [w for w in first if text_lib.token_form(w) == w]
+    assert text_lib.load_vectors(str(path), set(training[2:])).top == []  # 0: none
+    extended, added = text_lib.extend_vocabulary(vectorizer, wv.top)
+    vocab = [str(w) for w in extended.get_vocabulary()]
+    # The training words keep their ids; the file's other words follow, in file order.
+    assert vocab[:len(training)] == training
+    assert vocab[len(training):] == [w for w in wv.top if w not in training]
+    assert added == len(vocab) - len(training) > 90
+    matrix, cov = text_lib.embedding_matrix(vocab, wv, 50, seed=0,
+                                            training_words=len(training) - 2)
+    assert cov["vectors_only"] == added and cov["training_words"] == len(training) - 2
+    for i in range(len(training), len(vocab)):  # exactly their vectors from the file
+        np.testing.assert_array_equal(matrix[i], file_vectors[vocab[i]])
+    # A word only the test texts contain ("said", record 19 of GloVe) is no longer [UNK].
+    assert "said" not in training and "said" in wv.top
+    assert text_lib.vectorize(vectorizer, ["said"])[0, 0] == 1
+    assert text_lib.vectorize(extended, ["He said"])[0, :2].tolist() == [vocab.index("he"),
+                                                                         vocab.index("said")]
+
+
+def test_token_form_is_what_the_vectorizer_can_produce():
+    assert text_lib.token_form("The") == "the" and text_lib.token_form("!") == "!"
+    assert text_lib.token_form("don't") == "don't"
+    assert text_lib.token_form("e.g.") is None and text_lib.token_form("new york") is None
 
 
 def test_standardize_splits_punctuation_and_keeps_words_whole():
@@ -244,7 +283,7 @@ def test_stage1_leaves_embeddings_untouched_and_stage2_changes_them():
     matrix, _ = text_lib.embedding_matrix(vocab, wv, 50, 0, ids)
     clf = text_lib.build_text_classifier(vectorizer, matrix, 2, "cnn", 16, 0.5)
     conv0 = clf.ids_model.get_layer("encoder_conv_3").kernel.numpy()
-    train_lib.fit_head(clf.ids_model, ids[:250], y[:250], ids[250:], y[250:], epochs=2,
+    train_lib.fit_head(clf.ids_model, ids[:250], y[:250], ids[250:], y[250:], epochs=1,
                        learning_rate=1e-3, weight_decay=1e-4, batch_size=32, patience=0,
                        label_smoothing=0.1, verbose=0)
     np.testing.assert_array_equal(clf.embedding.embeddings.numpy(), matrix)
@@ -253,7 +292,7 @@ def test_stage1_leaves_embeddings_untouched_and_stage2_changes_them():
     clf.embedding.trainable = True
     ds = tf.data.Dataset.from_tensor_slices((ids[:250], y[:250])).batch(32)
     val = tf.data.Dataset.from_tensor_slices((ids[250:], y[250:])).batch(32)
-    train_lib.fit_finetune(clf.ids_model, ds, val, epochs=1, initial_epoch=2, steps_per_epoch=8,
+    train_lib.fit_finetune(clf.ids_model, ds, val, epochs=1, initial_epoch=1, steps_per_epoch=8,
                            learning_rate=1e-3, warmup_epochs=0, patience=0,
                            label_smoothing=0.1, verbose=0)
     after = clf.embedding.embeddings.numpy()
@@ -269,7 +308,8 @@ def test_every_encoder_takes_raw_strings(encoder):
     texts = ["A fine, warm film!", "dull and far too long", ""]
     vectorizer = text_lib.build_vectorizer(texts, 50, 6)
     matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
-    clf = text_lib.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5)
+    clf = text_lib.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5,
+                                         embedding_dropout=0.3)
     probs = clf.model(tf.constant(["Never seen words here.", "a FINE film", ""])).numpy()
     assert probs.shape == (3, 3) and np.all(np.isfinite(probs))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -282,40 +322,76 @@ def test_every_encoder_takes_raw_strings(encoder):
 # A real CLI run on a slice of rt-polarity with the GloVe vectors
 # --------------------------------------------------------------------------
 
+def _cli(*args: str) -> tuple[int, str, str]:
+    """`tl-keras ARGS` run in this process (no second interpreter and TensorFlow start-up).
+
+    Returns:
+        (exit code, stdout, stderr). The flags are reset afterwards.
+    """
+    from absl import flags as absl_flags
+    from tl_keras import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with pytest.raises(SystemExit) as exit_:
+                cli.run(["tl-keras", *args])
+    finally:
+        absl_flags.FLAGS.unparse_flags()
+    return exit_.value.code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, data_dir):
-    """tl-keras train --task=text on 2000 rt-polarity sentences (test 400), GloVe 50d."""
+    """tl-keras train --task=text on 1600 rt-polarity sentences (test 300), GloVe 50d."""
     root = tmp_path_factory.mktemp("text_run")
-    texts, labels = _rt_polarity(1350, seed=1)
-    _write_tsv(root / "train.tsv", texts[:2000], labels[:2000])
-    _write_tsv(root / "val.tsv", texts[2000:2300], labels[2000:2300])
-    _write_tsv(root / "test.tsv", texts[2300:2700], labels[2300:2700])
+    texts, labels = _rt_polarity(1100, seed=1)
+    _write_tsv(root / "train.tsv", texts[:1600], labels[:1600])
+    _write_tsv(root / "val.tsv", texts[1600:1800], labels[1600:1800])
+    _write_tsv(root / "test.tsv", texts[1800:2100], labels[1800:2100])
     out = root / "out"
-    proc = run_cli("train", "--task=text", f"--data={root / 'train.tsv'}",
-                   f"--val_data={root / 'val.tsv'}", f"--test_data={root / 'test.tsv'}",
-                   f"--embeddings={GLOVE}", "--encoder=cnn", "--encoder_units=64",
-                   "--sequence_length=48", "--head_epochs=8", "--finetune_epochs=2",
-                   "--patience=3", f"--output_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    return root, out, proc.stdout
+    code, stdout, stderr = _cli(
+        "train", "--task=text", f"--data={root / 'train.tsv'}", f"--val_data={root / 'val.tsv'}",
+        f"--test_data={root / 'test.tsv'}", f"--embeddings={GLOVE}",
+        f"--embedding_vocabulary={EXTRA_WORDS}", "--encoder=cnn", "--encoder_units=32",
+        "--sequence_length=40", "--head_epochs=6", "--finetune_epochs=1", "--patience=3",
+        f"--output_dir={out}")
+    assert code == 0, stderr[-3000:] + stdout[-3000:]
+    return root, out, stdout
+
+
+# The run's vocabulary: its training words and the first 3000 words of the GloVe file.
+EXTRA_WORDS = 3000
 
 
 def test_cli_text_run_writes_the_contract_and_beats_chance(text_run):
     root, out, stdout = text_run
-    for f in ("model.keras", "labels.txt", "config.json", "report.json",
-              "export/1/saved_model.pb", "export/1/assets/labels.txt"):
+    for f in ("model.keras", "labels.txt", "config.json", "report.json", "export_check.json",
+              "export/1/saved_model.pb", "export/1/assets/labels.txt",
+              "export/1/assets.extra/tf_serving_warmup_requests"):
         assert (out / f).exists(), f
     report = json.loads((out / "report.json").read_text())
+    # The export is a parity-gated version, as for images.
+    assert report["export"]["version"] == 1 and report["export"]["published"]
+    assert report["export"]["parity"]["passed"] and report["export"]["parity"]["n"] == 100
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["version"] == 1
+    assert check["artifacts"]["saved_model"]["top1_agreement"] == 1.0
     assert report["classes"] == ["neg", "pos"] == (out / "labels.txt").read_text().split()
     emb = report["embeddings"]
     assert emb["source"] == str(GLOVE) and emb["format"] == "glove" and emb["dim"] == 50
+    assert emb["init"] == "pretrained"
+    # --embedding_vocabulary: the file's first 3000 words that training lacks were added.
+    assert 0 < emb["vectors_only"] < EXTRA_WORDS
+    assert emb["words"] == emb["training_words"] + emb["vectors_only"] == report["vocabulary"] - 2
+    assert f"{emb['vectors_only']} of them from {GLOVE} only" in stdout
     # The shared file holds every corpus word GloVe knows (84% of the corpus vocabulary).
     assert 0.75 < emb["word_coverage"] < 1.0 and emb["token_coverage"] > 0.9
     assert f"token coverage {emb['token_coverage']:.1%}" in stdout
     assert report["stage1"]["epochs"] >= 1 and report["stage2"]["epochs"] >= 1
     assert report["kept"] in ("stage1", "stage2")
-    # 2 balanced classes, 400 test sentences: chance is 0.5 (sd 0.025).
-    assert report["test"]["n"] == 400
+    # 2 balanced classes, 300 test sentences: chance is 0.5 (sd 0.029).
+    assert report["test"]["n"] == 300
     assert report["test"]["accuracy"] >= 0.6, report["test"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["task"] == "text" and cfg["embedding_dim"] == 50
@@ -348,6 +424,11 @@ def test_embeddings_of_the_kept_stage(text_run):
     else:  # fine-tuned: moved, but still close to GloVe
         diff = np.abs(emb[found] - glove_rows).max(1)
         assert diff.max() > 1e-4 and np.median(diff) < 0.1
+    # The words of --embedding_vocabulary that no training text contains keep
+    # exactly their GloVe vectors in both stages (no gradient reaches them).
+    emb_info = json.loads((out / "report.json").read_text())["embeddings"]
+    extra = np.arange(len(vocab) - emb_info["vectors_only"], len(vocab))
+    np.testing.assert_array_equal(emb[extra], wv.vectors[[wv.index[vocab[i]] for i in extra]])
 
 
 def test_saved_model_serving_default_on_strings_matches_keras(text_run):
@@ -363,17 +444,79 @@ def test_saved_model_serving_default_on_strings_matches_keras(text_run):
     np.testing.assert_allclose(got["scores"].numpy()[:, 0], want.max(1), atol=1e-5)
 
 
-@pytest.mark.parametrize("args,needles", [
-    (["--encoder=transformer"], ["--encoder", "transformer", "pool, cnn, lstm, gru"]),
-    (["--embeddings=/no/such/vectors.txt"], ["--embeddings", "/no/such/vectors.txt"]),
-    (["--task=audio"], ["--task", "audio"]),
+def test_text_export_versions_and_parity_gate(tmp_path):
+    """Versions 1, 2 on strings; a failed gate publishes nothing; --overwrite replaces."""
+    from tl_keras import export as export_lib
+    from tl_keras import text_export
+
+    texts, labels = _rt_polarity(20, seed=2)
+    vectorizer = text_lib.build_vectorizer(texts, 500, 12)
+    matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
+    clf = text_lib.build_text_classifier(vectorizer, matrix, 2, "pool", 4, 0.5)
+    classes = ["neg", "pos"]
+    export_dir = tmp_path / "export"
+    first = text_export.export_text_version(clf.model, classes, str(export_dir), top_k=1,
+                                            parity_texts=texts, parity_samples=10,
+                                            check_path=str(tmp_path / "check.json"))
+    assert (first["version"], first["published"], first["parity"]["n"]) == (1, True, 10)
+    assert first["parity"]["artifacts"]["saved_model"]["top1_agreement"] == 1.0
+    second = text_export.export_text_version(clf.model, classes, str(export_dir))
+    assert second["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
+
+    # serving_default: a batch of strings in, class names and probabilities out,
+    # equal to the Keras model's.
+    batch = ["An utterly charming, funny film!", "a mess .", "", "zzyzx qwertq"]
+    serve = tf.saved_model.load(second["path"]).signatures["serving_default"]
+    got = serve(text=tf.constant(batch))
+    want = text_lib.predict_texts(clf.model, batch)
+    np.testing.assert_allclose(got["probabilities"].numpy(), want, atol=1e-6)
+    assert [c.decode() for c in got["classes"].numpy()[:, 0]] == [classes[i]
+                                                                   for i in want.argmax(1)]
+    assert got["scores"].shape == got["classes"].shape == (4, 2)  # top_k=3 capped at 2 classes
+
+    # A gate that cannot pass: nothing published, the comparison written, no temporary left.
+    with pytest.raises(export_lib.ExportRejected, match="parity gate"):
+        text_export.export_text_version(clf.model, classes, str(export_dir),
+                                        parity_texts=texts, max_prob_diff={"saved_model": -1.0},
+                                        check_path=str(tmp_path / "check.json"))
+    assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
+    assert json.loads((tmp_path / "check.json").read_text())["published"] is False
+    replaced = text_export.export_text_version(clf.model, classes, str(export_dir),
+                                               overwrite=True)
+    assert replaced["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
+
+
+@pytest.mark.parametrize("flag,error", [
+    ("--encoder=transformer", "--encoder='transformer': must be one of pool, cnn, lstm, gru"),
+    ("--embedding_vocabulary=-5", "--embedding_vocabulary=-5: must be >= 0 (words of "
+     "--embeddings added to the training vocabulary; 0: none)"),
+    ("--embedding_init=glove", "--embedding_init='glove': must be one of pretrained, random"),
 ])
-def test_bad_text_flags_give_one_line_errors(args, needles, tmp_path):
+def test_bad_text_flag_gives_a_one_line_cli_error(flag, error, tmp_path):
     t = _write_tsv(tmp_path / "t.tsv", ["good", "bad"], ["pos", "neg"])
-    proc = run_cli("train", "--task=text", f"--data={t}", f"--output_dir={tmp_path / 'o'}",
-                   *args, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("tl-keras: error:"), last
-    for n in needles:
-        assert n in last, (n, last)
+    code, _, stderr = _cli("train", "--task=text", f"--data={t}",
+                           f"--output_dir={tmp_path / 'o'}", f"--embeddings={GLOVE}", flag)
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == f"tl-keras: error: {error}"
+    assert not (tmp_path / "o" / "model.keras").exists()
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"embeddings": "/no/such/vectors.txt"}, r"--embeddings='/no/such/vectors.txt': no such file"),
+    ({"task": "audio"}, r"--task='audio': must be image or text"),
+    ({"sequence_length": 4}, r"--sequence_length=4: must be >= 5 for --encoder=cnn"),
+    ({"max_tokens": 2}, r"--max_tokens=2"),
+    ({"embedding_dropout": 1.0}, r"--embedding_dropout=1.0: must be in \[0, 1\)"),
+    ({"embedding_dim": 300}, r"--embedding_dim=300: the vectors in .* have 50 dimensions"),
+])
+def test_bad_text_settings_are_refused_before_training(changes, match, tmp_path):
+    from tl_keras import pipeline
+    from tl_keras.config import Config
+
+    t = _write_tsv(tmp_path / "t.tsv", ["good", "fine", "bad", "awful"],
+                   ["pos", "pos", "neg", "neg"])
+    cfg = Config(task="text", data=str(t), val_data=str(t), embeddings=str(GLOVE),
+                 output_dir=str(tmp_path / "o")).replace(**changes)
+    with pytest.raises(ConfigError, match=match):
+        pipeline.train(cfg)
+    assert not (tmp_path / "o" / "model.keras").exists()

@@ -144,8 +144,8 @@ class Config:
     tflite: str = ""
     # Training images in the int8 variant's representative (calibration) dataset.
     int8_calibration_images: int = 200
-    # Validation images the parity gate predicts with Keras, the SavedModel and
-    # each TFLite variant; 0: all.
+    # Validation images (texts for --task=text) the parity gate predicts with Keras,
+    # the SavedModel and each TFLite variant; 0: all.
     parity_images: int = 100
     # Parity gate: minimum top-1 agreement with the Keras model per artifact
     # (NAME=VALUE,...; names left out keep these defaults).
@@ -166,6 +166,19 @@ class Config:
     embeddings: str = ""
     # Word-vector size; 0: the size of --embeddings, or 100 without them.
     embedding_dim: int = 0
+    # Words of --embeddings that join the vocabulary besides the training words: the
+    # first N records of the file (GloVe and word2vec files are sorted by frequency),
+    # with their vectors, so words that no training text contains (but validation,
+    # test or users' texts do) keep their meaning instead of becoming [UNK]; 0: the
+    # training words only. The default 100000 covers nearly all the words of ordinary
+    # English text and costs N x dim floats in the model (100k x 300d = 120 MB, x 50d =
+    # 20 MB); the full GloVe 6B (400k words) adds mostly rare names and numbers.
+    embedding_vocabulary: int = 100000
+    # How the embedding rows start with --embeddings: pretrained (the file's vectors,
+    # frozen in stage 1) or random (only the file's words, for the same vocabulary as
+    # with pretrained; random vectors trained from stage 1 on, as without --embeddings:
+    # the control arm of benchmarks/text_glove.py).
+    embedding_init: str = "pretrained"
     # Vocabulary size: the most frequent training words, padding and [UNK] included.
     max_tokens: int = 20000
     # Tokens kept per text (longer texts are cut, shorter ones padded).
@@ -175,6 +188,9 @@ class Config:
     encoder: str = "cnn"
     # Hidden units (pool), filters per width (cnn) or units per direction (lstm, gru).
     encoder_units: int = 100
+    # Dropout of whole word vectors (the same words dropped in every dimension) before
+    # the encoder, in training only; 0: off.
+    embedding_dropout: float = 0.0
 
     # --- reliability: resume, determinism, untrusted inputs (issue 7) ----------
     # Discard the interrupted run in OUTPUT_DIR (its state.json and checkpoints/;

@@ -264,6 +264,40 @@ def _sample(split: data_lib.Split, n: int, seed: int) -> data_lib.Split:
     return split.subset(sorted(idx.tolist()))
 
 
+def gate_and_publish(tmp: str, export_dir: str, overwrite: bool, result: dict,
+                     check: Optional[dict], check_path: Optional[str],
+                     log: Callable[[str], None] = lambda s: None) -> dict:
+    """The end of every export: publish the finished `tmp` folder only if the gate passed.
+
+    Shared by image (`export_version`) and text (`text_export.export_text_version`)
+    exports: a failed gate writes the comparison to `check_path` and raises
+    ExportRejected with nothing published; a passed (or absent) gate renames
+    `tmp` to the next version (or replaces the newest, `overwrite`).
+
+    Returns:
+        `result` with "published", "version" and "path".
+    """
+    if check is not None and not check["passed"]:
+        check.update(published=False, version=None, export_dir=export_dir)
+        if check_path:
+            outputs.atomic_write_json(check_path, check)
+        where = f"; details in {check_path}" if check_path else ""
+        result.update(published=False, rejected=check["failures"])
+        raise ExportRejected(
+            f"export rejected by the parity gate: {'; '.join(check['failures'])}. "
+            f"Nothing was written to {export_dir}{where}", result)
+
+    version = _publish(tmp, export_dir, overwrite)
+    path = os.path.join(export_dir, str(version))
+    result.update(published=True, version=version, path=path)
+    if check is not None:
+        check.update(published=True, version=version, export_dir=export_dir)
+        if check_path:
+            outputs.atomic_write_json(check_path, check)
+    log(f"exported version {version} to {path}")
+    return result
+
+
 def export_version(model: keras.Model, class_names: list[str], image_size: int,
                    export_dir: str, *, top_k: int = 3, overwrite: bool = False,
                    tflite_variants: tuple | list = (),
@@ -346,26 +380,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
                                                         "passed")}
                               for name, a in check["artifacts"].items()}}
         lites.clear()
-
-        if check is not None and not check["passed"]:
-            check.update(published=False, version=None, export_dir=export_dir)
-            if check_path:
-                outputs.atomic_write_json(check_path, check)
-            where = f"; details in {check_path}" if check_path else ""
-            result.update(published=False, rejected=check["failures"])
-            raise ExportRejected(
-                f"export rejected by the parity gate: {'; '.join(check['failures'])}. "
-                f"Nothing was written to {export_dir}{where}", result)
-
-        version = _publish(tmp, export_dir, overwrite)
-        path = os.path.join(export_dir, str(version))
-        result.update(published=True, version=version, path=path)
-        if check is not None:
-            check.update(published=True, version=version, export_dir=export_dir)
-            if check_path:
-                outputs.atomic_write_json(check_path, check)
-        log(f"exported version {version} to {path}")
-        return result
+        return gate_and_publish(tmp, export_dir, overwrite, result, check, check_path, log)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -245,6 +245,9 @@ class WordVectors:
         format: "glove", "word2vec_text" or "word2vec_binary".
         rows_read: records in the file (all, not only the kept ones).
         rows_skipped: malformed records skipped.
+        top: with `first`, the words of the file's first records, in file
+            order, as the vectorizer produces them (ASCII lower case);
+            words it can never produce (punctuation inside) are left out.
     """
 
     index: dict
@@ -253,6 +256,7 @@ class WordVectors:
     format: str
     rows_read: int
     rows_skipped: int
+    top: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -316,8 +320,21 @@ def _binary_records(f, count: int, dim: int):
         yield bytes(chars).decode("utf-8", errors="replace"), np.frombuffer(raw, "<f4")
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def token_form(word: str) -> Optional[str]:
+    """The vectorizer's token for a vectors-file word, or None if it can never produce it.
+
+    `standardize_text` lower-cases ASCII letters and splits punctuation off
+    words: "The" becomes "the"; "e.g." or "new york" never come out whole.
+    """
+    low = word.translate(_ASCII_LOWER)
+    return low if re.sub(_PUNCTUATION, r" \1 ", low).split() == [low] else None
+
+
 def load_vectors(path: str, wanted: Optional[set] = None,
-                 flag: str = "embeddings") -> WordVectors:
+                 flag: str = "embeddings", first: int = 0) -> WordVectors:
     """Reads word vectors from a GloVe text, word2vec text or word2vec binary file.
 
     The file is streamed: with `wanted`, only those words are kept, so a
@@ -329,6 +346,8 @@ def load_vectors(path: str, wanted: Optional[set] = None,
         path: the vectors file (format detected from its content).
         wanted: the words to keep (e.g. a vocabulary); None keeps all.
         flag: the flag it came from, for error messages.
+        first: also keep the words of the first `first` records (the most
+            frequent ones, in GloVe and word2vec files), listed in `top`.
 
     Returns:
         WordVectors. Malformed records are skipped and counted (a warning
@@ -342,16 +361,21 @@ def load_vectors(path: str, wanted: Optional[set] = None,
     fmt = detect_vectors_format(path, flag)
     exact: dict = {}
     folded: dict = {}
+    top: dict = {}  # an ordered set
     read = skipped = 0
     first_bad = None
     dim = None
 
     def take(word: str, vec: np.ndarray) -> None:
-        if wanted is None or word in wanted:
+        if read <= first:
+            tok = token_form(word)
+            if tok is not None:
+                top.setdefault(tok, None)
+        if wanted is None or word in wanted or word in top:
             exact.setdefault(word, vec)
         else:
             low = word.lower()
-            if low in wanted:
+            if low in wanted or low in top:
                 folded.setdefault(low, vec)
 
     if fmt == "word2vec_binary":
@@ -383,8 +407,8 @@ def load_vectors(path: str, wanted: Optional[set] = None,
                 # `dim` fields are the numbers.
                 parts = line.rsplit(" ", dim)
                 word = parts[0]
-                if (wanted is not None and len(parts) == dim + 1 and word not in wanted
-                        and word.lower() not in wanted):
+                if (wanted is not None and read > first and len(parts) == dim + 1
+                        and word not in wanted and word.lower() not in wanted):
                     continue  # not parsed: most of a big file is not wanted
                 vec = _parse_floats(parts[1:], dim)
                 if vec is None:
@@ -401,7 +425,7 @@ def load_vectors(path: str, wanted: Optional[set] = None,
     index = {w: i for i, w in enumerate(merged)}
     vectors = (np.stack(list(merged.values())) if merged
                else np.zeros((0, dim), np.float32))
-    return WordVectors(index, vectors, dim, fmt, read, skipped)
+    return WordVectors(index, vectors, dim, fmt, read, skipped, list(top))
 
 
 # --------------------------------------------------------------------------
@@ -434,6 +458,30 @@ def build_vectorizer(texts: list[str], max_tokens: int, sequence_length: int
     return vectorizer
 
 
+def extend_vocabulary(vectorizer: keras.layers.TextVectorization, words: list[str]
+                      ) -> tuple[keras.layers.TextVectorization, int]:
+    """A vectorizer whose vocabulary is that of `vectorizer` followed by the `words` it lacks.
+
+    The training vocabulary keeps its ids (most frequent first); the added
+    words (e.g. the most frequent words of a vectors file) come after it, so
+    texts at prediction time find them instead of `[UNK]`.
+
+    Returns:
+        (vectorizer, number of words added); the same vectorizer when none is.
+    """
+    vocab = [str(w) for w in vectorizer.get_vocabulary()]
+    have = set(vocab)
+    extra = [w for w in dict.fromkeys(words) if w not in have and w]
+    if not extra:
+        return vectorizer, 0
+    extended = keras.layers.TextVectorization(
+        max_tokens=None, standardize=standardize_text, split="whitespace", output_mode="int",
+        output_sequence_length=vectorizer.get_config()["output_sequence_length"],
+        name=VECTORIZER_LAYER)
+    extended.set_vocabulary(vocab[2:] + extra)  # padding and [UNK] are put first again
+    return extended, len(extra)
+
+
 def vectorize(vectorizer: keras.layers.TextVectorization, texts: list[str],
               batch_size: int = 1024) -> np.ndarray:
     """Token ids int64 [N, sequence_length] of `texts`."""
@@ -445,8 +493,9 @@ def vectorize(vectorizer: keras.layers.TextVectorization, texts: list[str],
 
 
 def embedding_matrix(vocabulary: list[str], vectors: Optional[WordVectors], dim: int,
-                     seed: int, train_ids: Optional[np.ndarray] = None
-                     ) -> tuple[np.ndarray, dict]:
+                     seed: int, train_ids: Optional[np.ndarray] = None,
+                     training_words: Optional[int] = None,
+                     val_ids: Optional[np.ndarray] = None) -> tuple[np.ndarray, dict]:
     """Initial embedding rows for a vocabulary.
 
     Words found in `vectors` get their vector. The other words get small
@@ -463,12 +512,20 @@ def embedding_matrix(vocabulary: list[str], vectors: Optional[WordVectors], dim:
         dim: the embedding size (must equal `vectors.dim`).
         seed: seeds the random rows.
         train_ids: the vectorized training texts, to count token coverage.
+        training_words: how many words (after padding and [UNK]) come from
+            the training texts; the rest came from the vectors file only
+            (`extend_vocabulary`). None: all of them.
+        val_ids: the vectorized validation texts, to count their token
+            coverage.
 
     Returns:
         (matrix float32 [len(vocabulary), dim], coverage dict): `words` (the
-        vocabulary without padding and [UNK]), `found`, `word_coverage`
-        (found / words) and, with `train_ids`, `token_coverage` (share of
-        the training tokens the model sees that have a pre-trained vector;
+        vocabulary without padding and [UNK]), `training_words`,
+        `vectors_only` (words added from the vectors file, all found),
+        `found` (training words with a vector), `word_coverage` (found /
+        training words) and, with `train_ids` / `val_ids`,
+        `token_coverage` / `val_token_coverage` (share of the training /
+        validation tokens the model sees that have a pre-trained vector;
         [UNK] counts as not covered).
     """
     rng = np.random.default_rng(seed)
@@ -487,11 +544,15 @@ def embedding_matrix(vocabulary: list[str], vectors: Optional[WordVectors], dim:
                 matrix[i] = vectors.vectors[row]
                 found[i] = True
     words = max(n - 2, 0)
-    coverage = {"words": words, "found": int(found.sum()),
-                "word_coverage": round(float(found.sum()) / words, 4) if words else 0.0}
-    if train_ids is not None:
-        seen = train_ids[train_ids > 0]
-        coverage["token_coverage"] = (round(float(found[seen].mean()), 4) if seen.size else 0.0)
+    train_words = words if training_words is None else min(training_words, words)
+    n_found = int(found[2:2 + train_words].sum())
+    coverage = {"words": words, "training_words": train_words,
+                "vectors_only": words - train_words, "found": n_found,
+                "word_coverage": round(n_found / train_words, 4) if train_words else 0.0}
+    for key, ids in (("token_coverage", train_ids), ("val_token_coverage", val_ids)):
+        if ids is not None:
+            seen = ids[ids > 0]
+            coverage[key] = round(float(found[seen].mean()), 4) if seen.size else 0.0
     return matrix, coverage
 
 
@@ -572,8 +633,8 @@ class TextClassifier:
 
 def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np.ndarray,
                           num_classes: int, encoder: str = "cnn", units: int = 100,
-                          dropout: float = 0.5, train_embeddings: bool = False
-                          ) -> TextClassifier:
+                          dropout: float = 0.5, train_embeddings: bool = False,
+                          embedding_dropout: float = 0.0) -> TextClassifier:
     """Builds strings -> vectorizer -> embedding -> encoder -> dropout -> softmax head.
 
     Args:
@@ -587,6 +648,8 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
             direction (lstm, gru).
         dropout: dropout rate before the head.
         train_embeddings: whether the embeddings start trainable.
+        embedding_dropout: rate at which whole word vectors are dropped
+            (SpatialDropout1D) before the encoder, in training only.
 
     Returns:
         A TextClassifier.
@@ -604,6 +667,11 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
     # whole matrix into the saved model's config.
     embedding.embeddings.assign(matrix)
     embedding.trainable = train_embeddings
+    if embedding_dropout:
+        # Drops whole words (all their dimensions): a sentence must be
+        # classified from the rest of its words, which curbs memorizing
+        # the few words of each training sentence.
+        x = keras.layers.SpatialDropout1D(embedding_dropout, name="embedding_dropout")(x)
     x = _encoder(x, encoder, units)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     probs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",

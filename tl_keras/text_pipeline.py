@@ -4,7 +4,7 @@ data -> vocabulary (training texts) -> word vectors -> model -> vectorize once
 -> stage 1 (embeddings frozen; encoder and head trained) -> unfreeze the
 embeddings -> stage 2 (everything at a low learning rate) -> keep the better
 stage -> evaluate on raw strings -> write model, labels, config, report ->
-export SavedModel.
+export a new SavedModel version (parity-gated, as for images).
 
 Without `--embeddings` the word vectors are random, and are trained from
 stage 1 on: freezing random vectors would only handicap them.
@@ -22,12 +22,17 @@ import tensorflow as tf
 from tl_keras import cache as cache_lib
 from tl_keras import determinism
 from tl_keras import evaluate as evaluate_lib
+from tl_keras import export as export_lib
 from tl_keras import outputs
+from tl_keras import parity
 from tl_keras import resume
 from tl_keras import text as text_lib
 from tl_keras import text_export
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
+
+
+EMBEDDING_INITS = ("pretrained", "random")
 
 
 def log(msg: str) -> None:
@@ -46,6 +51,15 @@ def validate_text(cfg: Config) -> None:
                    f"must be >= {shortest} for --encoder={cfg.encoder}")
     if cfg.encoder_units < 1:
         raise fail("encoder_units", cfg.encoder_units, "must be >= 1")
+    if not 0 <= cfg.embedding_dropout < 1:
+        raise fail("embedding_dropout", cfg.embedding_dropout, "must be in [0, 1)")
+    if cfg.embedding_vocabulary < 0:
+        raise fail("embedding_vocabulary", cfg.embedding_vocabulary,
+                   "must be >= 0 (words of --embeddings added to the training vocabulary; "
+                   "0: none)")
+    if cfg.embedding_init not in EMBEDDING_INITS:
+        raise fail("embedding_init", cfg.embedding_init,
+                   f"must be one of {', '.join(EMBEDDING_INITS)}")
     if cfg.embedding_dim < 0:
         raise fail("embedding_dim", cfg.embedding_dim, "must be >= 1 (or 0 for the default)")
     if cfg.embeddings and not os.path.isfile(cfg.embeddings):
@@ -111,42 +125,57 @@ def train(cfg: Config) -> dict:
 
     # --- vocabulary and word vectors -----------------------------------------
     vectorizer = text_lib.build_vectorizer(data.train.items, cfg.max_tokens, cfg.sequence_length)
-    vocabulary = vectorizer.get_vocabulary()
-    train_ids = text_lib.vectorize(vectorizer, data.train.items)
-    val_ids = text_lib.vectorize(vectorizer, data.val.items)
+    training_words = len(vectorizer.get_vocabulary()) - 2
     vectors = None
     if cfg.embeddings:
-        vectors = text_lib.load_vectors(cfg.embeddings, set(vocabulary[2:]))
+        vectors = text_lib.load_vectors(cfg.embeddings, set(vectorizer.get_vocabulary()[2:]),
+                                        first=cfg.embedding_vocabulary)
         if cfg.embedding_dim and cfg.embedding_dim != vectors.dim:
             raise fail("embedding_dim", cfg.embedding_dim,
                        f"the vectors in {cfg.embeddings} have {vectors.dim} dimensions")
         dim = vectors.dim
+        # The file's most frequent words join the vocabulary after the training words.
+        vectorizer, _ = text_lib.extend_vocabulary(vectorizer, vectors.top)
     else:
         dim = cfg.embedding_dim or text_lib.DEFAULT_RANDOM_DIM
-    matrix, coverage = text_lib.embedding_matrix(vocabulary, vectors, dim, cfg.seed, train_ids)
-    embeddings = {"source": cfg.embeddings or "random", "dim": dim, **coverage}
+    vocabulary = vectorizer.get_vocabulary()
+    train_ids = text_lib.vectorize(vectorizer, data.train.items)
+    val_ids = text_lib.vectorize(vectorizer, data.val.items)
+    pretrained = vectors is not None and cfg.embedding_init == "pretrained"
+    matrix, coverage = text_lib.embedding_matrix(vocabulary, vectors if pretrained else None,
+                                                 dim, cfg.seed, train_ids, training_words,
+                                                 val_ids)
+    embeddings = {"source": cfg.embeddings or "random", "dim": dim,
+                  "init": "pretrained" if pretrained else "random", **coverage}
     if vectors is not None:
         embeddings["format"] = vectors.format
+    extra = (f", {coverage['vectors_only']} of them from {cfg.embeddings} only "
+             f"(--embedding_vocabulary={cfg.embedding_vocabulary})" if vectors is not None else "")
+    if pretrained:
         if coverage["found"] == 0:
             raise fail("embeddings", cfg.embeddings,
-                       f"has a vector for none of the {coverage['words']} training words")
-        log(f"word vectors: {coverage['found']} of {coverage['words']} vocabulary words found "
-            f"in {cfg.embeddings} ({vectors.format}, {dim}d): word coverage "
-            f"{coverage['word_coverage']:.1%}, token coverage {coverage['token_coverage']:.1%}")
+                       f"has a vector for none of the {coverage['training_words']} training "
+                       "words")
+        log(f"word vectors: {coverage['found']} of {coverage['training_words']} training words "
+            f"found in {cfg.embeddings} ({vectors.format}, {dim}d): word coverage "
+            f"{coverage['word_coverage']:.1%}, token coverage {coverage['token_coverage']:.1%} "
+            f"(validation {coverage['val_token_coverage']:.1%}); vocabulary "
+            f"{coverage['words']} words{extra}")
     else:
         log(f"word vectors: random, {dim}d, trained from stage 1 on "
-            f"({coverage['words']} vocabulary words)")
+            f"(vocabulary {coverage['words']} words{extra})")
 
     # --- model ---------------------------------------------------------------
     clf = text_lib.build_text_classifier(vectorizer, matrix, n_cls, cfg.encoder,
                                          cfg.encoder_units, cfg.dropout,
-                                         train_embeddings=vectors is None)
+                                         train_embeddings=not pretrained,
+                                         embedding_dropout=cfg.embedding_dropout)
     log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {cfg.sequence_length} tokens "
         f"per text, {clf.ids_model.count_params()} parameters")
 
     # --- stage 1: encoder and head on frozen word vectors -------------------
     tr_y, va_y = _one_hot(data.train.labels, n_cls), _one_hot(data.val.labels, n_cls)
-    log("stage 1: " + ("embeddings frozen" if vectors is not None else "embeddings trained")
+    log("stage 1: " + ("embeddings frozen" if pretrained else "embeddings trained")
         + f", encoder and head at lr {cfg.head_learning_rate}")
     s1 = train_lib.fit_head(clf.ids_model, train_ids, tr_y, val_ids, va_y,
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
@@ -204,12 +233,26 @@ def train(cfg: Config) -> dict:
         clf.model.save(tmp)
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    rejected = None
     if cfg.export:
-        path = state.once("export", lambda: text_export.export_text_saved_model(
-            clf.model, classes, os.path.join(out, "export", "1"), cfg.top_k), os.path.isdir)
-        report["export"] = path
-        log(f"exported SavedModel to {path}")
+        # As for images: a new version (or the newest replaced, --overwrite),
+        # published only if the reloaded SavedModel predicts the validation
+        # texts as the Keras model does (the parity gate). Done once: a
+        # resumed run does not export again.
+        try:
+            report["export"] = state.once("export", lambda: text_export.export_text_version(
+                clf.model, classes, os.path.join(out, "export"), top_k=cfg.top_k,
+                overwrite=cfg.overwrite, parity_texts=data.val.items,
+                parity_samples=cfg.parity_images,
+                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+                seed=cfg.seed, log=log), lambda done: os.path.isdir(done.get("path", "")))
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
     state.finish()
     return report
