@@ -209,3 +209,14 @@ def test_bad_values_in_a_real_process(args, needles, tmp_path):
                    timeout=300)
     last = (proc.stderr.strip().splitlines() or [""])[-1]
     _assert_one_line_error(proc.returncode, last, proc.stderr, *needles)
+
+
+def test_a_second_run_in_one_process_starts_from_the_defaults(tmp_path, capsys):
+    # Notebooks and tests call cli.run more than once in one process: a flag
+    # given to the first run must not leak into the next.
+    for args, export in ((["--export=false"], False), ([], True)):
+        with pytest.raises(SystemExit):
+            cli.run(["tl-keras", "train", f"--data={FLOWERS_MINI}", "--batch_size=0",
+                     f"--output_dir={tmp_path / 'o'}", *args])
+        assert flags.FLAGS.export is export
+    assert "--batch_size" in capsys.readouterr().err

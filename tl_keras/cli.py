@@ -132,6 +132,8 @@ def run(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__ + "\nFlags:\n" + FLAGS.get_help())
         sys.exit(0)
+    if FLAGS.is_parsed():  # a second run in one process starts from the defaults again
+        FLAGS.unparse_flags()
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
