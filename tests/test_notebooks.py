@@ -142,6 +142,12 @@ def _texts(nb) -> str:
     return "\n".join(parts)
 
 
+def _results(nb) -> list[str]:
+    """The cells that end in a value (Out[n]); display cells should not."""
+    return [c.source for c in _code_cells(nb)
+            if any(o.output_type == "execute_result" for o in c.outputs)]
+
+
 def _mime_count(nb, mime: str) -> int:
     return sum(mime in out.get("data", {}) for c in _code_cells(nb) for out in c.outputs)
 
@@ -168,6 +174,7 @@ def test_quickstart_runs_headless(kernel, tmp_path):
     m = re.search(rf"{re.escape(image.name)}: predicted: (\S+) \(([0-9.]+)\)", text)
     assert m, text[-2000:]
     assert m.group(1) in classes and 0 < float(m.group(2)) <= 1
+    assert _results(nb) == ["notebook.export_dir(output_dir)"]
 
 
 @pytest.mark.slow
@@ -194,6 +201,7 @@ def test_your_own_images_runs_headless_on_a_zip(kernel, tmp_path):
     assert "flowers_model/1/saved_model.pb" in names
     assert "flowers_model/1/assets/labels.txt" in names
     assert f"saved to {zipped}" in text
+    assert _results(nb) == []
 
 
 # --------------------------------------------------------------------------
@@ -243,8 +251,8 @@ def test_zip_export_holds_the_version_folders_only(tmp_path):
 
 
 def test_show_figure_says_when_a_run_has_none(tmp_path, capsys):
-    assert notebook.show_figure(str(tmp_path), "mistakes") is None
-    assert "(no mistakes)" in capsys.readouterr().out
+    notebook.show_figure(str(tmp_path), "mistakes")
+    assert "The most confident mistakes: none in" in capsys.readouterr().out
     with pytest.raises(ValueError, match="figure 'roc'"):
         notebook.show_figure(str(tmp_path), "roc")
 
@@ -268,11 +276,11 @@ def fake_colab(monkeypatch):
 
 def test_outside_colab_nothing_is_uploaded_or_downloaded(tmp_path, capsys):
     assert not notebook.in_colab()
-    assert notebook.classify_image(str(tmp_path), "") is None
+    notebook.classify_image(str(tmp_path), "")
     assert "set `image` in the parameters cell" in capsys.readouterr().out
     f = tmp_path / "model.zip"
     f.write_bytes(b"z")
-    assert notebook.download(str(f)) == str(f)
+    notebook.download(str(f))
     assert f"saved to {f}" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="only available in Colab"):
         notebook.upload_zip(str(tmp_path))

@@ -66,8 +66,8 @@ def _display(obj) -> None:
 # Environment
 # --------------------------------------------------------------------------
 
-def describe_environment() -> dict:
-    """Prints and returns the versions, the device and the precision `auto` picks.
+def describe_environment() -> None:
+    """Prints the versions, the device and the precision `auto` picks.
 
     In Colab without a GPU it also says how to get one (training on a CPU
     runtime works, only slowly).
@@ -85,7 +85,6 @@ def describe_environment() -> dict:
     if in_colab() and env["device"] == "CPU":
         print("No GPU: training runs on the CPU, which is slow. In Colab choose "
               "Runtime > Change runtime type > GPU, then run the notebook again.")
-    return env
 
 
 # --------------------------------------------------------------------------
@@ -223,12 +222,8 @@ def prepare_images(data: str, extract_dir: str = "images") -> str:
 # Showing a run
 # --------------------------------------------------------------------------
 
-def show_results(run_dir: str) -> dict:
-    """Prints the headline figures of a finished run (from its report.json).
-
-    Returns:
-        The headline of the evaluated split (test, else validation).
-    """
+def show_results(run_dir: str) -> None:
+    """Prints the headline figures of a finished run (from its report.json)."""
     from tl_keras import report as report_lib
 
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
@@ -243,19 +238,17 @@ def show_results(run_dir: str) -> dict:
     print(f"kept: {report.get('kept')}")
     print(f"{split} ({head.get('n')} images): " +
           ", ".join(f"{k} {v:.3f}" for k, v in head.items() if k != "n" and v is not None))
-    return head
 
 
-def show_figure(run_dir: str, name: str) -> Optional[str]:
-    """Displays one figure of a finished run.
+def show_figure(run_dir: str, name: str) -> None:
+    """Displays one figure of a finished run, or says that the run has none.
+
+    (A run with no mistakes has no mistakes figure.) Display functions
+    return None, so a notebook shows the figure and not a value after it.
 
     Args:
         run_dir: the run folder (`output_dir`).
         name: one of `FIGURES` (learning_curves, confusion_matrix, mistakes).
-
-    Returns:
-        The PNG's path, or None when the run has none (a run with no
-        mistakes has no mistakes figure).
     """
     from IPython.display import Image
 
@@ -266,18 +259,16 @@ def show_figure(run_dir: str, name: str) -> Optional[str]:
     if not os.path.isfile(path):
         print(f"{caption}: none in {run_dir}" +
               (" (no mistakes)" if name == "mistakes" else ""))
-        return None
+        return
     print(caption)
     _display(Image(filename=path))
-    return path
 
 
-def show_run(run_dir: str) -> dict:
+def show_run(run_dir: str) -> None:
     """Prints the headline figures of a run and displays all its figures."""
-    head = show_results(run_dir)
+    show_results(run_dir)
     for name in FIGURES:
         show_figure(run_dir, name)
-    return head
 
 
 # --------------------------------------------------------------------------
@@ -332,22 +323,21 @@ def _image_to_classify(image: str) -> tuple[Optional[str], Optional[bytes]]:
     return None, None
 
 
-def classify_image(run_dir: str, image: str = "") -> Optional[list[tuple[str, float]]]:
-    """Shows an image and what the run's SavedModel predicts for it.
+def classify_image(run_dir: str, image: str = "") -> None:
+    """Shows an image and prints what the run's SavedModel predicts for it.
+
+    Prints `NAME: predicted: CLASS (SCORE)`, then the top-k classes. For
+    the predictions as values, use `classify_bytes`.
 
     Args:
         run_dir: the run folder (`output_dir`) or a SavedModel folder.
         image: the image file; empty: in Colab, ask for an upload.
-
-    Returns:
-        The top-k (class name, score) pairs, best first; None when no image
-        was given.
     """
     name, data = _image_to_classify(image)
     if data is None:
         print("No image to classify: set `image` in the parameters cell to a photo's path "
               "(in Colab, leave it empty to upload one).")
-        return None
+        return
     import tensorflow as tf
     from IPython.display import Image
 
@@ -359,7 +349,6 @@ def classify_image(run_dir: str, image: str = "") -> Optional[list[tuple[str, fl
     _display(Image(data=data, width=256))
     print(f"{os.path.basename(name)}: predicted: {top[0][0]} ({top[0][1]:.2f})")
     print("top classes: " + ", ".join(f"{c} {s:.2f}" for c, s in top))
-    return top
 
 
 def zip_export(run_dir: str, name: str = "") -> str:
@@ -393,10 +382,9 @@ def zip_export(run_dir: str, name: str = "") -> str:
     return path
 
 
-def download(path: str) -> str:
+def download(path: str) -> None:
     """Downloads a file to your computer in Colab; elsewhere says where it is."""
     if in_colab():
         _colab("files").download(path)
     else:
         print(f"saved to {os.path.abspath(path)}")
-    return path
