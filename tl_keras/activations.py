@@ -28,14 +28,17 @@ class Cut:
     """The backbone split at the boundary below the first unfrozen block.
 
     Attributes:
-        bottom: images (preprocessed input of the full model) -> activations.
+        bottom: images (the full model's raw input) -> activations.
         trainer: activations -> probabilities, sharing layers with the model.
         shape: shape of one example's activations.
+        joint: images -> [activations, pooled features] in one pass, so one
+            inference per view feeds both stages' caches.
     """
 
     bottom: keras.Model
     trainer: keras.Model
     shape: tuple
+    joint: keras.Model
 
 
 def _producers(tensors) -> list:
@@ -73,13 +76,16 @@ def cut(clf: Classifier, n_blocks: int) -> Optional[Cut]:
         return None
     images = clf.model.input
     pre = clf.model.get_layer("preprocess")
-    bottom = keras.Model(images, bottom_backbone(pre(images), training=False), name="bottom")
+    acts = bottom_backbone(pre(images), training=False)
+    bottom = keras.Model(images, acts, name="bottom")
+    pool = clf.model.get_layer("features")
+    joint = keras.Model(images, [acts, pool(top(acts, training=False))], name="bottom_and_features")
     act_in = keras.Input(tuple(tensor.shape[1:]), name="activations")
     x = top(act_in, training=False)
     for name in ("features", "head_dropout", "head"):
         x = clf.model.get_layer(name)(x)
     trainer = keras.Model(act_in, x, name="top_trainer")
-    return Cut(bottom, trainer, tuple(tensor.shape[1:]))
+    return Cut(bottom, trainer, tuple(tensor.shape[1:]), joint)
 
 
 def estimate_bytes(c: Cut, n_examples: int, views: int) -> int:

@@ -8,6 +8,7 @@ Commands:
   train     run both stages on --data and write --output_dir
   evaluate  evaluate a finished run (--model=OUT) on --data
   compare   print the key figures of finished runs side by side: compare OUT1 OUT2 ...
+  predict   top-k classes of --images with an export (--model=OUT/export/1 or a .tflite)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from absl import flags
 from tl_keras.config import Config, ConfigError, fields_with_help
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "compare")
+COMMANDS = ("train", "evaluate", "compare", "predict")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -34,7 +35,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         definer = {bool: flags.DEFINE_boolean, int: flags.DEFINE_integer,
                    float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
         definer(field.name, default, help_text, flag_values=flag_values)
-    flags.DEFINE_string("model", "", "evaluate: a finished run folder (OUT) or a .keras file",
+    flags.DEFINE_string("model", "", "evaluate: a finished run folder (OUT) or a .keras file; "
+                        "predict: an export version folder (OUT/export/1) or a .tflite file",
                         flag_values=flag_values)
 
 
@@ -65,6 +67,19 @@ def _evaluate(cfg: Config, model_path: str) -> int:
     return 0
 
 
+def _predict(cfg: Config, model_path: str) -> int:
+    from tl_keras import predict
+
+    result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size)
+    for s in result["skipped"]:
+        print(f"tl-keras: skipped {s['image']!r}: {s['error']}", file=sys.stderr)
+    if not result["predictions"]:
+        raise ConfigError(f"--images={cfg.images!r}: none of the "
+                          f"{len(result['skipped'])} file(s) could be decoded")
+    print(json.dumps(result, indent=2) if cfg.json else predict.format_table(result))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Dispatches a parsed command line; returns the exit code."""
     if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -81,6 +96,11 @@ def main(argv: list[str]) -> int:
     cfg = config_from_flags()
     if argv[1] == "train":
         return _train(cfg)
+    if argv[1] == "predict":
+        if not FLAGS.model:
+            raise ConfigError("--model='': required by predict (an export version folder "
+                              "or a .tflite file)")
+        return _predict(cfg, FLAGS.model)
     if not FLAGS.model:
         raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
     return _evaluate(cfg, FLAGS.model)

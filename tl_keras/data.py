@@ -1,16 +1,20 @@
 """Data sources and tf.data pipelines.
 
-A source (a folder of class subfolders, or `tfds:NAME[:SPLIT]`) becomes a
-`Split`: encoded images (file paths or bytes) with integer labels. Splits
-become tf.data pipelines that decode, resize (exactly as the exported model
-does: `decode_and_resize`), cache, augment (training only), batch and
-prefetch.
+A source (a folder of class subfolders, a CSV/TSV list of `path,label` rows,
+or `tfds:NAME[:SPLIT]`) becomes a `Split`: encoded images (file paths or
+bytes) with integer labels, or multi-hot label rows for multi-label lists
+(`a|b`). Splits become tf.data pipelines that decode, resize (exactly as the
+exported model does: `decode_and_resize`), cache (in RAM within a budget, on
+disk beyond), augment (training only, after the cache), batch and prefetch.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
+import shutil
+import uuid
 from typing import Optional, Sequence
 
 import numpy as np
@@ -18,7 +22,12 @@ import tensorflow as tf
 
 from tl_keras.config import ConfigError, fail
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# Listed from class folders. Formats TensorFlow cannot decode (TIFF) are still
+# listed: the pre-flight scan converts them or reports why it cannot.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
+                    ".tiff")
+LIST_EXTENSIONS = (".csv", ".tsv", ".txt")
+MULTI_LABEL_SEPARATOR = "|"
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -28,13 +37,17 @@ class Split:
 
     Attributes:
         items: file paths (str) or encoded image bytes, one per example.
-        labels: int class ids, shape (N,).
+        labels: int class ids, shape (N,); or, for multi-label data,
+            multi-hot float32 rows, shape (N, C).
         source: where the split came from (for messages and reports).
     """
 
     items: list
     labels: np.ndarray
     source: str = ""
+    # Content key per item (the pre-flight scan's SHA-1), or None: lets splits
+    # keep byte-identical copies together and reports name leakage.
+    keys: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -44,11 +57,28 @@ class Split:
         return bool(self.items) and isinstance(self.items[0], str)
 
     def subset(self, idx: Sequence[int]) -> "Split":
+        keys = [self.keys[i] for i in idx] if self.keys is not None else None
         return Split([self.items[i] for i in idx], self.labels[np.asarray(idx, dtype=int)],
-                     self.source)
+                     self.source, keys)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
 
     def class_counts(self, num_classes: int) -> list[int]:
+        """Images per class (for multi-label data: images carrying each label)."""
+        if self.multi_label:
+            return self.labels.sum(axis=0).astype(int).tolist()
         return np.bincount(self.labels, minlength=num_classes).astype(int).tolist()
+
+    def strata(self) -> np.ndarray:
+        """One stratum per example for stratified splits: its class, or for
+        multi-label rows its rarest label (-1 for rows without labels)."""
+        if not self.multi_label:
+            return self.labels
+        freq = self.labels.sum(axis=0)
+        rarity = np.where(self.labels > 0, freq[None, :], np.inf)
+        return np.where(self.labels.any(axis=1), rarity.argmin(axis=1), -1)
 
 
 @dataclasses.dataclass
@@ -91,7 +121,12 @@ def list_class_folder(root: str, flag: str) -> tuple[list[str], dict[str, list[s
     return classes, files
 
 
-def _folder_split(root: str, flag: str, class_names: Optional[list[str]]) -> tuple[list[str], Split]:
+def _as_multi_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def _folder_split(root: str, flag: str, class_names: Optional[list[str]],
+                  multi_label: bool = False) -> tuple[list[str], Split]:
     classes, files = list_class_folder(root, flag)
     if class_names is None:
         class_names = [c for c in classes if files[c]]
@@ -107,12 +142,122 @@ def _folder_split(root: str, flag: str, class_names: Optional[list[str]]) -> tup
         for p in files.get(c, []):
             items.append(p)
             labels.append(i)
-    return class_names, Split(items, np.asarray(labels, dtype=np.int64), root)
+    labels = np.asarray(labels, dtype=np.int64)
+    if multi_label:
+        labels = _as_multi_hot(labels, len(class_names))
+    return class_names, Split(items, labels, root)
+
+
+_PATH_HEADERS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img")
+_LABEL_HEADERS = ("label", "labels", "class", "classes", "category", "tags", "target")
+
+
+def _sniff_delimiter(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()][:50]
+    sample = "\n".join(lines)
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",\t;").delimiter
+    except csv.Error:
+        first = lines[0] if lines else ""
+        for d in ("\t", ",", ";"):
+            if d in first:
+                return d
+        return ","
+
+
+def read_list_file(path: str, flag: str) -> tuple[list[str], list[list[str]], bool]:
+    """Reads a CSV/TSV list of `path<delimiter>label` rows.
+
+    The delimiter (comma, tab or semicolon) is detected; a header row is
+    optional (recognised by its column names, or by a first row whose path
+    does not exist while the next one's does). Relative paths are taken from
+    the list file's folder. A label field `a|b` gives several labels.
+
+    Returns:
+        (image paths, label names per row, whether any row has several or no
+        labels, i.e. whether the list is multi-label).
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(flag, path, f"cannot read the list: {e}") from None
+    delim = _sniff_delimiter(text)
+    rows = [(i + 1, r) for i, r in enumerate(csv.reader(text.splitlines(), delimiter=delim))
+            if r and any(c.strip() for c in r)]
+    if not rows:
+        raise fail(flag, path, "the list is empty (expected rows of PATH,LABEL)")
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: str) -> str:
+        p = os.path.expanduser(p.strip())
+        return p if os.path.isabs(p) else os.path.join(base, p)
+
+    path_col, label_col = 0, 1
+    head = [c.strip().lower() for c in rows[0][1]]
+    named = [c for c in head if c in _PATH_HEADERS + _LABEL_HEADERS]
+    looks_like_header = (bool(named) and not os.path.exists(resolve(rows[0][1][0]))) or (
+        len(rows) > 1 and not os.path.exists(resolve(rows[0][1][0]))
+        and os.path.exists(resolve(rows[1][1][0])))
+    if looks_like_header:
+        path_col = next((i for i, c in enumerate(head) if c in _PATH_HEADERS), 0)
+        label_col = next((i for i, c in enumerate(head) if c in _LABEL_HEADERS),
+                         1 if path_col == 0 else 0)
+        rows = rows[1:]
+    paths, labels = [], []
+    multi = False
+    for line, r in rows:
+        if len(r) <= max(path_col, label_col):
+            raise fail(flag, path, f"line {line}: expected PATH{delim!r}LABEL, got {r!r}")
+        names = [n.strip() for n in r[label_col].split(MULTI_LABEL_SEPARATOR)]
+        names = [n for n in names if n]
+        if not r[path_col].strip():
+            raise fail(flag, path, f"line {line}: empty path")
+        multi = multi or len(names) != 1
+        paths.append(resolve(r[path_col]))
+        labels.append(names)
+    if not paths:
+        raise fail(flag, path, "the list has a header but no rows")
+    return paths, labels, multi
+
+
+def _list_split(path: str, flag: str, class_names: Optional[list[str]],
+                multi_label: Optional[bool]) -> tuple[list[str], Split]:
+    paths, names, multi = read_list_file(path, flag)
+    multi = multi if multi_label is None else multi_label
+    if class_names is None:
+        class_names = sorted({n for row in names for n in row})
+    index = {n: i for i, n in enumerate(class_names)}
+    for row in names:
+        for n in row:
+            if n not in index:
+                raise fail(flag, path, f"label {n!r} does not occur in the training data")
+    if multi:
+        labels = np.zeros((len(paths), len(class_names)), dtype=np.float32)
+        for i, row in enumerate(names):
+            labels[i, [index[n] for n in row]] = 1.0
+    else:
+        bad = next((i for i, row in enumerate(names) if len(row) != 1), None)
+        if bad is not None:
+            raise fail(flag, path, f"row {bad + 1} ({paths[bad]!r}) has {len(names[bad])} labels; "
+                       "the training data has one label per image")
+        labels = np.asarray([index[row[0]] for row in names], dtype=np.int64)
+    return class_names, Split(paths, labels, path)
+
+
+def _pick_feature(feats: dict, kind, preferred: str) -> Optional[str]:
+    keys = [k for k, v in feats.items() if isinstance(v, kind)]
+    return preferred if preferred in keys else (keys[0] if keys else None)
 
 
 def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,
-                class_names: Optional[list[str]]) -> tuple[list[str], Split]:
-    """Loads `tfds:NAME[:SPLIT]` as encoded bytes (decoded later, like files)."""
+                class_names: Optional[list[str]], multi_label: bool = False
+                ) -> tuple[list[str], Split]:
+    """Loads `tfds:NAME[:SPLIT]` as encoded bytes (decoded later, like files).
+
+    The image and label features are found from the builder's info (the
+    features named `image` and `label` when there are several).
+    """
     import tensorflow_datasets as tfds
 
     rest = spec[len("tfds:"):]
@@ -123,8 +268,8 @@ def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,
     except Exception as e:  # noqa: BLE001
         raise fail(flag, spec, f"unknown TFDS dataset: {' '.join(str(e).split())[:200]}") from None
     feats = builder.info.features
-    image_key = next((k for k, v in feats.items() if isinstance(v, tfds.features.Image)), None)
-    label_key = next((k for k, v in feats.items() if isinstance(v, tfds.features.ClassLabel)), None)
+    image_key = _pick_feature(feats, tfds.features.Image, "image")
+    label_key = _pick_feature(feats, tfds.features.ClassLabel, "label")
     if image_key is None or label_key is None:
         raise fail(flag, spec, "TFDS dataset has no image feature with a class label")
     try:
@@ -144,81 +289,151 @@ def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,
     for ex in ds.as_numpy_iterator():
         items.append(bytes(ex[image_key]))
         labels.append(int(ex[label_key]))
+    if not items:
+        raise fail(flag, spec, f"split {split!r} is empty")
     labels = np.asarray(labels, dtype=np.int64)
     if class_names is not None and names != class_names:
         remap = {i: class_names.index(n) for i, n in enumerate(names) if n in class_names}
-        if len(remap) < len(set(labels.tolist())):
+        if any(int(l) not in remap for l in set(labels.tolist())):
             raise fail(flag, spec, "its classes differ from the training data's")
         labels = np.asarray([remap[int(l)] for l in labels], dtype=np.int64)
         names = class_names
+    if multi_label:
+        labels = _as_multi_hot(labels, len(names))
     return names, Split(items, labels, spec)
 
 
+def is_list_file(spec: str) -> bool:
+    """Whether a data flag names a CSV/TSV list rather than a folder."""
+    return os.path.isfile(spec) or (not os.path.isdir(spec)
+                                    and spec.lower().endswith(LIST_EXTENSIONS))
+
+
 def load_source(spec: str, flag: str, class_names: Optional[list[str]] = None,
-                tfds_split: str = "train", tfds_data_dir: str = "") -> tuple[list[str], Split]:
+                tfds_split: str = "train", tfds_data_dir: str = "",
+                multi_label: Optional[bool] = None) -> tuple[list[str], Split]:
     """Reads one data source named by a flag.
 
     Args:
-        spec: a folder of class subfolders, or `tfds:NAME[:SPLIT]`.
+        spec: a folder of class subfolders, a CSV/TSV list file, or
+            `tfds:NAME[:SPLIT]`.
         flag: the flag it came from, for error messages.
         class_names: the training classes (None when reading training data).
         tfds_split: TFDS split used when the spec names none.
         tfds_data_dir: where TFDS keeps its data.
+        multi_label: whether labels must be multi-hot rows (the training
+            data's kind); None: as the source says (lists with `a|b` rows
+            are multi-label, everything else single-label).
 
     Returns:
         (class names, split).
     """
     if spec.startswith("tfds:"):
-        return _tfds_split(spec, flag, tfds_split, tfds_data_dir, class_names)
-    return _folder_split(spec, flag, class_names)
+        return _tfds_split(spec, flag, tfds_split, tfds_data_dir, class_names, bool(multi_label))
+    if is_list_file(spec):
+        if not os.path.isfile(spec):
+            raise fail(flag, spec, "no such list file")
+        return _list_split(spec, flag, class_names, multi_label)
+    return _folder_split(spec, flag, class_names, bool(multi_label))
 
 
-def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int
-                     ) -> list[np.ndarray]:
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int,
+                     groups: Optional[Sequence] = None) -> list[np.ndarray]:
     """Splits example indices into len(fractions)+1 parts, class by class.
 
     Each class is shuffled with `seed`; part i gets round(n * fractions[i])
     of it (at least one example when the class has more than parts), the
     last part the rest. Returns sorted index arrays.
+
+    Args:
+        labels: one stratum per example (class ids; see `Split.strata`).
+        groups: optional key per example (e.g. a content hash); examples with
+            the same key land in the same part, so byte-identical copies never
+            straddle train and test. Each group counts once, under the
+            stratum of its first member.
     """
+    labels = np.asarray(labels)
+    if groups is None:
+        units = [np.asarray([i]) for i in range(len(labels))]
+    else:
+        first: dict = {}
+        members: list[list[int]] = []
+        for i, g in enumerate(groups):
+            if g not in first:
+                first[g] = len(members)
+                members.append([])
+            members[first[g]].append(i)
+        units = [np.asarray(m) for m in members]
+    unit_labels = np.asarray([labels[u[0]] for u in units])
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+    for c in np.unique(unit_labels):
+        idx = np.flatnonzero(unit_labels == c)
         rng.shuffle(idx)
         start = 0
         for i, f in enumerate(fractions):
             k = int(round(len(idx) * f))
             if f > 0 and k == 0 and len(idx) > len(fractions):
                 k = 1
-            parts[i].extend(idx[start:start + k].tolist())
+            for u in idx[start:start + k]:
+                parts[i].extend(units[u].tolist())
             start += k
-        parts[-1].extend(idx[start:].tolist())
+        for u in idx[start:]:
+            parts[-1].extend(units[u].tolist())
     return [np.asarray(sorted(p), dtype=int) for p in parts]
+
+
+def load_sources(data: str, val_data: str = "", test_data: str = "", tfds_split: str = "train",
+                 tfds_data_dir: str = "") -> tuple[list[str], dict[str, Split]]:
+    """Reads the sources named by --data, --val_data and --test_data, unsplit.
+
+    Returns:
+        (class names, {"train": ..., and "val"/"test" where given}).
+    """
+    class_names, train = load_source(data, "data", None, tfds_split, tfds_data_dir)
+    sources = {"train": train}
+    for name, spec in (("val", val_data), ("test", test_data)):
+        if spec:
+            _, sources[name] = load_source(spec, f"{name}_data", class_names, tfds_split,
+                                           tfds_data_dir, multi_label=train.multi_label)
+    return class_names, sources
+
+
+def split_sources(class_names: list[str], sources: dict[str, Split], val_fraction: float = 0.2,
+                  test_fraction: float = 0.0, seed: int = 42) -> Dataset:
+    """Makes the run's splits: given ones as they are, missing ones held out.
+
+    Without a "test" source, `test_fraction` of the training data (taken
+    first) is held out for testing; without "val", a seeded stratified
+    `val_fraction` of the rest validates.
+
+    When the training split has content keys (`Split.keys`), byte-identical
+    copies are kept on the same side of each held-out split.
+    """
+    train = sources["train"]
+    test = sources.get("test")
+    if test is None and test_fraction > 0:
+        test_idx, rest = stratified_split(train.strata(), [test_fraction], seed, train.keys)
+        test, train = train.subset(test_idx), train.subset(rest)
+    val = sources.get("val")
+    if val is None:
+        val_idx, rest = stratified_split(train.strata(), [val_fraction], seed + 1, train.keys)
+        val, train = train.subset(val_idx), train.subset(rest)
+    return Dataset(class_names, train, val, test)
 
 
 def load_dataset(data: str, val_data: str = "", test_data: str = "", val_fraction: float = 0.2,
                  test_fraction: float = 0.0, seed: int = 42, tfds_split: str = "train",
                  tfds_data_dir: str = "") -> Dataset:
-    """Resolves the train/val/test splits of a run.
+    """Resolves the train/val/test splits of a run (no pre-flight scan).
 
     Without `val_data`, a seeded stratified `val_fraction` of the training
     data validates; without `test_data`, `test_fraction` of it (taken first)
-    is held out for testing.
+    is held out for testing. `tl_keras.preflight.prepare_dataset` does the
+    same with the scan in between.
     """
-    class_names, train = load_source(data, "data", None, tfds_split, tfds_data_dir)
-    test = None
-    if test_data:
-        _, test = load_source(test_data, "test_data", class_names, tfds_split, tfds_data_dir)
-    elif test_fraction > 0:
-        test_idx, rest = stratified_split(train.labels, [test_fraction], seed)
-        test, train = train.subset(test_idx), train.subset(rest)
-    if val_data:
-        _, val = load_source(val_data, "val_data", class_names, tfds_split, tfds_data_dir)
-    else:
-        val_idx, rest = stratified_split(train.labels, [val_fraction], seed + 1)
-        val, train = train.subset(val_idx), train.subset(rest)
-    ds = Dataset(class_names, train, val, test)
+    class_names, sources = load_sources(data, val_data, test_data, tfds_split, tfds_data_dir)
+    ds = split_sources(class_names, sources, val_fraction, test_fraction, seed)
     check_dataset(ds)
     return ds
 
@@ -235,6 +450,31 @@ def check_dataset(ds: Dataset) -> None:
     if len(ds.val) == 0:
         raise fail("val_data" if ds.val.source != ds.train.source else "val_fraction",
                    ds.val.source, "validation split is empty")
+
+
+def class_weights(split: Split, num_classes: int, mode: str) -> Optional[dict[int, float]]:
+    """Keras `class_weight` for `--class_weight`.
+
+    Args:
+        mode: "auto": balanced weights n / (C * n_c), so every class
+            contributes equally to the loss; "none": None.
+
+    Returns:
+        {class id: weight}, or None (mode "none", or multi-label data, whose
+        rows have no single class to weight).
+    """
+    if mode == "none" or split.multi_label or len(split) == 0:
+        return None
+    counts = np.asarray(split.class_counts(num_classes), dtype=np.float64)
+    w = len(split) / (num_classes * np.maximum(counts, 1.0))
+    return {i: float(round(w[i], 6)) for i in range(num_classes)}
+
+
+def targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Training targets: one-hot rows for class ids, multi-hot rows as they are."""
+    if labels.ndim == 2:
+        return labels.astype(np.float32)
+    return np.eye(num_classes, dtype=np.float32)[labels]
 
 
 # --------------------------------------------------------------------------
@@ -265,23 +505,117 @@ def decode_and_resize(data: tf.Tensor, size: int) -> tf.Tensor:
     return resize_image(decode_image(data), size)
 
 
-def image_dataset(split: Split, size: int, cache: bool = True) -> tf.data.Dataset:
-    """A dataset of (uint8 [size, size, 3] image, int label), decoded in parallel.
+class CacheBudget:
+    """Where decoded, resized images are cached: RAM up to a budget, disk beyond.
 
-    With `cache`, decoded images are kept in memory after the first pass, so
-    later epochs and views cost no decoding.
+    One budget is shared by the splits of a run (training first). What does
+    not fit spills to tf.data cache files in a private folder under
+    `directory`, removed by `cleanup()` (and, if a run was killed, by the next
+    run that uses the same folder).
+
+    Args:
+        ram_mb: RAM budget in MiB for decoded images (`--cache_ram_mb`).
+        directory: parent folder of the spill files.
     """
-    items = tf.data.Dataset.from_tensor_slices(split.items)
-    labels = tf.data.Dataset.from_tensor_slices(split.labels.astype(np.int32))
-    ds = tf.data.Dataset.zip((items, labels))
-    read = split.is_files
+
+    def __init__(self, ram_mb: float, directory: str):
+        self.ram_bytes = int(ram_mb * 2 ** 20)
+        self.directory = directory
+        self._folder: Optional[str] = None
+        self.plan: dict[str, dict] = {}
+
+    def take(self, name: str, count: int, image_bytes: int) -> int:
+        """Reserves RAM for up to `count` images; returns how many fit."""
+        fit = min(count, self.ram_bytes // max(image_bytes, 1))
+        self.ram_bytes -= fit * image_bytes
+        self.plan[name] = {"ram": int(fit), "disk": int(count - fit),
+                           "ram_mb": round(fit * image_bytes / 2 ** 20, 1)}
+        return int(fit)
+
+    def spill_path(self, name: str) -> str:
+        """A fresh tf.data cache file prefix for split `name`."""
+        if self._folder is None:
+            os.makedirs(self.directory, exist_ok=True)
+            self._remove_stale()
+            self._folder = os.path.join(self.directory,
+                                        f"tfdata-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(self._folder)
+        return os.path.join(self._folder, name)
+
+    def _remove_stale(self) -> None:
+        # Spill folders of runs that died (their pid is gone) are garbage.
+        for d in os.listdir(self.directory):
+            parts = d.split("-")
+            if len(parts) == 3 and parts[0] == "tfdata" and parts[1].isdigit():
+                try:
+                    os.kill(int(parts[1]), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(os.path.join(self.directory, d), ignore_errors=True)
+                except OSError:
+                    pass
+
+    def cleanup(self) -> None:
+        """Deletes this run's spill files."""
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+def _decoded(items: list, labels: np.ndarray, size: int, read: bool) -> tf.data.Dataset:
+    ds = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices(items),
+                              tf.data.Dataset.from_tensor_slices(_label_array(labels))))
 
     def load(item, label):
         data = tf.io.read_file(item) if read else item
         return decode_and_resize(data, size), label
 
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.cache() if cache else ds
+    return ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _label_array(labels: np.ndarray) -> np.ndarray:
+    return labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int32)
+
+
+def image_dataset(split: Split, size: int, cache: bool = True,
+                  budget: Optional[CacheBudget] = None, name: str = "split",
+                  order_seed: Optional[int] = None) -> tf.data.Dataset:
+    """A dataset of (uint8 [size, size, 3] image, label), decoded in parallel.
+
+    With `cache`, decoded images are kept after the first pass, so later
+    epochs and views cost no decoding: in RAM, or, with a `budget`, in RAM as
+    far as it allows and in a tf.data cache file beyond.
+
+    Args:
+        split: the examples.
+        size: square output size.
+        cache: cache decoded images.
+        budget: RAM budget and spill folder; None: everything in RAM.
+        name: the split's name (spill file name, budget plan).
+        order_seed: permute the examples once with this seed before caching,
+            so the cached stream is class-mixed (a shuffle buffer smaller than
+            the split then still mixes classes); None keeps the split's order.
+    """
+    items, labels = list(split.items), split.labels
+    if order_seed is not None and len(items):
+        perm = np.random.default_rng(order_seed).permutation(len(items))
+        items, labels = [items[i] for i in perm], labels[perm]
+    read = split.is_files
+    if not cache:
+        return _decoded(items, labels, size, read)
+    if budget is None:
+        return _decoded(items, labels, size, read).cache()
+    n = len(items)
+    n_ram = budget.take(name, n, size * size * 3)
+    if n_ram == n:
+        return _decoded(items, labels, size, read).cache()
+    disk = _decoded(items[n_ram:], labels[n_ram:], size, read).cache(budget.spill_path(name))
+    if n_ram == 0:
+        return disk
+    ram = _decoded(items[:n_ram], labels[:n_ram], size, read).cache()
+    # Concatenated, so each part is read to its end every pass (tf.data only
+    # keeps a cache whose input was read to the end). With `order_seed` both
+    # parts are random samples of the split, so classes stay mixed.
+    return ram.concatenate(disk)
 
 
 def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: bool = False,
@@ -290,20 +624,40 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
 
     Args:
         ds: (image, label) examples.
-        augment: a callable on a float32 image batch (training=True), or None.
-        one_hot: one-hot labels (for label smoothing) instead of ints.
+        augment: an `augment.Augment` layer (or any callable on a float32
+            image batch taking training=True), or None.
+        seed: seeds the shuffle and the augmentation draws: each batch gets
+            its own stateless seed from a seeded random stream that changes
+            every pass, so epochs differ, batches can be augmented in
+            parallel, and a run repeats exactly.
+        one_hot: one-hot labels (for label smoothing) instead of ints;
+            multi-hot label rows are passed through as they are.
     """
     if shuffle:
         ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    multi_hot = ds.element_spec[1].shape.rank == 2
+    from tl_keras.augment import Augment
 
-    def prep(x, y):
+    seeded = isinstance(augment, Augment)
+    if seeded:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (xy[0], xy[1], s))
+    else:
+        ds = ds.map(lambda x, y: (x, y, tf.zeros([2], tf.int64)))
+
+    def prep(x, y, s):
         x = tf.cast(x, tf.float32)
-        if augment is not None:
+        if seeded:
+            x = augment(x, training=True, seed=s)
+        elif augment is not None:
             x = augment(x, training=True)
-        if one_hot:
+        if one_hot and not multi_hot:
             y = tf.one_hot(y, num_classes)
         return x, y
 
-    ds = ds.map(prep, num_parallel_calls=AUTOTUNE)
+    # Any other augmenter draws from one stateful generator: mapped in
+    # parallel, batches would take draws in a racing order.
+    parallel = AUTOTUNE if (seeded or augment is None) else None
+    ds = ds.map(prep, num_parallel_calls=parallel, deterministic=True)
     return ds.prefetch(AUTOTUNE)

@@ -33,7 +33,9 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
         progress: print one line per view.
 
     Returns:
-        (features [N*views, D] float32, labels [N*views] int, seconds).
+        (features [N*views, D] float32, labels [N*views] int, seconds); for a
+        model with several outputs, features is a list with one array per
+        output.
     """
     if augmenter is None:
         views = 1
@@ -52,11 +54,15 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
         ds = ds.map(prep, num_parallel_calls=data_lib.AUTOTUNE).prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:
-            fs.append(np.asarray(feature_model.predict_on_batch(x), dtype=np.float32))
+            out = feature_model.predict_on_batch(x)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            fs.append([np.asarray(o, dtype=np.float32) for o in outs])
             ys.append(y.numpy())
-        feats.append(np.concatenate(fs))
+        feats.append([np.concatenate(parts) for parts in zip(*fs)])
         labels.append(np.concatenate(ys))
         if progress:
             print(f"  cached features: view {v + 1}/{views} "
-                  f"({len(feats[-1])} images, {time.perf_counter() - t0:.1f}s)", flush=True)
-    return np.concatenate(feats), np.concatenate(labels), time.perf_counter() - t0
+                  f"({len(labels[-1])} images, {time.perf_counter() - t0:.1f}s)", flush=True)
+    merged = [np.concatenate(parts) for parts in zip(*feats)]
+    return (merged if len(merged) > 1 else merged[0]), np.concatenate(labels), \
+        time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 data -> model -> stage 1 (head on cached features) -> unfreeze top blocks ->
 recompile -> stage 2 (fine-tune) -> keep the better stage -> evaluate ->
-write model, labels, config, report -> export SavedModel.
+write model, labels, config, report -> export a new version (SavedModel,
+TFLite variants) through the parity gate.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from tl_keras import export as export_lib
 from tl_keras import features
 from tl_keras import manifest as manifest_lib
 from tl_keras import model as model_lib
+from tl_keras import multilabel
 from tl_keras import outputs
+from tl_keras import parity
 from tl_keras import precision
+from tl_keras import preflight
 from tl_keras import report as report_lib
 from tl_keras import tensorboard_logs
+from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -41,10 +46,6 @@ AUTO_FINETUNE_FRACTION = 0.4
 
 def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
-
-
-def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
-    return np.eye(n, dtype=np.float32)[labels]
 
 
 def _snapshot(model: keras.Model) -> list[np.ndarray]:
@@ -64,42 +65,50 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
                 val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
                 backbone=family.name, alpha=cfg.alpha, weights=weights, size=size,
                 preprocess=family.preprocess, policy=policy, seed=cfg.seed,
-                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast])
+                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
+                         cfg.crop_min_area])
 
 
-def _stage2_inputs(cfg: Config, clf, data, train_images, val_images, augmenter, cache,
-                   key_parts: dict, n_cls: int):
-    """Chooses how stage 2 trains: on cached activations below the first
-    unfrozen block when they fit --cache_max_mb, else through the full model.
+def _plan_cut(cfg: Config, clf, data):
+    """The cut below the first block stage 2 unfreezes, when stage 2 can train
+    on cached activations within --cache_max_mb; None otherwise (said why)."""
+    if not (cfg.finetune_epochs and cfg.finetune_blocks):
+        return None
+    cut = activations.cut(clf, cfg.finetune_blocks)
+    if cut is None:
+        log("stage 2: no single boundary below the unfrozen blocks; "
+            "it will train through the full model")
+        return None
+    need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
+    need += activations.estimate_bytes(cut, len(data.val), 1)
+    if need > cfg.cache_max_mb * 2 ** 20:
+        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
+            f"> --cache_max_mb={cfg.cache_max_mb}; it will train through the full model")
+        return None
+    return cut
+
+
+def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augmenter, cache,
+                  key_parts: dict) -> tuple[dict, bool]:
+    """Backbone outputs of `views` views of a split, from the cache or one
+    inference pass: pooled features ("f") for stage 1 and, with a cut, the
+    activations below the unfrozen blocks ("a") for stage 2.
 
     Returns:
-        (model to fit, train data, val data, mode name).
+        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
     """
-    cut = activations.cut(clf, cfg.finetune_blocks)
-    if cut is not None:
-        need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
-        need += activations.estimate_bytes(cut, len(data.val), 1)
-        if need <= cfg.cache_max_mb * 2 ** 20:
-            key = dict(what="activations", blocks=cfg.finetune_blocks, shape=cut.shape,
-                       **key_parts)
-            (tr_x, tr_y), hit = cache.get_or_compute(
-                cache_lib.make_key(split="train", views=cfg.cache_views, **key), ("x", "y"),
-                lambda: activations.extract(cut.bottom, train_images, cfg.batch_size,
-                                            cfg.cache_views, augmenter)[:2], log)
-            (va_x, va_y), _ = cache.get_or_compute(
-                cache_lib.make_key(split="val", **key), ("x", "y"),
-                lambda: activations.extract(cut.bottom, val_images, cfg.batch_size,
-                                            progress=False)[:2], log)
-            log(f"stage 2: training the top on cached activations {cut.shape} "
-                f"({need / 2 ** 20:.0f} MB, {'read from cache' if hit else 'computed'})")
-            return (cut.trainer, (tr_x, _one_hot(tr_y, n_cls)), (va_x, _one_hot(va_y, n_cls)),
-                    "cached_activations")
-        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
-            f"> --cache_max_mb={cfg.cache_max_mb}; training through the full model")
-    train_ds = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
-                                seed=cfg.seed, augment=augmenter)
-    val_ds = data_lib.batched(val_images, cfg.batch_size, n_cls)
-    return clf.model, train_ds, val_ds, "full_model"
+    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    key = cache_lib.make_key(what="views", split=split, views=views,
+                             blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
+
+    def compute():
+        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+                                          cfg.batch_size, views, augmenter,
+                                          progress=split == "train")
+        return (*out, labels) if cut is not None else (out, labels)
+
+    arrays, hit = cache.get_or_compute(key, names, compute, log)
+    return dict(zip(names, arrays)), hit
 
 
 def train(cfg: Config) -> dict:
@@ -108,6 +117,10 @@ def train(cfg: Config) -> dict:
     Returns:
         The report (also written to `OUT/report.json`).
     """
+    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
+        from tl_keras import text_pipeline
+
+        return text_pipeline.train(cfg)
     t_start = time.perf_counter()
     validate(cfg)
     family = backbones.get_family(cfg.backbone)
@@ -117,17 +130,26 @@ def train(cfg: Config) -> dict:
     policy = precision.apply(cfg.precision)  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile)
     keras.utils.set_random_seed(cfg.seed)
-    cache = cache_lib.ArrayCache(cfg.cache_dir or os.path.join(out, "cache"), cfg.cache_ram_mb)
+    cache_dir = cfg.cache_dir or os.path.join(out, "cache")
+    cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
     # --- data ----------------------------------------------------------------
-    data = data_lib.load_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
-                                 cfg.test_fraction, cfg.seed, cfg.tfds_split, cfg.tfds_data_dir)
+    # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
+    data, scan = preflight.prepare_dataset(
+        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
+        os.path.join(out, "preflight.json"), log=log)
     classes = data.class_names
     n_cls = len(classes)
+    multi = data.train.multi_label
+    class_weight = data_lib.class_weights(data.train, n_cls, cfg.class_weight)
+    if class_weight:
+        log("class weights: " + ", ".join(f"{classes[i]} {w:.3f}" for i, w in class_weight.items()))
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
-    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
+    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
 
     # --- model ---------------------------------------------------------------
     backbone = backbones.build_backbone(family, cfg.weights, size, cfg.alpha)
@@ -139,10 +161,13 @@ def train(cfg: Config) -> dict:
     # a 12-block Inception as for a 62-block DenseNet.
     cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks or
                       max(1, math.ceil(AUTO_FINETUNE_FRACTION * n_blocks)))
-    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout)
-    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed)
-    train_images = data_lib.image_dataset(data.train, size)
-    val_images = data_lib.image_dataset(data.val, size)
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
+    image_cache = data_lib.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    train_images = data_lib.image_dataset(data.train, size, budget=image_cache, name="train",
+                                          order_seed=cfg.seed)
+    val_images = data_lib.image_dataset(data.val, size, budget=image_cache, name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
     key_parts = _cache_key_parts(cfg, family, size, data, policy)
@@ -150,29 +175,31 @@ def train(cfg: Config) -> dict:
     tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(), cfg.tensorboard)
 
     # --- stage 1: the head on cached features ------------------------------
+    # One inference pass per view feeds both stages: pooled features for the
+    # head and, below the blocks stage 2 unfreezes, activations for stage 2.
     t0 = time.perf_counter()
-    (tr_f, tr_y), hit = cache.get_or_compute(
-        cache_lib.make_key(what="features", split="train", views=cfg.cache_views, **key_parts),
-        ("x", "y"), lambda: features.extract(clf.features, train_images, cfg.batch_size,
-                                             cfg.cache_views, augmenter)[:2], log)
-    (va_f, va_y), _ = cache.get_or_compute(
-        cache_lib.make_key(what="features", split="val", **key_parts), ("x", "y"),
-        lambda: features.extract(clf.features, val_images, cfg.batch_size, progress=False)[:2],
-        log)
+    cut = _plan_cut(cfg, clf, data)
+    tr, hit = _cached_views(cfg, clf, cut, train_images, "train", cfg.cache_views, augmenter,
+                            cache, key_parts)
+    va, _ = _cached_views(cfg, clf, cut, val_images, "val", 1, None, cache, key_parts)
     t_cache = time.perf_counter() - t0
-    log(f"stage 1: features of {cfg.cache_views} view(s) per training image "
+    log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    s1 = train_lib.fit_head(clf.head, tr_f, _one_hot(tr_y, n_cls), va_f, _one_hot(va_y, n_cls),
+    s1 = train_lib.fit_head(clf.head, tr["f"], data_lib.targets(tr["y"], n_cls), va["f"],
+                            data_lib.targets(va["y"], n_cls),
                             epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
                             weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
                             patience=cfg.patience, label_smoothing=cfg.label_smoothing,
-                            jit_compile=jit,
+                            multi_label=multi, class_weight=class_weight, jit_compile=jit,
                             callbacks=tensorboard_logs.stage_callbacks(tb, 1, "head on features"))
     s1.seconds += t_cache
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
+    report.update({"multi_label": multi, "class_weight": class_weight and {
+                       classes[i]: w for i, w in class_weight.items()},
+                   "preflight": scan["summary"], "image_cache": image_cache.plan})
     kept = "stage1"
     histories = [s1.history]
 
@@ -182,21 +209,27 @@ def train(cfg: Config) -> dict:
         unfrozen = backbones.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
             f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
-        t0 = time.perf_counter()
-        trainer, train_data, val_data, mode = _stage2_inputs(
-            cfg, clf, data, train_images, val_images, augmenter, cache, key_parts, n_cls)
-        t_cache = time.perf_counter() - t0
+        if cut is not None:
+            log(f"stage 2: training the top on cached activations {cut.shape}")
+            trainer, mode = cut.trainer, "cached_activations"
+            train_data = (tr["a"], data_lib.targets(tr["y"], n_cls))
+            val_data = (va["a"], data_lib.targets(va["y"], n_cls))
+        else:
+            trainer, mode = clf.model, "full_model"
+            train_data = data_lib.batched(train_images, cfg.batch_size, n_cls, shuffle=True,
+                                          seed=cfg.seed, augment=augmenter)
+            val_data = data_lib.batched(val_images, cfg.batch_size, n_cls)
         n_train = len(train_data[0]) if isinstance(train_data, tuple) else len(data.train)
         s2 = train_lib.fit_finetune(trainer, train_data, val_data, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs,
                                     steps_per_epoch=-(-n_train // cfg.batch_size),
                                     learning_rate=cfg.finetune_learning_rate,
                                     warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
-                                    label_smoothing=cfg.label_smoothing,
+                                    label_smoothing=cfg.label_smoothing, multi_label=multi,
+                                    class_weight=class_weight,
                                     batch_size=cfg.batch_size, jit_compile=jit,
                                     callbacks=tensorboard_logs.stage_callbacks(
                                         tb, 2, "fine-tuning " + ", ".join(unfrozen)))
-        s2.seconds += t_cache
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
@@ -213,11 +246,19 @@ def train(cfg: Config) -> dict:
     mirror = cfg.tta and cfg.flip
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
+    image_cache.cleanup()
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
-    report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
-                                                  cfg.batch_size, cfg.top_k)
+    if multi:  # per-label thresholds, chosen on validation (issue 3)
+        thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
+                                                          cfg.batch_size)
+        report["thresholds"] = thresholds_doc["thresholds"]
+        report[eval_name] = multilabel.evaluate_split(final, eval_split, classes, size,
+                                                      cfg.batch_size, cfg.top_k, thresholds)
+    else:
+        report[eval_name] = report_lib.evaluate_split(final, eval_split, classes, size,
+                                                      cfg.batch_size, cfg.top_k)
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -233,14 +274,35 @@ def train(cfg: Config) -> dict:
     run_manifest = manifest_lib.build(resolved.to_dict(), data,
                                       {"kept": kept, "precision_policy": policy})
     outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
+    rejected = None
     if cfg.export:
-        path = export_lib.export_saved_model(final, classes, size,
-                                             os.path.join(out, "export", "1"), cfg.top_k,
-                                             {"manifest.json": json.dumps(run_manifest, indent=2)})
-        report["export"] = path
-        log(f"exported SavedModel to {path}")
+        # A new version (or the newest replaced, --overwrite): SavedModel, then
+        # TFLite, then the parity gate; published only if the gate passes.
+        variants = tflite_lib.parse_variants(cfg.tflite)
+        try:
+            report["export"] = export_lib.export_version(
+                final, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
+                overwrite=cfg.overwrite, tflite_variants=variants,
+                calibration_images=(tflite_lib.representative_images(
+                    data.train, size, cfg.int8_calibration_images, cfg.seed)
+                    if "int8" in variants else None),
+                parity_split=data.val, parity_images=cfg.parity_images,
+                eval_split=eval_split, eval_name=eval_name,
+                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+                seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+                log=log)
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
+    if multi:
+        published = report.get("export") if rejected is None and cfg.export else None
+        multilabel.write_thresholds(out, thresholds_doc,
+                                    published.get("path", "") if published else "")
     written = report_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
     log(f"wrote {', '.join(written)} to {out}")
     report["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
     return report

@@ -8,8 +8,10 @@ import os
 import keras
 
 from tl_keras import data as data_lib
+from tl_keras import evaluate as evaluate_lib
 from tl_keras import report as report_lib
 from tl_keras import layers  # noqa: F401  (registers tl_keras layers for loading)
+from tl_keras import text  # noqa: F401  (registers the text model's layer and standardize)
 from tl_keras import outputs
 from tl_keras.config import Config, fail
 
@@ -53,11 +55,29 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3) -> 
     model, classes, cfg = load_run(path)
     if not data:
         raise fail("data", data, "required: the labelled data to evaluate on")
-    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir)
-    result = {"data": data,
-              "test": report_lib.evaluate_split(model, split, classes, cfg.image_size, batch_size,
-                                                top_k)}
+    if cfg.task == "text":  # a text run: raw strings in (tl_keras/text.py)
+        _, split = text.load_text_source(data, "data", classes, cfg.tfds_split,
+                                         cfg.tfds_data_dir)
+        probs = text.predict_texts(model, split.items, batch_size)
+        result = {"data": data, "test": evaluate_lib.metrics(probs, split.labels, top_k)}
+        run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+        outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
+        return result
     run_dir = os.path.dirname(path) if path.endswith(".keras") else path
+    # Multi-label runs and the pre-flight scan of the data (issue 3).
+    from tl_keras import multilabel, preflight
+
+    multi = os.path.isfile(os.path.join(run_dir, multilabel.THRESHOLDS_FILE))
+    _, split = data_lib.load_source(data, "data", classes, cfg.tfds_split, cfg.tfds_data_dir,
+                                    multi_label=multi)
+    split, scan = preflight.scan_for_evaluation(split, classes, cfg.max_pixels,
+                                                cfg.cache_dir or os.path.join(run_dir, "cache"))
+    if multi:
+        test = multilabel.evaluate_split(model, split, classes, cfg.image_size, batch_size, top_k,
+                                         multilabel.read_thresholds(run_dir, classes))
+    else:
+        test = report_lib.evaluate_split(model, split, classes, cfg.image_size, batch_size, top_k)
+    result = {"data": data, "test": test, "skipped": scan["skipped"]}
     outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
     report_lib.write_evaluation_files(run_dir, result, split.items)
     return result

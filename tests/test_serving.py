@@ -1,0 +1,389 @@
+"""Serving: the SavedModel as TF Serving runs it, TFLite variants, the parity gate,
+safe versioned exports and `tl-keras predict`.
+
+The trained run (`trained_run`, real MobileNetV2-0.35 weights on real photos)
+provides the SavedModel; one more CLI run adds all four TFLite variants; a
+tiny Keras model (seconds to export) covers versioning and a rejected export.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+import tf_serving_rest as rest
+from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
+from tl_keras import config as config_lib
+from tl_keras import data as data_lib
+from tl_keras import export as export_lib
+from tl_keras import parity
+from tl_keras import predict as predict_lib
+from tl_keras import runs
+from tl_keras import tflite as tflite_lib
+from tl_keras.layers import Preprocess
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_model(trained_run):
+    """(Keras model, class names, config, dataset) of the trained run."""
+    model, classes, cfg = runs.load_run(str(trained_run))
+    ds = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                               val_fraction=cfg.val_fraction)
+    return model, classes, cfg, ds
+
+
+@pytest.fixture(scope="module")
+def export1(trained_run):
+    path = str(trained_run / "export" / "1")
+    return path, tf.saved_model.load(path), rest.signature_defs(path)
+
+
+def _keras_probs(model, raw: list[bytes], size: int) -> np.ndarray:
+    pixels = np.stack([data_lib.decode_and_resize(tf.constant(r), size).numpy() for r in raw])
+    return model.predict(pixels.astype(np.float32), verbose=0)
+
+
+def _b64(b: bytes) -> dict:
+    return {"b64": base64.b64encode(b).decode("ascii")}
+
+
+def _tree(path) -> dict:
+    """{relative path: bytes} of every file under `path`."""
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = fh.read()
+    return out
+
+
+# --------------------------------------------------------------------------
+# The SavedModel, as TF Serving sees it
+# --------------------------------------------------------------------------
+
+def test_saved_model_cli_lists_both_signatures_with_names_and_dtypes(export1):
+    path = export1[0]
+    proc = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli",
+                           "show", "--dir", path, "--all"], capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocks = {b.split("'", 1)[0]: b for b in proc.stdout.split("signature_def['")[1:]}
+    want_inputs = {"serving_default": ("image_bytes", "DT_STRING", "(-1)"),
+                   "serve_images": ("images", "DT_FLOAT", "(-1, -1, -1, 3)"),
+                   "serve_images_uint8": ("images", "DT_UINT8", "(-1, -1, -1, 3)")}
+    for sig, (name, dtype, shape) in want_inputs.items():
+        block = " ".join(blocks[sig].split())
+        assert f"inputs['{name}'] tensor_info: dtype: {dtype} shape: {shape}" in block, block
+        for out, odtype, oshape in (("probabilities", "DT_FLOAT", "(-1, 5)"),
+                                    ("classes", "DT_STRING", "(-1, 3)"),
+                                    ("scores", "DT_FLOAT", "(-1, 3)")):
+            assert f"outputs['{out}'] tensor_info: dtype: {odtype} shape: {oshape}" in block, \
+                (sig, out, block)
+
+
+def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
+    model, classes, cfg, ds = run_model
+    path, loaded, sigs = export1
+    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
+    want = _keras_probs(model, raw, cfg.image_size)
+    bodies = [
+        {"instances": [_b64(r) for r in raw]},                                   # row, plain
+        {"instances": [{"image_bytes": _b64(r)} for r in raw]},                  # row, named
+        {"signature_name": "serving_default", "inputs": {"image_bytes": [_b64(r) for r in raw]}},
+        {"inputs": [_b64(r) for r in raw]},                                      # columnar, plain
+    ]
+    for body in bodies:
+        request, fmt = rest.json_to_request(json.dumps(body), sigs)
+        out = rest.run_request(loaded, request, sigs)
+        np.testing.assert_allclose(out["probabilities"], want, atol=1e-5)
+        response = json.loads(rest.outputs_to_json(out, fmt))
+        if fmt == "row":
+            preds = response["predictions"]
+            assert [p["classes"][0] for p in preds] == [classes[i] for i in want.argmax(1)]
+            assert all(p["scores"] == sorted(p["scores"], reverse=True) for p in preds)
+        else:
+            assert [c[0] for c in response["outputs"]["classes"]] == \
+                [classes[i] for i in want.argmax(1)]
+
+
+def test_rest_pixel_requests_any_size_uint8_and_float(export1, run_model):
+    path, loaded, sigs = export1
+    photo = data_lib.decode_image(tf.io.read_file(run_model[3].test.items[0])).numpy()
+    pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
+    png = tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
+    results = {}
+    for name, body in {
+        "uint8_columnar": {"signature_name": "serve_images_uint8",
+                           "inputs": {"images": [pixels.tolist()]}},
+        "float_row": {"signature_name": "serve_images", "instances": [pixels.tolist()]},
+        "bytes": {"instances": [_b64(png)]},
+    }.items():
+        request, _ = rest.json_to_request(json.dumps(body), sigs)
+        results[name] = rest.run_request(loaded, request, sigs)["probabilities"]
+    np.testing.assert_allclose(results["uint8_columnar"], results["float_row"], atol=1e-6)
+    np.testing.assert_allclose(results["uint8_columnar"], results["bytes"], atol=1e-6)
+    # TF Serving refuses fractional numbers for an integer input before running anything.
+    with pytest.raises(rest.RequestError):
+        rest.json_to_request(json.dumps({"signature_name": "serve_images_uint8",
+                                         "instances": [[[[0.5, 1, 2]]]]}), sigs)
+
+
+def test_undecodable_bytes_fail_that_request_with_invalid_argument(run_model, export1):
+    path, loaded, sigs = export1
+    good = open(run_model[3].test.items[0], "rb").read()
+    bad_inputs = {"garbage": b"this is not an image", "truncated jpeg": good[:len(good) // 2],
+                  "empty": b""}
+    for what, bad in bad_inputs.items():
+        for body in ({"instances": [_b64(bad)]}, {"instances": [_b64(good), _b64(bad)]}):
+            request, _ = rest.json_to_request(json.dumps(body), sigs)
+            with pytest.raises(tf.errors.InvalidArgumentError):
+                rest.run_request(loaded, request, sigs)
+    # The process is alive and the next request is served normally.
+    request, _ = rest.json_to_request(json.dumps({"instances": [_b64(good)]}), sigs)
+    assert rest.run_request(loaded, request, sigs)["probabilities"].shape == (1, 5)
+    # An empty columnar batch is answered with empty outputs.
+    request, _ = rest.json_to_request(json.dumps({"inputs": []}), sigs)
+    assert rest.run_request(loaded, request, sigs)["probabilities"].shape == (0, 5)
+
+
+def test_warmup_records_are_prediction_logs_every_signature_accepts(export1):
+    path, loaded, sigs = export1
+    records = list(tf.data.TFRecordDataset(
+        os.path.join(path, "assets.extra", "tf_serving_warmup_requests")).as_numpy_iterator())
+    seen = set()
+    for rec in records:
+        log = prediction_log_pb2.PredictionLog.FromString(rec)
+        assert log.WhichOneof("log_type") == "predict_log"
+        request = log.predict_log.request
+        out = rest.run_request(loaded, request, sigs)
+        assert out["probabilities"].shape == (1, 5)
+        np.testing.assert_allclose(out["probabilities"].sum(), 1.0, atol=1e-5)
+        seen.add(request.model_spec.signature_name)
+    assert seen == set(export_lib.SIGNATURES)
+
+
+def test_training_run_passed_the_parity_gate(trained_run, run_model):
+    check = json.loads((trained_run / "export_check.json").read_text())
+    assert check["passed"] and check["published"] and check["version"] == 1
+    sm = check["artifacts"]["saved_model"]
+    assert check["n"] == len(run_model[3].val) == sm["n"]
+    assert sm["top1_agreement"] == 1.0 and sm["max_prob_diff"] <= 1e-4
+    assert sm["class_names_match"]
+    report = json.loads((trained_run / "report.json").read_text())
+    assert report["export"]["version"] == 1 and report["export"]["published"]
+    assert report["export"]["path"].endswith(os.path.join("export", "1"))
+
+
+# --------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------
+
+def test_predict_command_on_the_saved_model(trained_run, run_model, tmp_path):
+    model, classes, cfg, ds = run_model
+    photos = ds.test.items[:3]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(photos[:2]):
+        (folder / f"{i}.jpg").write_bytes(open(p, "rb").read())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (folder / "notes.txt").write_text("not an image, and not listed")
+    proc = run_cli("predict", f"--model={trained_run / 'export' / '1'}",
+                   f"--images={folder},{photos[2]}", "--top_k=2", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert [p["image"] for p in result["predictions"]] == \
+        [str(folder / "0.jpg"), str(folder / "1.jpg"), photos[2]]
+    assert [s["image"] for s in result["skipped"]] == [str(folder / "broken.jpg")]
+    assert "Unknown image file format" in result["skipped"][0]["error"]
+    assert "broken.jpg" in proc.stderr
+    want = _keras_probs(model, [open(p, "rb").read() for p in photos], cfg.image_size)
+    for pred, w in zip(result["predictions"], want):
+        assert len(pred["classes"]) == 2 and pred["classes"][0] == classes[int(w.argmax())]
+        assert pred["scores"][0] == pytest.approx(float(w.max()), abs=1e-5)
+    # The table: a header, then one row per image with `class score` cells.
+    table = predict_lib.format_table(result).splitlines()
+    assert table[0].split() == ["image", "top-1", "top-2"]
+    cells = table[1].split()
+    assert cells[0] == str(folder / "0.jpg") and cells[1] == classes[int(want[0].argmax())]
+    assert float(cells[2]) == pytest.approx(result["predictions"][0]["scores"][0], abs=1e-4)
+
+
+def test_predict_errors_name_the_flag(trained_run, tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"--images='/no/such.jpg'"):
+        predict_lib.predict_images(str(trained_run / "export" / "1"), "/no/such.jpg")
+    with pytest.raises(config_lib.ConfigError, match=r"--model=.*not a SavedModel"):
+        predict_lib.predict_images(str(tmp_path), str(FLOWERS_MINI / "rose"))
+    (tmp_path / "only.txt").write_text("x")
+    with pytest.raises(config_lib.ConfigError, match=r"--model=.*\.tflite"):
+        predict_lib.predict_images(str(tmp_path / "only.txt"), str(FLOWERS_MINI / "rose"))
+
+
+# --------------------------------------------------------------------------
+# Versions and the gate, on a tiny model (seconds to export)
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small untrained classifier with the real model's contract, and real photos."""
+    keras.utils.set_random_seed(0)
+    size = 32
+    images = keras.Input((size, size, 3))
+    x = Preprocess("tf")(images)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    probs = keras.layers.Dense(3, activation="softmax", dtype="float32")(x)
+    model = keras.Model(images, probs)
+    classes, split = data_lib.load_source(str(FLOWERS_MINI), "data")
+    split = split.subset(np.flatnonzero(split.labels < 3)[::4])
+    return model, classes[:3], size, split
+
+
+def _export_tiny(tiny, export_dir, **kw):
+    model, classes, size, split = tiny
+    return export_lib.export_version(model, classes, size, str(export_dir), parity_split=split,
+                                     check_path=str(export_dir.parent / "export_check.json"),
+                                     **kw)
+
+
+def test_exports_get_new_versions_and_overwrite_replaces_the_newest(tiny, tmp_path):
+    export_dir = tmp_path / "export"
+    assert _export_tiny(tiny, export_dir)["version"] == 1
+    assert _export_tiny(tiny, export_dir)["version"] == 2
+    (export_dir / "1" / "marker").write_text("v1")
+    (export_dir / "2" / "marker").write_text("v2")
+    res = _export_tiny(tiny, export_dir, overwrite=True)
+    assert res["version"] == 2 and res["published"]
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]    # no temporary folders left
+    assert (export_dir / "1" / "marker").read_text() == "v1"
+    assert not (export_dir / "2" / "marker").exists()
+    assert (export_dir / "2" / "saved_model.pb").is_file()
+    check = json.loads((tmp_path / "export_check.json").read_text())
+    assert check["version"] == 2 and check["passed"]
+
+
+def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
+    export_dir = tmp_path / "export"
+    _export_tiny(tiny, export_dir)
+    before = _tree(export_dir)
+    cal = tflite_lib.load_pixels(tiny[3], tiny[2])
+    # int8 cannot match float probabilities exactly: a zero tolerance must reject it.
+    for overwrite in (False, True):
+        with pytest.raises(export_lib.ExportRejected) as err:
+            _export_tiny(tiny, export_dir, overwrite=overwrite, tflite_variants=["int8"],
+                         calibration_images=cal,
+                         max_prob_diff=parity.max_prob_diff_limits("int8=0"))
+        msg = str(err.value)
+        assert "\n" not in msg and "int8" in msg and "--parity_max_prob_diff" in msg
+        assert _tree(export_dir) == before and sorted(os.listdir(export_dir)) == ["1"]
+        check = json.loads((tmp_path / "export_check.json").read_text())
+        assert not check["passed"] and not check["published"] and check["version"] is None
+        assert check["artifacts"]["saved_model"]["passed"]
+        assert not check["artifacts"]["int8"]["passed"]
+        assert err.value.result["tflite"]["int8"]["bytes"] > 0
+
+
+def test_serving_flags_are_validated_before_training():
+    base = config_lib.Config(data="x")
+    cases = {
+        "tflite": ("float,int4", "int4"),
+        "parity_min_agreement": ("int8=1.5", "outside"),
+        "parity_max_prob_diff": ("foo=0.1", "foo"),
+        "parity_images": (-1, ">= 0"),
+        "int8_calibration_images": (0, ">= 1"),
+    }
+    for flag, (value, needle) in cases.items():
+        with pytest.raises(config_lib.ConfigError, match=rf"^--{flag}=") as err:
+            config_lib.validate(base.replace(**{flag: value}))
+        assert needle in str(err.value)
+    with pytest.raises(config_lib.ConfigError, match="--tflite"):
+        config_lib.validate(base.replace(tflite="int8", export=False))
+    # A partial override keeps the other defaults.
+    limits = parity.min_agreement_limits("int8=0.8")
+    assert limits["int8"] == 0.8
+    assert limits["saved_model"] == parity.min_agreement_limits()["saved_model"] == 1.0
+
+
+# --------------------------------------------------------------------------
+# TFLite: all four variants from a real CLI run
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tflite_run(tmp_path_factory):
+    """A short real run (MobileNetV2-0.35 weights, 96 px) exporting every TFLite variant."""
+    out = tmp_path_factory.mktemp("tflite") / "out"
+    proc = run_cli(
+        "train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=96", "--head_epochs=10",
+        "--finetune_epochs=0", "--cache_views=1", "--tflite=float,dynamic,float16,int8",
+        "--int8_calibration_images=40", f"--output_dir={out}",
+        # 15 validation images and a weak 96 px model: one flipped near-tie is
+        # already 7 points of agreement, so the quantized limits are loosened
+        # here (partial overrides: the other artifacts keep their defaults).
+        "--parity_min_agreement=float16=0.8,dynamic=0.7,int8=0.6")
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    return out
+
+
+def test_tflite_variants_are_exported_measured_and_gated(tflite_run):
+    report = json.loads((tflite_run / "report.json").read_text())
+    exp = report["export"]
+    version = tflite_run / "export" / "1"
+    assert exp["version"] == 1 and exp["parity"]["passed"]
+    keras_acc = report["test"]["accuracy"]
+    assert exp["keras"]["test"]["accuracy"] == pytest.approx(keras_acc)
+    for v in tflite_lib.VARIANTS:
+        assert (version / tflite_lib.file_name(v)).stat().st_size == exp["tflite"][v]["bytes"]
+        acc = exp["tflite"][v]["test"]["accuracy"]
+        assert exp["tflite"][v]["test"]["n"] == report["test"]["n"] == 30
+        # 30 test images: float-weight variants are the model; quantized ones
+        # may flip a couple of uncertain images.
+        assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.1), (v, acc, keras_acc)
+    check = json.loads((tflite_run / "export_check.json").read_text())
+    arts = check["artifacts"]
+    assert arts["int8"]["min_agreement"] == 0.6 and arts["float"]["min_agreement"] == 0.98
+    assert set(arts) == {"saved_model", *tflite_lib.VARIANTS}
+    assert arts["float"]["max_prob_diff"] < 1e-4 and arts["float"]["top1_agreement"] == 1.0
+    assert arts["saved_model"]["max_prob_diff"] <= 1e-4
+    # Quantization is visible, and bounded.
+    for v in ("dynamic", "float16", "int8"):
+        assert 0 < arts[v]["max_prob_diff"] <= arts[v]["max_allowed_prob_diff"]
+    # The int8 file takes raw uint8 pixels: its input quantization is the identity.
+    lite = tflite_lib.TFLiteClassifier(str(version / "model_int8.tflite"))
+    det = lite.interpreter.get_input_details()[0]
+    assert lite.input_dtype == np.uint8 and det["quantization"] == (1.0, 0)
+    assert (version / "model_int8.tflite").stat().st_size < 0.5 * \
+        (version / "model_float.tflite").stat().st_size
+
+
+def test_predict_command_on_a_tflite_file(tflite_run):
+    classes = (tflite_run / "labels.txt").read_text().split()
+    folder = FLOWERS_MINI / "sunflower"
+    version = tflite_run / "export" / "1"
+    proc = run_cli("predict", f"--model={version / 'model_int8.tflite'}", f"--images={folder}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = proc.stdout.strip().splitlines()
+    assert rows[0].split() == ["image", "top-1", "top-2", "top-3"]
+    rows = [r.split() for r in rows[1:]]
+    files = sorted(str(folder / f) for f in os.listdir(folder))
+    assert [r[0] for r in rows] == files
+    assert all(r[1] in classes and r[3] in classes and r[5] in classes for r in rows)
+    # int8 on the pixels vs the SavedModel on the encoded files: the same top-1 on
+    # (nearly) every photo.
+    _, saved = export_lib.SavedModelClassifier(str(version)).predict_encoded(
+        [open(f, "rb").read() for f in files])
+    same = np.mean([r[1] == s[0] for r, s in zip(rows, saved)])
+    assert same >= 0.85, same

@@ -1,0 +1,185 @@
+"""The two-stage run for text (`--task=text`), top to bottom.
+
+data -> vocabulary (training texts) -> word vectors -> model -> vectorize once
+-> stage 1 (embeddings frozen; encoder and head trained) -> unfreeze the
+embeddings -> stage 2 (everything at a low learning rate) -> keep the better
+stage -> evaluate on raw strings -> write model, labels, config, report ->
+export SavedModel.
+
+Without `--embeddings` the word vectors are random, and are trained from
+stage 1 on: freezing random vectors would only handicap them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tl_keras import evaluate as evaluate_lib
+from tl_keras import outputs
+from tl_keras import text as text_lib
+from tl_keras import text_export
+from tl_keras import train as train_lib
+from tl_keras.config import Config, fail, validate
+
+
+def log(msg: str) -> None:
+    print(f"[tl_keras] {msg}", flush=True)
+
+
+def validate_text(cfg: Config) -> None:
+    """Checks the text flags that need no data; raises ConfigError."""
+    if cfg.encoder not in text_lib.ENCODERS:
+        raise fail("encoder", cfg.encoder, f"must be one of {', '.join(text_lib.ENCODERS)}")
+    if cfg.max_tokens < 3:
+        raise fail("max_tokens", cfg.max_tokens, "must be >= 3 (padding, [UNK] and a word)")
+    shortest = max(text_lib.CNN_WIDTHS) if cfg.encoder == "cnn" else 1
+    if cfg.sequence_length < shortest:
+        raise fail("sequence_length", cfg.sequence_length,
+                   f"must be >= {shortest} for --encoder={cfg.encoder}")
+    if cfg.encoder_units < 1:
+        raise fail("encoder_units", cfg.encoder_units, "must be >= 1")
+    if cfg.embedding_dim < 0:
+        raise fail("embedding_dim", cfg.embedding_dim, "must be >= 1 (or 0 for the default)")
+    if cfg.embeddings and not os.path.isfile(cfg.embeddings):
+        raise fail("embeddings", cfg.embeddings,
+                   "no such file (expected GloVe or word2vec vectors)")
+
+
+def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
+    return np.eye(n, dtype=np.float32)[labels]
+
+
+def _snapshot(model: keras.Model) -> list[np.ndarray]:
+    return [v.numpy() for v in model.weights]
+
+
+def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
+    for v, a in zip(model.weights, values):
+        v.assign(a)
+
+
+def train(cfg: Config) -> dict:
+    """Runs the two-stage text pipeline described by `cfg` (cfg.task == "text").
+
+    Returns:
+        The report (also written to `OUT/report.json`).
+    """
+    t_start = time.perf_counter()
+    validate(cfg)
+    validate_text(cfg)
+    out = outputs.ensure_writable_dir(cfg.output_dir)
+    keras.utils.set_random_seed(cfg.seed)
+
+    # --- data ----------------------------------------------------------------
+    data = text_lib.load_text_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
+                                      cfg.test_fraction, cfg.seed, cfg.tfds_split,
+                                      cfg.tfds_data_dir)
+    classes = data.class_names
+    n_cls = len(classes)
+    counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
+    if data.test is not None:
+        counts["test"] = data.test.class_counts(n_cls)
+    log(f"{n_cls} classes; texts: " + ", ".join(f"{k} {sum(v)}" for k, v in counts.items()))
+
+    # --- vocabulary and word vectors -----------------------------------------
+    vectorizer = text_lib.build_vectorizer(data.train.items, cfg.max_tokens, cfg.sequence_length)
+    vocabulary = vectorizer.get_vocabulary()
+    train_ids = text_lib.vectorize(vectorizer, data.train.items)
+    val_ids = text_lib.vectorize(vectorizer, data.val.items)
+    vectors = None
+    if cfg.embeddings:
+        vectors = text_lib.load_vectors(cfg.embeddings, set(vocabulary[2:]))
+        if cfg.embedding_dim and cfg.embedding_dim != vectors.dim:
+            raise fail("embedding_dim", cfg.embedding_dim,
+                       f"the vectors in {cfg.embeddings} have {vectors.dim} dimensions")
+        dim = vectors.dim
+    else:
+        dim = cfg.embedding_dim or text_lib.DEFAULT_RANDOM_DIM
+    matrix, coverage = text_lib.embedding_matrix(vocabulary, vectors, dim, cfg.seed, train_ids)
+    embeddings = {"source": cfg.embeddings or "random", "dim": dim, **coverage}
+    if vectors is not None:
+        embeddings["format"] = vectors.format
+        if coverage["found"] == 0:
+            raise fail("embeddings", cfg.embeddings,
+                       f"has a vector for none of the {coverage['words']} training words")
+        log(f"word vectors: {coverage['found']} of {coverage['words']} vocabulary words found "
+            f"in {cfg.embeddings} ({vectors.format}, {dim}d): word coverage "
+            f"{coverage['word_coverage']:.1%}, token coverage {coverage['token_coverage']:.1%}")
+    else:
+        log(f"word vectors: random, {dim}d, trained from stage 1 on "
+            f"({coverage['words']} vocabulary words)")
+
+    # --- model ---------------------------------------------------------------
+    clf = text_lib.build_text_classifier(vectorizer, matrix, n_cls, cfg.encoder,
+                                         cfg.encoder_units, cfg.dropout,
+                                         train_embeddings=vectors is None)
+    log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {cfg.sequence_length} tokens "
+        f"per text, {clf.ids_model.count_params()} parameters")
+
+    # --- stage 1: encoder and head on frozen word vectors -------------------
+    tr_y, va_y = _one_hot(data.train.labels, n_cls), _one_hot(data.val.labels, n_cls)
+    log("stage 1: " + ("embeddings frozen" if vectors is not None else "embeddings trained")
+        + f", encoder and head at lr {cfg.head_learning_rate}")
+    s1 = train_lib.fit_head(clf.ids_model, train_ids, tr_y, val_ids, va_y,
+                            epochs=cfg.head_epochs, learning_rate=cfg.head_learning_rate,
+                            weight_decay=cfg.head_weight_decay, batch_size=cfg.batch_size,
+                            patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+    log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
+        f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
+    report = {"task": "text", "classes": classes, "class_counts": counts,
+              "encoder": cfg.encoder, "vocabulary": len(vocabulary),
+              "sequence_length": cfg.sequence_length, "embeddings": embeddings,
+              "stage1": s1.summary(), "stage2": {"epochs": 0}}
+    kept = "stage1"
+
+    # --- unfreeze the embeddings, recompile, stage 2 -------------------------
+    if cfg.finetune_epochs:
+        stage1_weights = _snapshot(clf.ids_model)
+        clf.embedding.trainable = True
+        log(f"stage 2: embeddings unfrozen, everything at peak lr {cfg.finetune_learning_rate}")
+        train_ds = (tf.data.Dataset.from_tensor_slices((train_ids, tr_y))
+                    .shuffle(len(train_ids), seed=cfg.seed, reshuffle_each_iteration=True)
+                    .batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE))
+        val_ds = tf.data.Dataset.from_tensor_slices((val_ids, va_y)).batch(cfg.batch_size)
+        steps = -(-len(train_ids) // cfg.batch_size)
+        s2 = train_lib.fit_finetune(clf.ids_model, train_ds, val_ds, epochs=cfg.finetune_epochs,
+                                    initial_epoch=s1.epochs, steps_per_epoch=steps,
+                                    learning_rate=cfg.finetune_learning_rate,
+                                    warmup_epochs=cfg.warmup_epochs, patience=cfg.patience,
+                                    label_smoothing=cfg.label_smoothing)
+        report["stage2"] = s2.summary()
+        log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
+            f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
+        # As for images: keep what validates best (accuracy first, loss breaks ties).
+        if (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss):
+            kept = "stage2"
+        else:
+            _restore(clf.ids_model, stage1_weights)
+    report["kept"] = kept
+    log(f"kept the weights of {kept}")
+
+    # --- evaluate (the string model: what is saved and served) ---------------
+    if data.test is not None:
+        probs = text_lib.predict_texts(clf.model, data.test.items, cfg.batch_size)
+        report["test"] = evaluate_lib.metrics(probs, data.test.labels, cfg.top_k)
+        log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} texts")
+
+    # --- write outputs and export ----------------------------------------------
+    resolved = cfg.replace(embedding_dim=dim)
+    with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
+        clf.model.save(tmp)
+    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
+    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    if cfg.export:
+        path = text_export.export_text_saved_model(clf.model, classes,
+                                                   os.path.join(out, "export", "1"), cfg.top_k)
+        report["export"] = path
+        log(f"exported SavedModel to {path}")
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    return report
