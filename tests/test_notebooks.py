@@ -31,8 +31,8 @@ NAMES = ("quickstart", "your_own_images")
 # The parameters the issue names; each notebook has them all.
 FLAG_PARAMETERS = {"data", "weights", "image_size", "head_epochs", "finetune_epochs",
                    "output_dir"}
-# Parameters that are not training flags: what to classify, where in Drive.
-OTHER_PARAMETERS = {"image", "drive_folder"}
+# Parameters that are no flag of tl-keras: where in Google Drive.
+OTHER_PARAMETERS = {"drive_folder"}
 SMALL = dict(weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=64, head_epochs=2,
              finetune_epochs=1)
 KERNEL = "tl-keras-test"
@@ -157,7 +157,7 @@ def test_quickstart_runs_headless(kernel, tmp_path):
     out = tmp_path / "run"
     image = sorted((FLOWERS_MINI / "daisy").iterdir())[0]
     nb = _execute("quickstart", tmp_path, kernel, data=str(FLOWERS_MINI), output_dir=str(out),
-                  image=str(image), **SMALL)
+                  images=str(image), **SMALL)
     assert (out / "export" / "1" / "saved_model.pb").is_file()
     classes = (out / "labels.txt").read_text().split()
     text = _texts(nb)
@@ -168,9 +168,8 @@ def test_quickstart_runs_headless(kernel, tmp_path):
     # The run's figures were displayed, each once.
     figures = [f for f, _ in notebook.FIGURES.values() if (out / f).is_file()]
     assert {"learning_curves.png", "confusion_matrix.png"} <= set(figures)
-    assert _mime_count(nb, "image/png") == len(figures)
-    # The photo was shown and classified by the SavedModel.
-    assert _mime_count(nb, "image/jpeg") == 1
+    # ... and so was the photo, classified by the SavedModel.
+    assert _mime_count(nb, "image/png") == len(figures) + 1
     m = re.search(rf"{re.escape(image.name)}: predicted: (\S+) \(([0-9.]+)\)", text)
     assert m, text[-2000:]
     assert m.group(1) in classes and 0 < float(m.group(2)) <= 1
@@ -234,20 +233,22 @@ def test_prepare_images_takes_a_plain_folder_and_reports_bad_input(tmp_path, cap
 
 def test_zip_export_holds_the_version_folders_only(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match="no exported SavedModel"):
+    run.mkdir()
+    with pytest.raises(ValueError, match="output_dir=.*not a SavedModel folder"):
         notebook.zip_export(str(run))
-    (run / "export" / "1" / "variables").mkdir(parents=True)
-    (run / "export" / "1" / "saved_model.pb").write_bytes(b"pb")
-    (run / "export" / "1" / "variables" / "variables.index").write_bytes(b"ix")
-    (run / "export" / ".tmp123.2").mkdir()  # an interrupted export
-    (run / "export" / ".tmp123.2" / "saved_model.pb").write_bytes(b"partial")
+    for version in ("1", "2"):
+        (run / "export" / version / "variables").mkdir(parents=True)
+        (run / "export" / version / "saved_model.pb").write_bytes(b"pb" + version.encode())
+        (run / "export" / version / "variables" / "variables.index").write_bytes(b"ix")
+    (run / "export" / ".tmp123.3").mkdir()  # an export in progress
+    (run / "export" / ".tmp123.3" / "saved_model.pb").write_bytes(b"partial")
     path = notebook.zip_export(str(run), name="flowers")
     assert path == str(run / "flowers.zip")
-    with zipfile.ZipFile(path) as zf:
-        assert sorted(zf.namelist()) == ["flowers/1/saved_model.pb",
-                                         "flowers/1/variables/variables.index"]
-        assert zf.read("flowers/1/saved_model.pb") == b"pb"
-    assert notebook.export_dir(str(run)) == str(run / "export" / "1")
+    with zipfile.ZipFile(path) as zf:  # the newest version only, as TF Serving would serve
+        assert sorted(zf.namelist()) == ["flowers/2/saved_model.pb",
+                                         "flowers/2/variables/variables.index"]
+        assert zf.read("flowers/2/saved_model.pb") == b"pb2"
+    assert notebook.export_dir(str(run)) == str(run / "export" / "2")
 
 
 def test_show_figure_says_when_a_run_has_none(tmp_path, capsys):
@@ -276,8 +277,8 @@ def fake_colab(monkeypatch):
 
 def test_outside_colab_nothing_is_uploaded_or_downloaded(tmp_path, capsys):
     assert not notebook.in_colab()
-    notebook.classify_image(str(tmp_path), "")
-    assert "set `image` in the parameters cell" in capsys.readouterr().out
+    notebook.classify_images(str(tmp_path), "")
+    assert "set `images` in the parameters cell" in capsys.readouterr().out
     f = tmp_path / "model.zip"
     f.write_bytes(b"z")
     notebook.download(str(f))
@@ -296,6 +297,10 @@ def test_in_colab_uploads_downloads_and_drive(fake_colab, tmp_path):
         notebook.upload_zip(str(tmp_path / "uploads"))
     notebook.download(path)
     assert fake_colab["download"] == [path]
+    fake_colab["upload"].clear()
+    fake_colab["upload"].update({"a.jpg": b"jpeg a", "b.png": b"png b"})
+    uploaded = notebook._upload_images(str(tmp_path / "photos")).split(",")
+    assert [Path(p).read_bytes() for p in uploaded] == [b"jpeg a", b"png b"]
     mount = tmp_path / "drive"
     (mount / "MyDrive" / "photos").mkdir(parents=True)
     assert notebook.mount_drive("photos", str(mount)) == str(mount / "MyDrive" / "photos")
