@@ -38,7 +38,9 @@ def split_hash(split: data_lib.Split) -> str:
             key = f"{name.replace(os.sep, '/')}:{size}"
         else:
             key = "sha256:" + hashlib.sha256(bytes(item)).hexdigest()
-        entries.append(f"{key}\t{int(label)}")
+        # Multi-label rows (issue 3) are multi-hot lists.
+        lab = ",".join(str(int(v)) for v in label) if isinstance(label, list) else int(label)
+        entries.append(f"{key}\t{lab}")
     digest = hashlib.sha256()
     for e in sorted(entries):
         digest.update(e.encode("utf-8") + b"\n")
