@@ -31,8 +31,8 @@ NAMES = ("quickstart", "your_own_images")
 # The parameters the issue names; each notebook has them all.
 FLAG_PARAMETERS = {"data", "weights", "image_size", "head_epochs", "finetune_epochs",
                    "output_dir"}
-# Parameters that are not training flags: what to classify, where in Drive.
-OTHER_PARAMETERS = {"image", "drive_folder"}
+# Parameters that are no flag of tl-keras: where in Google Drive.
+OTHER_PARAMETERS = {"drive_folder"}
 SMALL = dict(weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=64, head_epochs=2,
              finetune_epochs=1)
 KERNEL = "tl-keras-test"
@@ -142,6 +142,12 @@ def _texts(nb) -> str:
     return "\n".join(parts)
 
 
+def _results(nb) -> list[str]:
+    """The cells that end in a value (Out[n]); display cells should not."""
+    return [c.source for c in _code_cells(nb)
+            if any(o.output_type == "execute_result" for o in c.outputs)]
+
+
 def _mime_count(nb, mime: str) -> int:
     return sum(mime in out.get("data", {}) for c in _code_cells(nb) for out in c.outputs)
 
@@ -151,7 +157,7 @@ def test_quickstart_runs_headless(kernel, tmp_path):
     out = tmp_path / "run"
     image = sorted((FLOWERS_MINI / "daisy").iterdir())[0]
     nb = _execute("quickstart", tmp_path, kernel, data=str(FLOWERS_MINI), output_dir=str(out),
-                  image=str(image), **SMALL)
+                  images=str(image), **SMALL)
     assert (out / "export" / "1" / "saved_model.pb").is_file()
     classes = (out / "labels.txt").read_text().split()
     text = _texts(nb)
@@ -162,12 +168,12 @@ def test_quickstart_runs_headless(kernel, tmp_path):
     # The run's figures were displayed, each once.
     figures = [f for f, _ in notebook.FIGURES.values() if (out / f).is_file()]
     assert {"learning_curves.png", "confusion_matrix.png"} <= set(figures)
-    assert _mime_count(nb, "image/png") == len(figures)
-    # The photo was shown and classified by the SavedModel.
-    assert _mime_count(nb, "image/jpeg") == 1
+    # ... and so was the photo, classified by the SavedModel.
+    assert _mime_count(nb, "image/png") == len(figures) + 1
     m = re.search(rf"{re.escape(image.name)}: predicted: (\S+) \(([0-9.]+)\)", text)
     assert m, text[-2000:]
     assert m.group(1) in classes and 0 < float(m.group(2)) <= 1
+    assert _results(nb) == ["notebook.export_dir(output_dir)"]
 
 
 @pytest.mark.slow
@@ -194,6 +200,7 @@ def test_your_own_images_runs_headless_on_a_zip(kernel, tmp_path):
     assert "flowers_model/1/saved_model.pb" in names
     assert "flowers_model/1/assets/labels.txt" in names
     assert f"saved to {zipped}" in text
+    assert _results(nb) == []
 
 
 # --------------------------------------------------------------------------
@@ -226,25 +233,27 @@ def test_prepare_images_takes_a_plain_folder_and_reports_bad_input(tmp_path, cap
 
 def test_zip_export_holds_the_version_folders_only(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(ValueError, match="no exported SavedModel"):
+    run.mkdir()
+    with pytest.raises(ValueError, match="output_dir=.*not a SavedModel folder"):
         notebook.zip_export(str(run))
-    (run / "export" / "1" / "variables").mkdir(parents=True)
-    (run / "export" / "1" / "saved_model.pb").write_bytes(b"pb")
-    (run / "export" / "1" / "variables" / "variables.index").write_bytes(b"ix")
-    (run / "export" / ".tmp123.2").mkdir()  # an interrupted export
-    (run / "export" / ".tmp123.2" / "saved_model.pb").write_bytes(b"partial")
+    for version in ("1", "2"):
+        (run / "export" / version / "variables").mkdir(parents=True)
+        (run / "export" / version / "saved_model.pb").write_bytes(b"pb" + version.encode())
+        (run / "export" / version / "variables" / "variables.index").write_bytes(b"ix")
+    (run / "export" / ".tmp123.3").mkdir()  # an export in progress
+    (run / "export" / ".tmp123.3" / "saved_model.pb").write_bytes(b"partial")
     path = notebook.zip_export(str(run), name="flowers")
     assert path == str(run / "flowers.zip")
-    with zipfile.ZipFile(path) as zf:
-        assert sorted(zf.namelist()) == ["flowers/1/saved_model.pb",
-                                         "flowers/1/variables/variables.index"]
-        assert zf.read("flowers/1/saved_model.pb") == b"pb"
-    assert notebook.export_dir(str(run)) == str(run / "export" / "1")
+    with zipfile.ZipFile(path) as zf:  # the newest version only, as TF Serving would serve
+        assert sorted(zf.namelist()) == ["flowers/2/saved_model.pb",
+                                         "flowers/2/variables/variables.index"]
+        assert zf.read("flowers/2/saved_model.pb") == b"pb2"
+    assert notebook.export_dir(str(run)) == str(run / "export" / "2")
 
 
 def test_show_figure_says_when_a_run_has_none(tmp_path, capsys):
-    assert notebook.show_figure(str(tmp_path), "mistakes") is None
-    assert "(no mistakes)" in capsys.readouterr().out
+    notebook.show_figure(str(tmp_path), "mistakes")
+    assert "The most confident mistakes: none in" in capsys.readouterr().out
     with pytest.raises(ValueError, match="figure 'roc'"):
         notebook.show_figure(str(tmp_path), "roc")
 
@@ -268,11 +277,11 @@ def fake_colab(monkeypatch):
 
 def test_outside_colab_nothing_is_uploaded_or_downloaded(tmp_path, capsys):
     assert not notebook.in_colab()
-    assert notebook.classify_image(str(tmp_path), "") is None
-    assert "set `image` in the parameters cell" in capsys.readouterr().out
+    notebook.classify_images(str(tmp_path), "")
+    assert "set `images` in the parameters cell" in capsys.readouterr().out
     f = tmp_path / "model.zip"
     f.write_bytes(b"z")
-    assert notebook.download(str(f)) == str(f)
+    notebook.download(str(f))
     assert f"saved to {f}" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="only available in Colab"):
         notebook.upload_zip(str(tmp_path))
@@ -288,6 +297,10 @@ def test_in_colab_uploads_downloads_and_drive(fake_colab, tmp_path):
         notebook.upload_zip(str(tmp_path / "uploads"))
     notebook.download(path)
     assert fake_colab["download"] == [path]
+    fake_colab["upload"].clear()
+    fake_colab["upload"].update({"a.jpg": b"jpeg a", "b.png": b"png b"})
+    uploaded = notebook._upload_images(str(tmp_path / "photos")).split(",")
+    assert [Path(p).read_bytes() for p in uploaded] == [b"jpeg a", b"png b"]
     mount = tmp_path / "drive"
     (mount / "MyDrive" / "photos").mkdir(parents=True)
     assert notebook.mount_drive("photos", str(mount)) == str(mount / "MyDrive" / "photos")

@@ -2,8 +2,9 @@
 
 Each notebook cell is one call into the library; what a cell needs beyond
 `run_training` lives here: finding the images (a folder, a zip, Google Drive
-or an upload), showing a finished run, classifying one image with the
-exported SavedModel, and handing the export to the user as a zip.
+or an upload), showing a finished run, classifying images with the
+exported SavedModel (through `tl_keras.predict`), and handing the export to
+the user as a zip.
 
 Colab-only features (uploads, Drive, downloads) are used only when the code
 runs in Colab; elsewhere every function takes plain paths, which is how the
@@ -66,8 +67,8 @@ def _display(obj) -> None:
 # Environment
 # --------------------------------------------------------------------------
 
-def describe_environment() -> dict:
-    """Prints and returns the versions, the device and the precision `auto` picks.
+def describe_environment() -> None:
+    """Prints the versions, the device and the precision `auto` picks.
 
     In Colab without a GPU it also says how to get one (training on a CPU
     runtime works, only slowly).
@@ -85,7 +86,6 @@ def describe_environment() -> dict:
     if in_colab() and env["device"] == "CPU":
         print("No GPU: training runs on the CPU, which is slow. In Colab choose "
               "Runtime > Change runtime type > GPU, then run the notebook again.")
-    return env
 
 
 # --------------------------------------------------------------------------
@@ -223,12 +223,8 @@ def prepare_images(data: str, extract_dir: str = "images") -> str:
 # Showing a run
 # --------------------------------------------------------------------------
 
-def show_results(run_dir: str) -> dict:
-    """Prints the headline figures of a finished run (from its report.json).
-
-    Returns:
-        The headline of the evaluated split (test, else validation).
-    """
+def show_results(run_dir: str) -> None:
+    """Prints the headline figures of a finished run (from its report.json)."""
     from tl_keras import report as report_lib
 
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
@@ -243,19 +239,17 @@ def show_results(run_dir: str) -> dict:
     print(f"kept: {report.get('kept')}")
     print(f"{split} ({head.get('n')} images): " +
           ", ".join(f"{k} {v:.3f}" for k, v in head.items() if k != "n" and v is not None))
-    return head
 
 
-def show_figure(run_dir: str, name: str) -> Optional[str]:
-    """Displays one figure of a finished run.
+def show_figure(run_dir: str, name: str) -> None:
+    """Displays one figure of a finished run, or says that the run has none.
+
+    (A run with no mistakes has no mistakes figure.) Display functions
+    return None, so a notebook shows the figure and not a value after it.
 
     Args:
         run_dir: the run folder (`output_dir`).
         name: one of `FIGURES` (learning_curves, confusion_matrix, mistakes).
-
-    Returns:
-        The PNG's path, or None when the run has none (a run with no
-        mistakes has no mistakes figure).
     """
     from IPython.display import Image
 
@@ -266,18 +260,16 @@ def show_figure(run_dir: str, name: str) -> Optional[str]:
     if not os.path.isfile(path):
         print(f"{caption}: none in {run_dir}" +
               (" (no mistakes)" if name == "mistakes" else ""))
-        return None
+        return
     print(caption)
     _display(Image(filename=path))
-    return path
 
 
-def show_run(run_dir: str) -> dict:
+def show_run(run_dir: str) -> None:
     """Prints the headline figures of a run and displays all its figures."""
-    head = show_results(run_dir)
+    show_results(run_dir)
     for name in FIGURES:
         show_figure(run_dir, name)
-    return head
 
 
 # --------------------------------------------------------------------------
@@ -285,88 +277,85 @@ def show_run(run_dir: str) -> dict:
 # --------------------------------------------------------------------------
 
 def export_dir(run_dir: str) -> str:
-    """The newest SavedModel version folder of a run (OUT/export/N)."""
-    if os.path.isfile(os.path.join(run_dir, "saved_model.pb")):
-        return run_dir
-    base = os.path.join(run_dir, "export")
-    versions = sorted((int(v) for v in os.listdir(base) if v.isdigit()),
-                      reverse=True) if os.path.isdir(base) else []
-    for v in versions:
-        path = os.path.join(base, str(v))
-        if os.path.isfile(os.path.join(path, "saved_model.pb")):
-            return path
-    raise ValueError(f"output_dir={run_dir!r}: no exported SavedModel (export/N/saved_model.pb)")
+    """The newest exported version of a run (OUT/export/<version>), as TF Serving picks it."""
+    from tl_keras import predict
+
+    return predict.resolve_model(run_dir, "output_dir")
 
 
-def classify_bytes(saved_model: str, images: list[bytes]) -> list[list[tuple[str, float]]]:
-    """Classifies encoded images with an exported SavedModel's serving_default.
-
-    Args:
-        saved_model: a SavedModel folder (OUT/export/1) or a run folder.
-        images: encoded JPEG/PNG/GIF/BMP files.
-
-    Returns:
-        For each image, its top-k (class name, score) pairs, best first.
-    """
-    import tensorflow as tf
-
-    model = tf.saved_model.load(export_dir(saved_model))
-    out = model.signatures["serving_default"](image_bytes=tf.constant(images))
-    return [[(c.decode("utf-8"), float(s)) for c, s in zip(cls, sc)]
-            for cls, sc in zip(out["classes"].numpy(), out["scores"].numpy())]
+def _upload_images(dest_dir: str) -> str:
+    """Colab: asks for images, writes them to `dest_dir`; returns their paths, comma-separated."""
+    print("Choose one or more images (JPEG, PNG, GIF or BMP) to classify.")
+    paths = []
+    for name, data in _colab("files").upload().items():
+        path = os.path.join(dest_dir, os.path.basename(name))
+        with outputs.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        paths.append(path)
+    return ",".join(paths)
 
 
-def _image_to_classify(image: str) -> tuple[Optional[str], Optional[bytes]]:
-    if image:
-        if not os.path.isfile(image):
-            raise ValueError(f"image={image!r}: no such file")
-        with open(image, "rb") as f:
-            return image, f.read()
-    if in_colab():
-        print("Choose an image (JPEG, PNG, GIF or BMP) to classify.")
-        uploaded = _colab("files").upload()
-        if not uploaded:
-            return None, None
-        name = next(iter(uploaded))
-        return name, uploaded[name]
-    return None, None
+def _thumbnail_png(path: str, size: int = 256) -> Optional[bytes]:
+    """A PNG thumbnail of an image file (any format PIL reads); None if unreadable."""
+    import io
 
-
-def classify_image(run_dir: str, image: str = "") -> Optional[list[tuple[str, float]]]:
-    """Shows an image and what the run's SavedModel predicts for it.
-
-    Args:
-        run_dir: the run folder (`output_dir`) or a SavedModel folder.
-        image: the image file; empty: in Colab, ask for an upload.
-
-    Returns:
-        The top-k (class name, score) pairs, best first; None when no image
-        was given.
-    """
-    name, data = _image_to_classify(image)
-    if data is None:
-        print("No image to classify: set `image` in the parameters cell to a photo's path "
-              "(in Colab, leave it empty to upload one).")
-        return None
-    import tensorflow as tf
-    from IPython.display import Image
+    from PIL import Image
 
     try:
-        top = classify_bytes(run_dir, [data])[0]
-    except tf.errors.InvalidArgumentError:
-        raise ValueError(f"image={name!r}: not a JPEG, PNG, GIF or BMP image "
-                         "the model can decode") from None
-    _display(Image(data=data, width=256))
-    print(f"{os.path.basename(name)}: predicted: {top[0][0]} ({top[0][1]:.2f})")
-    print("top classes: " + ", ".join(f"{c} {s:.2f}" for c, s in top))
-    return top
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            return buf.getvalue()
+    except (OSError, ValueError):
+        return None
+
+
+def classify_images(run_dir: str, images: str = "", upload_dir: str = "uploads") -> None:
+    """Shows images and prints what the run's exported SavedModel predicts for each.
+
+    The export is called as a server would call it: `serving_default` on
+    the files' encoded bytes (`tl-keras predict`). For each image it prints
+    `NAME: predicted: CLASS (SCORE)` and the top-k classes; files that do not
+    decode are reported and skipped. For the predictions as values, use
+    `tl_keras.predict.predict_images`.
+
+    Args:
+        run_dir: the run folder (`output_dir`) or an export folder.
+        images: image files or folders, comma-separated (`--images` of
+            `tl-keras predict`); empty: in Colab, ask for an upload.
+        upload_dir: where uploaded images are written.
+    """
+    from IPython.display import Image
+
+    from tl_keras import predict
+
+    if not images and in_colab():
+        images = _upload_images(upload_dir)
+    if not images:
+        print("No image to classify: set `images` in the parameters cell to a photo's path "
+              "(in Colab, leave it empty to upload one).")
+        return
+    result = predict.predict_images(run_dir, images, model_flag="output_dir")
+    for p in result["predictions"]:
+        png = _thumbnail_png(p["image"])
+        if png is not None:
+            _display(Image(data=png))
+        name = os.path.basename(p["image"])
+        print(f"{name}: predicted: {p['classes'][0]} ({p['scores'][0]:.2f})")
+        print("  top classes: " + ", ".join(f"{c} {s:.2f}"
+                                            for c, s in zip(p["classes"], p["scores"])))
+    for p in result["skipped"]:
+        print(f"{os.path.basename(p['image'])}: skipped, {p['error']}")
 
 
 def zip_export(run_dir: str, name: str = "") -> str:
-    """Zips a run's exported SavedModel(s) for download.
+    """Zips the newest exported version of a run for download.
 
     The zip holds `NAME/VERSION/saved_model.pb ...`, the layout TF Serving
-    expects under its model base path.
+    expects under its model base path (unzip it there and it serves).
 
     Args:
         run_dir: the run folder (`output_dir`).
@@ -375,28 +364,28 @@ def zip_export(run_dir: str, name: str = "") -> str:
     Returns:
         The path of the zip, `run_dir/NAME.zip`.
     """
-    export_dir(run_dir)  # fails clearly when there is nothing to zip
+    version_dir = export_dir(run_dir)
+    if not os.path.isdir(version_dir):
+        raise ValueError(f"output_dir={run_dir!r}: no exported SavedModel folder to zip")
     name = name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
-    base = os.path.join(run_dir, "export")
+    version = os.path.basename(os.path.normpath(version_dir))
     path = os.path.join(run_dir, name + ".zip")
     with outputs.atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            for dirpath, dirnames, filenames in os.walk(base):
+            for dirpath, dirnames, filenames in os.walk(version_dir):
                 dirnames.sort()
-                # Temporaries of an interrupted export are not part of it.
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 for f in sorted(filenames):
                     full = os.path.join(dirpath, f)
-                    zf.write(full, os.path.join(name, os.path.relpath(full, base)))
+                    zf.write(full, os.path.join(name, version,
+                                                os.path.relpath(full, version_dir)))
     size = os.path.getsize(path)
     print(f"{path}: {size / 2 ** 20:.1f} MB")
     return path
 
 
-def download(path: str) -> str:
+def download(path: str) -> None:
     """Downloads a file to your computer in Colab; elsewhere says where it is."""
     if in_colab():
         _colab("files").download(path)
     else:
         print(f"saved to {os.path.abspath(path)}")
-    return path
