@@ -25,6 +25,7 @@ rejected export, and earlier versions are never touched unless asked to.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -296,6 +297,40 @@ def gate_and_publish(tmp: str, export_dir: str, overwrite: bool, result: dict,
             outputs.atomic_write_json(check_path, check)
     log(f"exported version {version} to {path}")
     return result
+
+
+def export_run(model: keras.Model, cfg, class_names: list[str], image_size: int, out: str,
+               data: data_lib.Dataset, eval_split: data_lib.Split, eval_name: str,
+               run_manifest: dict, log: Callable[[str], None] = lambda s: None) -> dict:
+    """`export_version` with a run's settings: OUT/export, the TFLite variants,
+    int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
+
+    Args:
+        model: the model to export.
+        cfg: the run's `Config` (tflite, parity, top_k, overwrite, seed, ...).
+        class_names, image_size: as `export_version`.
+        out: the run's output folder.
+        data: the run's splits (train for int8 calibration, val for the gate).
+        eval_split, eval_name: where each TFLite variant's accuracy is measured.
+        run_manifest: written to the SavedModel's assets.extra/manifest.json.
+        log: progress messages.
+
+    Returns / Raises: as `export_version`.
+    """
+    variants = tflite_lib.parse_variants(cfg.tflite)
+    return export_version(
+        model, class_names, image_size, os.path.join(out, "export"), top_k=cfg.top_k,
+        overwrite=cfg.overwrite, tflite_variants=variants,
+        calibration_images=(tflite_lib.representative_images(
+            data.train, image_size, cfg.int8_calibration_images, cfg.seed)
+            if "int8" in variants else None),
+        parity_split=data.val, parity_images=cfg.parity_images,
+        eval_split=eval_split, eval_name=eval_name,
+        min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
+        max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
+        check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
+        seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+        log=log)
 
 
 def export_version(model: keras.Model, class_names: list[str], image_size: int,

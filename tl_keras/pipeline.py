@@ -8,7 +8,6 @@ TFLite variants) through the parity gate.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -29,13 +28,11 @@ from tl_keras import manifest as manifest_lib
 from tl_keras import model as model_lib
 from tl_keras import multilabel
 from tl_keras import outputs
-from tl_keras import parity
 from tl_keras import precision
 from tl_keras import preflight
 from tl_keras import report as report_lib
 from tl_keras import resume
 from tl_keras import tensorboard_logs
-from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -346,21 +343,10 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     if cfg.export:
         # A new version (or the newest replaced, --overwrite): SavedModel, then
         # TFLite, then the parity gate; published only if the gate passes.
-        variants = tflite_lib.parse_variants(cfg.tflite)
         try:
-            report["export"] = state.once("export", lambda: export_lib.export_version(
-                final, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
-                overwrite=cfg.overwrite, tflite_variants=variants,
-                calibration_images=(tflite_lib.representative_images(
-                    data.train, size, cfg.int8_calibration_images, cfg.seed)
-                    if "int8" in variants else None),
-                parity_split=data.val, parity_images=cfg.parity_images,
-                eval_split=eval_split, eval_name=eval_name,
-                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
-                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
-                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
-                seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
-                log=log), lambda done: os.path.isdir(done.get("path", "")))
+            report["export"] = state.once("export", lambda: export_lib.export_run(
+                final, cfg, classes, size, out, data, eval_split, eval_name, run_manifest, log),
+                lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     if multi:

@@ -21,7 +21,6 @@ Written to OUT (the contract of `train`, plus the block map):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -36,13 +35,11 @@ from tl_keras import distribute
 from tl_keras import export as export_lib
 from tl_keras import manifest as manifest_lib
 from tl_keras import outputs
-from tl_keras import parity
 from tl_keras import precision
 from tl_keras import preflight
 from tl_keras import report as report_lib
 from tl_keras import source_models
 from tl_keras import tensorboard_logs
-from tl_keras import tflite as tflite_lib
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
@@ -249,21 +246,9 @@ def pretrain(cfg: Config) -> dict:
     if cfg.export:
         # The source classifier is a classifier of task A: exported exactly
         # like a train run (new version, TFLite variants, parity gate).
-        variants = tflite_lib.parse_variants(cfg.tflite)
         try:
-            report["export"] = export_lib.export_version(
-                model, classes, size, os.path.join(out, "export"), top_k=cfg.top_k,
-                overwrite=cfg.overwrite, tflite_variants=variants,
-                calibration_images=(tflite_lib.representative_images(
-                    data.train, size, cfg.int8_calibration_images, cfg.seed)
-                    if "int8" in variants else None),
-                parity_split=data.val, parity_images=cfg.parity_images,
-                eval_split=eval_split, eval_name=eval_name,
-                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
-                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
-                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
-                seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
-                log=log)
+            report["export"] = export_lib.export_run(model, cfg, classes, size, out, data,
+                                                     eval_split, eval_name, run_manifest, log)
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     written = _write_report_md(out, report, history, eval_name, eval_split.items, run_manifest)
