@@ -262,6 +262,39 @@ def _pick_feature(feats: dict, kind, preferred: str) -> Optional[str]:
     return preferred if preferred in keys else (keys[0] if keys else None)
 
 
+def tfds_builder(spec: str, flag: str, default_split: str, data_dir: str):
+    """(builder, split) of `tfds:NAME[:SPLIT]`; an unknown name is a one-line error."""
+    import tensorflow_datasets as tfds
+
+    name, _, split = spec[len("tfds:"):].partition(":")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except Exception as e:  # noqa: BLE001
+        raise fail(flag, spec, f"unknown TFDS dataset: {' '.join(str(e).split())[:200]}") from None
+    return builder, split or default_split
+
+
+def tfds_prepare(builder, split: str, spec: str, flag: str, local_hint: str, decoders=None):
+    """Downloads and prepares a TFDS builder's data and returns the split's dataset.
+
+    A failed download (no network) is one line naming the dataset and how to
+    point at local data instead (`local_hint`, e.g. "--data=DIR at a local
+    folder of class subfolders", or --tfds_data_dir at a prepared copy).
+    """
+    try:
+        builder.download_and_prepare()
+        return builder.as_dataset(split=split, decoders=decoders)
+    except Exception as e:  # noqa: BLE001
+        msg = " ".join(str(e).split())
+        if any(s in msg.lower() for s in ("connection", "resolve", "urlopen", "network", "download",
+                                          "name or service", "http")):
+            name = spec[len("tfds:"):].partition(":")[0]
+            raise fail(flag, spec, f"could not download TFDS dataset {name!r} "
+                       f"(no network?); point {local_hint}, or --tfds_data_dir at a "
+                       "prepared copy") from None
+        raise fail(flag, spec, f"could not load: {msg[:300]}") from None
+
+
 def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,
                 class_names: Optional[list[str]], multi_label: bool = False
                 ) -> tuple[list[str], Split]:
@@ -272,30 +305,14 @@ def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,
     """
     import tensorflow_datasets as tfds
 
-    rest = spec[len("tfds:"):]
-    name, _, split = rest.partition(":")
-    split = split or default_split
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # noqa: BLE001
-        raise fail(flag, spec, f"unknown TFDS dataset: {' '.join(str(e).split())[:200]}") from None
+    builder, split = tfds_builder(spec, flag, default_split, data_dir)
     feats = builder.info.features
     image_key = _pick_feature(feats, tfds.features.Image, "image")
     label_key = _pick_feature(feats, tfds.features.ClassLabel, "label")
     if image_key is None or label_key is None:
         raise fail(flag, spec, "TFDS dataset has no image feature with a class label")
-    try:
-        builder.download_and_prepare()
-        ds = builder.as_dataset(split=split,
-                                decoders={image_key: tfds.decode.SkipDecoding()})
-    except Exception as e:  # noqa: BLE001
-        msg = " ".join(str(e).split())
-        if any(s in msg.lower() for s in ("connection", "resolve", "urlopen", "network", "download",
-                                          "name or service", "http")):
-            raise fail(flag, spec, f"could not download TFDS dataset {name!r} (no network?); "
-                       "point --data=DIR at a local folder of class subfolders, or "
-                       "--tfds_data_dir at a prepared copy") from None
-        raise fail(flag, spec, f"could not load: {msg[:300]}") from None
+    ds = tfds_prepare(builder, split, spec, flag, "--data=DIR at a local folder of class subfolders",
+                      decoders={image_key: tfds.decode.SkipDecoding()})
     names = list(feats[label_key].names)
     items, labels = [], []
     for ex in ds.as_numpy_iterator():

@@ -123,28 +123,14 @@ def _tfds_source(spec: str, flag: str, default_split: str,
     """(texts, label names) of `tfds:NAME[:SPLIT]` with a Text and a ClassLabel feature."""
     import tensorflow_datasets as tfds
 
-    name, _, split = spec[len("tfds:"):].partition(":")
-    split = split or default_split
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # noqa: BLE001
-        raise fail(flag, spec, f"unknown TFDS dataset: {' '.join(str(e).split())[:200]}") from None
+    builder, split = data_lib.tfds_builder(spec, flag, default_split, data_dir)
     feats = builder.info.features
     text_key = next((k for k, v in feats.items() if isinstance(v, tfds.features.Text)), None)
     label_key = next((k for k, v in feats.items() if isinstance(v, tfds.features.ClassLabel)), None)
     if text_key is None or label_key is None:
         raise fail(flag, spec, "TFDS dataset has no text feature with a class label")
-    try:
-        builder.download_and_prepare()
-        ds = builder.as_dataset(split=split)
-    except Exception as e:  # noqa: BLE001
-        msg = " ".join(str(e).split())
-        if any(s in msg.lower() for s in ("connection", "resolve", "urlopen", "network", "download",
-                                          "name or service", "http")):
-            raise fail(flag, spec, f"could not download TFDS dataset {name!r} (no network?); "
-                       "point --data at a local folder or .csv/.tsv file, or "
-                       "--tfds_data_dir at a prepared copy") from None
-        raise fail(flag, spec, f"could not load: {msg[:300]}") from None
+    ds = data_lib.tfds_prepare(builder, split, spec, flag,
+                               "--data at a local folder or .csv/.tsv file")
     names = list(feats[label_key].names)
     texts, labels = [], []
     for ex in ds.as_numpy_iterator():
