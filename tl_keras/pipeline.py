@@ -12,9 +12,6 @@ import math
 import os
 import time
 
-import keras
-import numpy as np
-
 from tl_keras import activations
 from tl_keras import augment
 from tl_keras import backbones
@@ -46,15 +43,6 @@ AUTO_FINETUNE_FRACTION = 0.4
 
 def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
-
-
-def _snapshot(model: keras.Model) -> list[np.ndarray]:
-    return [v.numpy() for v in model.weights]
-
-
-def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
-    for v, a in zip(model.weights, values):
-        v.assign(a)
 
 
 def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
@@ -253,7 +241,7 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
     if cfg.finetune_epochs and cfg.finetune_blocks:
-        stage1_weights = _snapshot(clf.model)
+        stage1_weights = train_lib.snapshot(clf.model)
         unfrozen = backbones.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
             f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
@@ -289,12 +277,10 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
-        # Fine-tuning can hurt on small data: keep what validates best
-        # (accuracy first, loss breaks ties).
-        if (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss):
+        if train_lib.stage2_is_better(s1, s2):
             kept = "stage2"
         else:
-            _restore(clf.model, stage1_weights)
+            train_lib.restore(clf.model, stage1_weights)
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")

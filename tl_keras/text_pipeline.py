@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -69,15 +68,6 @@ def validate_text(cfg: Config) -> None:
 
 def _one_hot(labels: np.ndarray, n: int) -> np.ndarray:
     return np.eye(n, dtype=np.float32)[labels]
-
-
-def _snapshot(model: keras.Model) -> list[np.ndarray]:
-    return [v.numpy() for v in model.weights]
-
-
-def _restore(model: keras.Model, values: list[np.ndarray]) -> None:
-    for v, a in zip(model.weights, values):
-        v.assign(a)
 
 
 def _fingerprint(split) -> str:
@@ -193,7 +183,7 @@ def train(cfg: Config) -> dict:
 
     # --- unfreeze the embeddings, recompile, stage 2 -------------------------
     if cfg.finetune_epochs:
-        stage1_weights = _snapshot(clf.ids_model)
+        stage1_weights = train_lib.snapshot(clf.ids_model)
         clf.embedding.trainable = True
         log(f"stage 2: embeddings unfrozen, everything at peak lr {cfg.finetune_learning_rate}")
         train_ds = (tf.data.Dataset.from_tensor_slices((train_ids, tr_y))
@@ -212,11 +202,10 @@ def train(cfg: Config) -> dict:
         report["stage2"] = s2.summary()
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
             f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
-        # As for images: keep what validates best (accuracy first, loss breaks ties).
-        if (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss):
+        if train_lib.stage2_is_better(s1, s2):
             kept = "stage2"
         else:
-            _restore(clf.ids_model, stage1_weights)
+            train_lib.restore(clf.ids_model, stage1_weights)
     report["kept"] = kept
     log(f"kept the weights of {kept}")
 

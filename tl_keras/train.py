@@ -45,6 +45,24 @@ class StageResult:
                 "val_loss": self.val_loss}
 
 
+def snapshot(model: keras.Model) -> list[np.ndarray]:
+    """The values of every weight of `model` (to put back with `restore`)."""
+    return [v.numpy() for v in model.weights]
+
+
+def restore(model: keras.Model, values: list[np.ndarray]) -> None:
+    """Puts back weights taken by `snapshot`."""
+    for v, a in zip(model.weights, values):
+        v.assign(a)
+
+
+def stage2_is_better(s1: StageResult, s2: StageResult) -> bool:
+    """Whether to keep fine-tuning's weights: fine-tuning can hurt on small
+    data, so the stage that validates better wins (accuracy first, loss breaks
+    ties; stage 2 on a tie)."""
+    return (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss)
+
+
 def _loss(multi_label: bool, label_smoothing: float):
     if multi_label:
         return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
