@@ -57,7 +57,11 @@ class Preprocess(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tl_keras")
 class FlipLeftRight(keras.layers.Layer):
-    """Mirrors images [N, H, W, C] left to right (deterministic, for test-time averaging)."""
+    """Mirrors images [N, H, W, C] left to right.
+
+    Kept so that models saved before mirror averaging moved to `MirrorStack`
+    / `MirrorMean` (which run the model once instead of twice) still load.
+    """
 
     def call(self, images):
         return ops.flip(images, axis=2)

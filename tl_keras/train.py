@@ -186,14 +186,8 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
         idx = np.sort(idx)  # in-order reads of a memory-mapped file
         return np.asarray(x[idx]), np.asarray(y[idx])
 
-    def load(idx):
-        bx, by = tf.numpy_function(gather, [idx], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
-        bx.set_shape((None,) + tuple(x.shape[1:]))
-        by.set_shape((None,) + tuple(y.shape[1:]))
-        return bx, by
-
     return (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size).map(load).prefetch(tf.data.AUTOTUNE))
+            .repeat().batch(batch_size).map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE))
 
 
 def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
@@ -209,13 +203,21 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Data
     def gather(start):
         return np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
 
-    def load(start):
-        bx, by = tf.numpy_function(gather, [start], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
+    return (tf.data.Dataset.range(0, n, batch_size).map(_rows_op(x, y, gather))
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def _rows_op(x: np.ndarray, y: np.ndarray, gather):
+    """A tf.data map function: `gather(key) -> (x rows, y rows)` run as a numpy
+    function, its outputs typed and shaped like `x` and `y` (batch unknown)."""
+
+    def load(key):
+        bx, by = tf.numpy_function(gather, [key], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
         bx.set_shape((None,) + tuple(x.shape[1:]))
         by.set_shape((None,) + tuple(y.shape[1:]))
         return bx, by
 
-    return tf.data.Dataset.range(0, n, batch_size).map(load).prefetch(tf.data.AUTOTUNE)
+    return load
 
 
 def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
