@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tl_keras import Config, augment, backbones, data as data_lib  # noqa: E402
+from tl_keras import Config, augment, backbones, data as data_lib, features  # noqa: E402
 from tl_keras import model as model_lib  # noqa: E402
 from tl_keras import pipeline  # noqa: E402
 
@@ -114,7 +114,7 @@ def inference_floor(cfg: Config, data, views: int) -> float:
                                      fam, len(data.class_names))
     aug = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                   cfg.translation, cfg.crop_min_area)
-    bs = 2 * cfg.batch_size
+    bs = features.inference_batch_size(cfg.batch_size)
     fn = clf.features.predict_on_batch
     fn(np.zeros((bs, SIZE, SIZE, 3), "float32"))  # trace outside the timing
     t0 = time.perf_counter()

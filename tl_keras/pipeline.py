@@ -91,11 +91,9 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
                              blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
 
     def compute():
-        # Inference keeps no activations for gradients: twice the training
-        # batch fits wherever training fits, and runs faster.
         out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
-                                          2 * cfg.batch_size, views, augmenter,
-                                          progress=split == "train")
+                                          features.inference_batch_size(cfg.batch_size), views,
+                                          augmenter, progress=split == "train")
         return (*out, labels) if cut is not None else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
