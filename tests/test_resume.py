@@ -73,9 +73,10 @@ def _problem():
     return x, np.eye(2, dtype="float32")[y], np.eye(2, dtype="float32")[1 - y]
 
 
-def _fit(head, folder, *extra, epochs=10, patience=3):
+def _fit(head, folder, *extra, epochs=10, patience=3, every_seconds=0.0):
     x, y, y_val = _problem()
-    ckpt = resume.StageCheckpoint(str(folder), 1, log=lambda m: None)
+    ckpt = resume.StageCheckpoint(str(folder), 1, log=lambda m: None,
+                                  every_seconds=every_seconds)
     counter = _EpochCounter()
     # One batch per epoch: the gradient does not depend on the shuffle order,
     # so a resumed fit must reproduce the uninterrupted one exactly.
@@ -214,6 +215,33 @@ def test_diverged_run_is_not_resumed(tmp_path):
         _open(tmp_path)
 
 
+def test_save_interval_skips_epochs_but_always_saves_the_end_and_the_best(tmp_path):
+    hour = 3600.0
+    # Crashed after its 3rd epoch with an hour between saves: nothing was
+    # saved, so the rerun starts the stage over rather than from a stale file.
+    with pytest.raises(_Crash):
+        _fit(_head(), tmp_path / "run", _CrashAfterEpoch(2), every_seconds=hour)
+    assert not (tmp_path / "run" / "meta.json").exists()
+    res, ckpt, count = _fit(_head(), tmp_path / "run", every_seconds=hour)
+    assert ckpt.resumed_after is None and count.epochs == [0, 1, 2, 3]
+    # The stage's last epoch is saved, with the best epoch's weights (epoch 1,
+    # which the interval skipped) written alongside.
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["epoch"] == 4 and meta["complete"]
+    assert meta["early_stopping"]["best_weights"] == "best-0001.npz"
+    assert sorted(os.listdir(tmp_path / "run")) == ["best-0001.npz", "epoch-0004.weights.h5",
+                                                    "meta.json"]
+    ref_head = _head()
+    ref, _, _ = _fit(ref_head, tmp_path / "ref")  # saved after every epoch
+    assert (res.epochs, res.best_epoch) == (ref.epochs, ref.best_epoch)
+    # Run again, the finished stage restores the same result from those files.
+    again_head = _head()
+    again, ckpt, count = _fit(again_head, tmp_path / "run", every_seconds=hour)
+    assert count.epochs == [] and ckpt.resumed_after == 4
+    for a, b in zip(again_head.get_weights(), ref_head.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Real kills: SIGKILL a training subprocess at each phase, rerun the command
 # ---------------------------------------------------------------------------
@@ -285,7 +313,8 @@ _DRIVER = textwrap.dedent("""
 
 def _train(out: Path, kill_at: str = "") -> subprocess.CompletedProcess:
     # The settings of the session's `deterministic_runs`, the uninterrupted baselines.
-    args = ["train", *SMALL_RUN_ARGS, f"--output_dir={out}"]
+    # Checkpoints after every epoch, so that each kill has one to resume from.
+    args = ["train", *SMALL_RUN_ARGS, f"--output_dir={out}", "--checkpoint_seconds=0"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", KILL_AT=kill_at)
     proc = subprocess.run([sys.executable, "-c", _DRIVER, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)

@@ -196,6 +196,9 @@ class Config:
     # Discard the interrupted run in OUTPUT_DIR (its state.json and checkpoints/;
     # caches and data stay) and start over, instead of resuming it.
     restart: bool = False
+    # Seconds of training between stage checkpoints (0: after every epoch). A
+    # stage's last epoch is always saved; a kill loses at most this much training.
+    checkpoint_seconds: float = 30.0
     # TensorFlow op determinism: with the same --seed, two runs on the same
     # machine give identical weights and metrics (slower, mostly on GPUs).
     deterministic: bool = False
@@ -317,7 +320,7 @@ def validate(cfg: Config) -> None:
                    "choose one of auto, float32, mixed_float16, mixed_bfloat16")
     if cfg.jit_compile.lower() not in ("auto", "true", "false"):
         raise fail("jit_compile", cfg.jit_compile, "choose one of auto, true, false")
-    for name in ("cache_ram_mb", "cache_max_mb"):
+    for name in ("cache_ram_mb", "cache_max_mb", "checkpoint_seconds"):
         if getattr(cfg, name) < 0:
             raise fail(name, getattr(cfg, name), "must be >= 0")
     if not cfg.output_dir:

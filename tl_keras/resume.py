@@ -56,7 +56,7 @@ _VERSION = 1
 # Settings that do not change what a run computes: where things go, how
 # fast they are computed, whether progress is logged.
 IGNORED_FIELDS = ("output_dir", "cache_dir", "cache_ram_mb", "jit_compile", "tensorboard",
-                  "restart",
+                  "restart", "checkpoint_seconds",
                   # read only by other commands (pretrain, predict), e.g. from a shared flagfile
                   "architecture", "pretrain_epochs", "pretrain_learning_rate",
                   "pretrain_weight_decay", "pretrain_batch_size", "images", "json")
@@ -105,8 +105,9 @@ class RunState:
         finished: the same run already finished; `report()` returns its report.
     """
 
-    def __init__(self, out: str, log: Callable[[str], None]):
+    def __init__(self, out: str, log: Callable[[str], None], checkpoint_seconds: float = 0.0):
         self.out = out
+        self.checkpoint_seconds = checkpoint_seconds
         self.path = os.path.join(out, STATE_FILE)
         self.checkpoints = os.path.join(out, CHECKPOINTS)
         self.log = log
@@ -134,7 +135,7 @@ class RunState:
             ConfigError: an unfinished run with other settings is in `out`,
                 or the run there diverged (one line; suggests --restart).
         """
-        rs = cls(out, log)
+        rs = cls(out, log, cfg.checkpoint_seconds)
         rs._lock()
         for p in outputs.clean_temporaries(out):
             log(f"removed {os.path.relpath(p, out)}, left by an interrupted write")
@@ -270,7 +271,7 @@ class RunState:
                 os.path.join(folder, "meta.json")):
             self.log(f"stage {stage}: finished before, but its checkpoint is gone; training "
                      "it again")
-        ckpt = StageCheckpoint(folder, stage, self.log)
+        ckpt = StageCheckpoint(folder, stage, self.log, self.checkpoint_seconds)
         self._stage_ckpt[stage] = ckpt
         guard = guards.NonFiniteLossGuard(stage, LR_FLAGS[stage], learning_rate,
                                           on_diverge=self._diverged,
@@ -357,7 +358,9 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
     epoch with the epoch number of another. Here every epoch writes a new
     weights file (weights and optimizer state), then the early-stopping best
     weights when they changed, then `meta.json` that names them, atomically;
-    older files are removed after. Beyond the epoch, meta.json keeps the
+    older files are removed after. Epochs are saved once `every_seconds` of
+    training have passed since the last save, and always at the stage's end:
+    on small data a save costs as much as an epoch. Beyond the epoch, meta.json keeps the
     per-epoch history, the seconds spent and the `EarlyStopping` state
     (counter, best value and epoch, whether it stopped), which Keras's
     callback loses, so a resumed fit stops and restores exactly as an
@@ -367,11 +370,16 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
         folder: this fit's checkpoint folder (its own: nothing else in it).
         stage: 1 or 2, for messages.
         log: where progress lines go.
+        every_seconds: least training time between two saves (0: every epoch).
     """
 
-    def __init__(self, folder: str, stage: int, log: Callable[[str], None] = print):
+    def __init__(self, folder: str, stage: int, log: Callable[[str], None] = print,
+                 every_seconds: float = 0.0):
         super().__init__(folder, save_freq="epoch", delete_checkpoint=False)
         self.stage, self.log = stage, log
+        self.every_seconds = every_seconds
+        self._t_saved = 0.0
+        self._best_saved: Optional[str] = None
         self.stopper: Optional[keras.callbacks.EarlyStopping] = None
         self.history: dict[str, list] = {}
         self.seconds_before = 0.0
@@ -389,6 +397,7 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         self.history, self.seconds_before, self._seconds = {}, 0.0, 0.0
         self.resumed_after = None
+        self._t_saved, self._best_saved = time.perf_counter(), None
         try:
             self._load_model()
         except (OSError, ValueError, KeyError) as e:
@@ -423,6 +432,7 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
             self.stopper.best_epoch = es["best_epoch"]
             self.stopper.stopped_epoch = es["stopped_epoch"]
             if es.get("best_weights"):
+                self._best_saved = es["best_weights"]
                 with np.load(os.path.join(self.backup_dir, es["best_weights"])) as z:
                     self.stopper.best_weights = [z[f"arr_{i}"] for i in range(len(z.files))]
         if complete:
@@ -444,7 +454,11 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
             except (TypeError, ValueError):
                 continue
         self._seconds += time.perf_counter() - self._t_epoch
-        super().on_epoch_end(epoch, logs)  # sets _current_epoch, calls _save_model
+        self._current_epoch, self._last_batch_seen = epoch + 1, 0  # as BackupAndRestore does
+        last = bool(self.model.stop_training) or epoch + 1 >= self.params["epochs"]
+        if last or time.perf_counter() - self._t_saved >= self.every_seconds:
+            self._save_model()
+            self._t_saved = time.perf_counter()
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -454,7 +468,7 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
             self.model.save_weights(tmp)
         es, keep = None, {weights, "meta.json"}
         if self.stopper is not None:
-            best_file = self._best_weights_file(n)
+            best_file = self._best_weights_file()
             if best_file:
                 keep.add(best_file)
             best = self.stopper.best
@@ -472,18 +486,20 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
             if name not in keep and not name.startswith(outputs.TMP_PREFIX):
                 os.remove(os.path.join(self.backup_dir, name))
 
-    def _best_weights_file(self, n: int) -> Optional[str]:
-        """Writes the early stopper's best weights when they are this epoch's; returns the file."""
+    def _best_weights_file(self) -> Optional[str]:
+        """Writes the early stopper's best weights unless already on disk; returns the file."""
         stop = self.stopper
         if stop.best_weights is None:
             return None
-        if stop.best_epoch == n - 1:  # improved this epoch (EarlyStopping ran before us)
-            name = f"best-{n:04d}.npz"
+        # Named by the epoch that set them (EarlyStopping ran before us); an
+        # epoch skipped by the save interval is written at the next save.
+        name = f"best-{stop.best_epoch + 1:04d}.npz"
+        if name != self._best_saved or not os.path.isfile(os.path.join(self.backup_dir, name)):
             with outputs.atomic_path(os.path.join(self.backup_dir, name)) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, *stop.best_weights)
-            return name
-        return f"best-{stop.best_epoch + 1:04d}.npz"
+            self._best_saved = name
+        return name
 
     def on_train_end(self, logs=None):
         # fit() returns model.history, which Keras's History only sets at an
