@@ -165,3 +165,47 @@ def test_feature_extraction_pads_the_last_batch_without_changing_results():
     want = model.predict(imgs.astype("float32"), verbose=0)
     assert got.shape == (7, 4) and labels.tolist() == list(range(7))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_augmented_views_are_the_same_on_every_run_and_differ_by_seed():
+    # The views are augmented in parallel; each batch's draws come from its
+    # own seed, so thread timing cannot change them (it did with one shared
+    # stateful generator: the same --seed gave different models run to run).
+    from tl_keras import augment, features
+
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten()])
+    imgs = np.random.default_rng(2).integers(0, 256, (40, 16, 16, 3)).astype("uint8")
+    ds = tf.data.Dataset.from_tensor_slices((imgs, np.arange(40)))
+
+    def views(seed):
+        aug = augment.build_augmenter(True, 20.0, 0.1, 0.1, seed=seed)
+        return features.extract(model, ds, batch_size=4, views=3, augmenter=aug, seed=seed,
+                                progress=False)[0]
+
+    a, b, other = views(7), views(7), views(8)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a[:40], imgs.reshape(40, -1))  # view 0 is the clean image
+    assert not np.allclose(a[40:80], imgs.reshape(40, -1))  # the others are augmented
+    assert not np.allclose(a[40:], other[40:])
+
+
+def test_evaluation_pads_the_last_batch_without_changing_results(tmp_path):
+    # One traced batch shape: the last, smaller batch is padded, its rows dropped.
+    from PIL import Image
+
+    from tl_keras import data as data_lib
+    from tl_keras import evaluate
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(7):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype("uint8")).save(p)
+        paths.append(str(p))
+    split = data_lib.Split(paths, np.arange(7) % 2)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2, activation="softmax")])
+    got = evaluate.predict(model, split, 8, batch_size=4)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in paths]).astype("float32")
+    assert got.shape == (7, 2)
+    np.testing.assert_allclose(got, model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)

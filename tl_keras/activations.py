@@ -11,11 +11,13 @@ up with the trained weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:  # cut() is plain Keras, usable on any backend; extract() feeds tf.data
+    import tensorflow as tf
 
 from tl_keras import backbones
 from tl_keras.model import Classifier
@@ -92,7 +94,8 @@ def estimate_bytes(c: Cut, n_examples: int, views: int) -> int:
 
 
 def extract(bottom: keras.Model, images: tf.data.Dataset, batch_size: int, views: int = 1,
-            augmenter=None, progress: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+            augmenter=None, progress: bool = True, seed: int = 0
+            ) -> tuple[np.ndarray, np.ndarray, float]:
     """Computes the bottom part's activations for K views of each image.
 
     Same view convention as `features.extract`: view 0 clean, the others
@@ -100,4 +103,5 @@ def extract(bottom: keras.Model, images: tf.data.Dataset, batch_size: int, views
     """
     from tl_keras import features
 
-    return features.extract(bottom, images, batch_size, views, augmenter, progress=progress)
+    return features.extract(bottom, images, batch_size, views, augmenter, seed=seed,
+                            progress=progress)

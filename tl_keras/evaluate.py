@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tl_keras import data as data_lib
 from tl_keras import distribute
@@ -11,10 +12,20 @@ from tl_keras import distribute
 
 def predict(model: keras.Model, split: data_lib.Split, image_size: int,
             batch_size: int = 64) -> np.ndarray:
-    """Probabilities [N, C] for every example of `split`, in order."""
+    """Probabilities [N, C] for every example of `split`, in order.
+
+    The last batch is padded to `batch_size`: the model is traced for one
+    batch shape, where a smaller last batch would trace it a second time.
+    """
+
+    def pad(x):
+        x = tf.pad(x, [[0, batch_size - tf.shape(x)[0]], [0, 0], [0, 0], [0, 0]])
+        return tf.ensure_shape(x, (batch_size,) + tuple(x.shape[1:]))
+
     ds = data_lib.image_dataset(split, image_size, cache=False)
-    ds = ds.map(lambda x, y: x).batch(batch_size).prefetch(data_lib.AUTOTUNE)
-    return np.asarray(distribute.predict(model, ds), dtype=np.float32)
+    ds = ds.map(lambda x, y: x).batch(batch_size).map(pad).prefetch(data_lib.AUTOTUNE)
+    probs = np.asarray(distribute.predict(model, ds), dtype=np.float32)
+    return probs[:len(split)]
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray, top_k: int = 3) -> dict:

@@ -47,19 +47,30 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
     """
     if augmenter is None:
         views = 1
+    from tl_keras.augment import Augment
+
+    # The Augment layer takes a seed per batch (stateless draws): batches are
+    # augmented in parallel and still get the same draws on every run. Any
+    # other augmenter draws from one stateful generator, which parallel calls
+    # would hand out in whatever order the threads run: it maps on one thread.
+    seeded = isinstance(augmenter, Augment)
     t0 = time.perf_counter()
     feats, labels = [], []
     for v in range(views):
-        ds = images.batch(batch_size)
         aug = augmenter if v > 0 else None
 
-        def prep(x, y, aug=aug):
+        def prep(i, xy, aug=aug, v=v):
+            x, y = xy
             x = tf.cast(x, tf.float32)
-            if aug is not None:
+            if aug is not None and seeded:
+                x = aug(x, training=True, seed=tf.stack([tf.cast(seed, tf.int64) * 1009 + v, i]))
+            elif aug is not None:
                 x = aug(x, training=True)
             return x, y
 
-        ds = ds.map(prep, num_parallel_calls=data_lib.AUTOTUNE).prefetch(data_lib.AUTOTUNE)
+        parallel = data_lib.AUTOTUNE if (aug is None or seeded) else None
+        ds = images.batch(batch_size).enumerate().map(prep, num_parallel_calls=parallel)
+        ds = ds.prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:
             n = int(x.shape[0])

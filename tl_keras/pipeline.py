@@ -8,7 +8,6 @@ TFLite variants) through the parity gate.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -33,12 +32,6 @@ from tl_keras import tensorboard_logs
 from tl_keras import train as train_lib
 from tl_keras.config import Config, fail, validate
 
-
-# Share of a backbone's blocks that stage 2 unfreezes by default (measured on
-# the shared flowers with MobileNetV2-0.35: 4 blocks 0.816, 8 blocks 0.832,
-# 12 blocks 0.836 test accuracy with 4 views, before mirror averaging; 8 blocks
-# take about two thirds of the stage-2 time of 12).
-AUTO_FINETUNE_FRACTION = 0.4
 
 
 def log(msg: str) -> None:
@@ -93,7 +86,7 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
     def compute():
         out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
                                           features.inference_batch_size(cfg.batch_size), views,
-                                          augmenter, progress=split == "train")
+                                          augmenter, seed=cfg.seed, progress=split == "train")
         return (*out, labels) if cut is not None else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
@@ -181,10 +174,8 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     if cfg.finetune_blocks > n_blocks:
         raise fail("finetune_blocks", cfg.finetune_blocks,
                    f"{family.name} has only {n_blocks} blocks")
-    # Auto: a fraction, not a count, so the default means the same depth for
-    # a 12-block Inception as for a 62-block DenseNet.
-    cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks or
-                      max(1, math.ceil(AUTO_FINETUNE_FRACTION * n_blocks)))
+    cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks
+                      or backbones.auto_finetune_blocks(n_blocks))
     clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                         cfg.translation, cfg.crop_min_area)
@@ -298,15 +289,16 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
+    eval_batch = features.inference_batch_size(cfg.batch_size)
     if multi:  # per-label thresholds, chosen on validation (issue 3)
         thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
-                                                          cfg.batch_size)
+                                                          eval_batch)
         report["thresholds"] = thresholds_doc["thresholds"]
         report[eval_name] = state.once("evaluation", lambda: multilabel.evaluate_split(
-            final, eval_split, classes, size, cfg.batch_size, cfg.top_k, thresholds))
+            final, eval_split, classes, size, eval_batch, cfg.top_k, thresholds))
     else:
         report[eval_name] = state.once("evaluation", lambda: report_lib.evaluate_split(
-            final, eval_split, classes, size, cfg.batch_size, cfg.top_k))
+            final, eval_split, classes, size, eval_batch, cfg.top_k))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
