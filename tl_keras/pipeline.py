@@ -131,7 +131,7 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     backbones.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
-    jit = train_lib.jit_setting(cfg.jit_compile)
+    jit = train_lib.jit_setting(cfg.jit_compile, log)
     determinism.apply(cfg.seed, cfg.deterministic)
     cfg = dist.scale(cfg)  # --batch_size and learning rates per --replica_scaling
     cache_dir = outputs.ensure_writable_dir(

@@ -157,7 +157,7 @@ def pretrain(cfg: Config) -> dict:
     backbones.validate(family, size, cfg.alpha, "none")
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(cfg.precision)  # before any model is built
-    jit = train_lib.jit_setting(cfg.jit_compile)
+    jit = train_lib.jit_setting(cfg.jit_compile, log)
     determinism.apply(cfg.seed, cfg.deterministic)
     cache_dir = outputs.ensure_writable_dir(cfg.cache_dir or os.path.join(out, "cache"),
                                             "cache_dir" if cfg.cache_dir else "output_dir")
