@@ -220,3 +220,22 @@ def test_forcing_xla_without_a_gpu_says_it_is_slower():
     assert train_lib.jit_setting("auto", said.append) == "auto"
     assert train_lib.jit_setting("false", said.append) is False
     assert len(said) == 1
+
+
+def test_the_training_step_is_traced_once():
+    # Keras (no distribution strategy) creates the optimizer's and metrics'
+    # variables inside the first trace, and TensorFlow then traces the step
+    # again: seconds for a backbone's top blocks. train._create_state makes
+    # them first. The Python body of train_step runs once per trace.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 64)]
+    head = keras.Sequential([keras.Input((6,)), keras.layers.Dropout(0.1),
+                             keras.layers.Dense(3, activation="softmax")])
+    traced = []
+    step = head.train_step
+    head.train_step = lambda data: (traced.append(1), step(data))[1]
+    train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=2, learning_rate=1e-2,
+                       weight_decay=0.0, batch_size=16, patience=10, label_smoothing=0.0,
+                       verbose=0)
+    assert len(traced) == 1
