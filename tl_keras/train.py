@@ -259,7 +259,7 @@ def _rows_op(x: np.ndarray, y: np.ndarray, gather):
 
 
 def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
-    """Training steps per compiled call of the head: its step costs less than
+    """Training steps per compiled call: a small head's step costs less than
     the Python round trip around it, so several run in one call. A divisor of
     the epoch's steps, so that no epoch runs past its end."""
     if not steps_per_epoch:
@@ -368,15 +368,9 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
                                          steps_per_epoch * batch_size, seed)
     else:
         x, y, bs = train_data, None, None
-    # One step per call, unlike the head: a backbone step outweighs the Python
-    # round trip, and TensorFlow's CPU graph rewrites (oneDNN conv fusions)
-    # do not reach inside the loop that several steps per call compile to:
-    # MobileNetV2-0.35's top 8 blocks at batch 32 took 95 ms/step that way in
-    # two runs of three (47 in the third), and 52 ms in every run one by one;
-    # with the fusions switched off (remapping) one by one took 95 ms too.
     model.compile(optimizer=keras.optimizers.Adam(schedule),
                   loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
-                  jit_compile=jit_compile)
+                  jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
     _create_state(model, train_data[0] if isinstance(train_data, tuple) else train_data)
     if isinstance(val_data, tuple):
         val_data = array_batches(val_data[0], val_data[1],
