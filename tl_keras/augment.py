@@ -145,6 +145,33 @@ class Augment(keras.layers.Layer):
                 "seed": self.seed}
 
 
+def augment_batch(augmenter, images, seed):
+    """A training batch as `augmenter` makes it: float32, 0..255.
+
+    Args:
+        augmenter: an `Augment` layer, any callable on a float32 batch taking
+            training=True, or None (no augmentation).
+        images: the batch.
+        seed: the batch's own stateless seed (int64 [2]); only an `Augment`
+            layer takes one, any other augmenter draws from its own generator.
+    """
+    x = tf.cast(images, tf.float32)
+    if isinstance(augmenter, Augment):
+        return augmenter(x, training=True, seed=seed)
+    return x if augmenter is None else augmenter(x, training=True)
+
+
+def map_parallelism(augmenter):
+    """`num_parallel_calls` for a tf.data map that applies `augmenter`.
+
+    Parallel with an `Augment` layer (per-batch seeds) or none. Any other
+    augmenter draws from one stateful generator, which parallel calls would
+    hand out in whatever order the threads run, so the same seed would give
+    different batches from run to run: it maps on one thread.
+    """
+    return tf.data.AUTOTUNE if augmenter is None or isinstance(augmenter, Augment) else None
+
+
 def build_augmenter(flip: bool = True, rotation: float = 10.0, zoom: float = 0.1,
                     contrast: float = 0.1, seed: int = 42, translation: float = 0.0,
                     crop_min_area: float = 0.0) -> Optional[Augment]:

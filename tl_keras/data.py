@@ -657,6 +657,17 @@ def image_dataset(split: Split, size: int, cache: bool = True,
     return ram.concatenate(disk)
 
 
+def pad_batch(x, batch_size: int):
+    """Pads a batch with zero rows up to `batch_size` (eager or in tf.data).
+
+    A model called on a smaller last batch is traced a second time; padded,
+    it is traced for one batch shape, and the caller drops the padded rows'
+    outputs.
+    """
+    x = tf.pad(x, [[0, batch_size - tf.shape(x)[0]]] + [[0, 0]] * (len(x.shape) - 1))
+    return tf.ensure_shape(x, (batch_size,) + tuple(x.shape[1:]))
+
+
 def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: bool = False,
             seed: int = 0, augment=None, one_hot: bool = True) -> tf.data.Dataset:
     """Shuffles, batches, augments (training only) and prefetches.
@@ -676,27 +687,19 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
         ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     multi_hot = ds.element_spec[1].shape.rank == 2
-    from tl_keras.augment import Augment
+    from tl_keras.augment import Augment, augment_batch, map_parallelism
 
-    seeded = isinstance(augment, Augment)
-    if seeded:
+    if isinstance(augment, Augment):
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: (xy[0], xy[1], s))
     else:
         ds = ds.map(lambda x, y: (x, y, tf.zeros([2], tf.int64)))
 
     def prep(x, y, s):
-        x = tf.cast(x, tf.float32)
-        if seeded:
-            x = augment(x, training=True, seed=s)
-        elif augment is not None:
-            x = augment(x, training=True)
+        x = augment_batch(augment, x, s)
         if one_hot and not multi_hot:
             y = tf.one_hot(y, num_classes)
         return x, y
 
-    # Any other augmenter draws from one stateful generator: mapped in
-    # parallel, batches would take draws in a racing order.
-    parallel = AUTOTUNE if (seeded or augment is None) else None
-    ds = ds.map(prep, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(prep, num_parallel_calls=map_parallelism(augment), deterministic=True)
     return ds.prefetch(AUTOTUNE)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tl_keras import data as data_lib
 from tl_keras import distribute
@@ -17,13 +16,9 @@ def predict(model: keras.Model, split: data_lib.Split, image_size: int,
     The last batch is padded to `batch_size`: the model is traced for one
     batch shape, where a smaller last batch would trace it a second time.
     """
-
-    def pad(x):
-        x = tf.pad(x, [[0, batch_size - tf.shape(x)[0]], [0, 0], [0, 0], [0, 0]])
-        return tf.ensure_shape(x, (batch_size,) + tuple(x.shape[1:]))
-
-    ds = data_lib.image_dataset(split, image_size, cache=False)
-    ds = ds.map(lambda x, y: x).batch(batch_size).map(pad).prefetch(data_lib.AUTOTUNE)
+    ds = data_lib.image_dataset(split, image_size, cache=False).map(lambda x, y: x)
+    ds = ds.batch(batch_size).map(lambda x: data_lib.pad_batch(x, batch_size))
+    ds = ds.prefetch(data_lib.AUTOTUNE)
     probs = np.asarray(distribute.predict(model, ds), dtype=np.float32)
     return probs[:len(split)]
 

@@ -47,35 +47,28 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
     """
     if augmenter is None:
         views = 1
-    from tl_keras.augment import Augment
+    from tl_keras.augment import augment_batch, map_parallelism
 
-    # The Augment layer takes a seed per batch (stateless draws): batches are
-    # augmented in parallel and still get the same draws on every run. Any
-    # other augmenter draws from one stateful generator, which parallel calls
-    # would hand out in whatever order the threads run: it maps on one thread.
-    seeded = isinstance(augmenter, Augment)
+    # Each batch of a view has its own seed, (seed, view, batch): with the
+    # Augment layer the views are augmented in parallel and are the same on
+    # every run (see `augment.map_parallelism` for other augmenters).
     t0 = time.perf_counter()
     feats, labels = [], []
     for v in range(views):
         aug = augmenter if v > 0 else None
 
         def prep(i, xy, aug=aug, v=v):
-            x, y = xy
-            x = tf.cast(x, tf.float32)
-            if aug is not None and seeded:
-                x = aug(x, training=True, seed=tf.stack([tf.cast(seed, tf.int64) * 1009 + v, i]))
-            elif aug is not None:
-                x = aug(x, training=True)
-            return x, y
+            seed_v = tf.stack([tf.cast(seed, tf.int64) * 1009 + v, i])
+            return augment_batch(aug, xy[0], seed_v), xy[1]
 
-        parallel = data_lib.AUTOTUNE if (aug is None or seeded) else None
-        ds = images.batch(batch_size).enumerate().map(prep, num_parallel_calls=parallel)
+        ds = images.batch(batch_size).enumerate().map(prep,
+                                                      num_parallel_calls=map_parallelism(aug))
         ds = ds.prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:
             n = int(x.shape[0])
             if n < batch_size:  # one traced shape: padding is cheaper than a retrace
-                x = tf.pad(x, [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1))
+                x = data_lib.pad_batch(x, batch_size)
             # model.predict_on_batch, or split over this worker's replicas.
             out = distribute.predict_on_batch(feature_model, x)
             outs = out if isinstance(out, (list, tuple)) else [out]
