@@ -360,8 +360,9 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
     weights when they changed, then `meta.json` that names them, atomically;
     older files are removed after. Epochs are saved once `every_seconds` of
     training have passed since the last save, and always at the stage's end:
-    on small data a save costs as much as an epoch. Beyond the epoch, meta.json keeps the
-    per-epoch history, the seconds spent and the `EarlyStopping` state
+    on small data a save costs as much as an epoch. Beyond the epoch,
+    meta.json keeps the per-epoch history, the seconds spent and the
+    `EarlyStopping` state
     (counter, best value and epoch, whether it stopped), which Keras's
     callback loses, so a resumed fit stops and restores exactly as an
     uninterrupted one would.
