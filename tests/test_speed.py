@@ -239,3 +239,41 @@ def test_the_training_step_is_traced_once():
                        weight_decay=0.0, batch_size=16, patience=10, label_smoothing=0.0,
                        verbose=0)
     assert len(traced) == 1
+
+
+def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_reads_it():
+    # Stage 1 and stage 2 on cached arrays validate with train.CachedValidation
+    # instead of Keras's per-epoch evaluate: the same numbers, sooner.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 96)]
+    vx, vy = x[:37], y[:37]  # 37 rows: slices of 10 leave a short last one
+
+    def model():
+        keras.utils.set_random_seed(1)
+        m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(
+            3, activation="softmax", kernel_regularizer=keras.regularizers.L2(0.01))])
+        m.compile(optimizer=keras.optimizers.SGD(0.1),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+                  metrics=train_lib._metrics(False))
+        return m
+
+    ref = model().fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
+                      validation_data=(vx, vy)).history
+    m = model()
+    check = train_lib.CachedValidation(vx, vy, 10, train_lib._metric_fns(m))
+    ours = m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
+                 callbacks=[check]).history
+    for k in ("val_loss", "val_accuracy"):
+        np.testing.assert_allclose(ours[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert check.evaluate()["loss"] == pytest.approx(m.evaluate(vx, vy, verbose=0)[0], rel=1e-5)
+
+    # Through fit_head: early stopping sees val_loss, stops, and keeps the best epoch.
+    head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    noise = np.eye(3, dtype="float32")[rng.integers(0, 3, 37)]  # labels unrelated to x
+    r = train_lib.fit_head(head, x, y, vx, noise, epochs=60, learning_rate=0.3,
+                           weight_decay=0.0, batch_size=16, patience=2, label_smoothing=0.0,
+                           verbose=0)
+    assert r.epochs < 60 and r.best_epoch == min(range(r.epochs), key=lambda e: r.history[
+        "val_loss"][e]) + 1
+    assert r.val_loss == pytest.approx(min(r.history["val_loss"]), rel=1e-5)
