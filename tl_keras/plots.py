@@ -35,8 +35,10 @@ def _new_figure(size: tuple[float, float], layout: Optional[str] = "constrained"
 
 
 def _save(fig: Figure, path: str) -> str:
+    # zlib level 1, not Pillow's 6: the mistakes grid (16 photos) encoded in
+    # 1.0-1.2 s instead of 1.4-1.5 s, 11% larger (2.1 MB instead of 1.9 MB).
     with outputs.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+        fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
     return path
 
 
