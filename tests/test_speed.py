@@ -129,6 +129,19 @@ def test_view_stream_is_a_seeded_permutation_per_pass_and_reads_memory_maps(tmp_
     assert rows(7) == a
     _, by = next(iter(train_lib.view_stream(mm, y, batch_size=5, seed=7)))
     assert by.shape == (5, 10)
+    # Arrays in RAM stream from a tensor, not through numpy: the same batches.
+    it_mm = iter(train_lib.view_stream(mm, y, batch_size=4, seed=3))
+    it_ram = iter(train_lib.view_stream(np.array(mm), y, batch_size=4, seed=3))
+    for _ in range(6):
+        (ax, ay), (bx, by) = next(it_mm), next(it_ram)
+        np.testing.assert_array_equal(ax, bx)
+        np.testing.assert_array_equal(ay, by)
+
+    def calls_python(ds):
+        return b"PyFunc" in ds._as_serialized_graph().numpy()
+
+    assert calls_python(train_lib.view_stream(mm, y, 4))
+    assert not calls_python(train_lib.view_stream(np.array(mm), y, 4))
 
 
 def test_an_epoch_of_the_head_is_one_pass_over_the_images_not_over_every_view():

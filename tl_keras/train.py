@@ -287,6 +287,11 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     return hist.history, best + 1, seconds
 
 
+# Cached arrays up to this size stream from a tensor (see `view_stream`);
+# larger ones, and memory-mapped ones, through numpy one batch at a time.
+IN_GRAPH_BYTES = 512 * 2 ** 20
+
+
 def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
                 ) -> tf.data.Dataset:
     """An endless stream of shuffled batches drawn from cached arrays.
@@ -307,13 +312,24 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
         A repeating dataset of (x, y) batches; pass `steps_per_epoch` to fit.
     """
     n = len(x)
+    order = (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+             .repeat().batch(batch_size))
+    if not isinstance(x, np.memmap) and x.nbytes + y.nbytes <= IN_GRAPH_BYTES:
+        # Arrays in RAM are gathered by TensorFlow itself: no Python call per
+        # batch (a 40-epoch head fit: 1.7-1.8 s instead of 1.9-2.4 s).
+        xt, yt = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+
+        def take(idx):
+            idx = tf.sort(idx)  # the same rows in the same order as the numpy path
+            return tf.gather(xt, idx), tf.gather(yt, idx)
+
+        return order.map(take).prefetch(tf.data.AUTOTUNE)
 
     def gather(idx):
         idx = np.sort(idx)  # in-order reads of a memory-mapped file
         return np.asarray(x[idx]), np.asarray(y[idx])
 
-    return (tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
-            .repeat().batch(batch_size).map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE))
+    return order.map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE)
 
 
 def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
