@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from tl_keras import data as data_lib
 from tl_keras import distribute
@@ -16,8 +17,9 @@ def predict(model: keras.Model, split: data_lib.Split, image_size: int,
     The last batch is padded to `batch_size`: the model is traced for one
     batch shape, where a smaller last batch would trace it a second time.
     """
-    ds = data_lib.image_dataset(split, image_size, cache=False).map(lambda x, y: x)
-    ds = ds.batch(batch_size).map(lambda x: data_lib.pad_batch(x, batch_size))
+    plain = tf.autograph.experimental.do_not_convert  # see data._decoded
+    ds = data_lib.image_dataset(split, image_size, cache=False).map(plain(lambda x, y: x))
+    ds = ds.batch(batch_size).map(plain(lambda x: data_lib.pad_batch(x, batch_size)))
     ds = ds.prefetch(data_lib.AUTOTUNE)
     probs = np.asarray(distribute.predict(model, ds), dtype=np.float32)
     return probs[:len(split)]

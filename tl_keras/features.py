@@ -57,6 +57,7 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
     for v in range(views):
         aug = augmenter if v > 0 else None
 
+        @tf.autograph.experimental.do_not_convert  # see data._decoded
         def prep(i, xy, aug=aug, v=v):
             seed_v = tf.stack([tf.cast(seed, tf.int64) * 1009 + v, i])
             return augment_batch(aug, xy[0], seed_v), xy[1]

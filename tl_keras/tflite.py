@@ -125,7 +125,8 @@ def load_pixels(split: data_lib.Split, image_size: int) -> np.ndarray:
     """All images of `split`, decoded and resized: uint8 [N, S, S, 3]."""
     if len(split) == 0:
         return np.zeros((0, image_size, image_size, 3), np.uint8)
-    ds = data_lib.image_dataset(split, image_size, cache=False).map(lambda x, y: x)
+    ds = data_lib.image_dataset(split, image_size, cache=False).map(
+        tf.autograph.experimental.do_not_convert(lambda x, y: x))  # see data._decoded
     return np.stack(list(ds.as_numpy_iterator()))
 
 

@@ -122,7 +122,7 @@ class CachedValidation(keras.callbacks.Callback):
         spec = [tf.TensorSpec((None,) + tuple(a.shape[1:]), tf.as_dtype(a.dtype))
                 for a in (self.x, self.y)]
 
-        @tf.function(input_signature=spec)
+        @tf.function(input_signature=spec, autograph=False)  # no tensor-dependent Python here
         def sums(x, y):
             p = model(x, training=False)
             n = tf.cast(tf.shape(x)[0], tf.float32)
@@ -319,6 +319,7 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
         # batch (a 40-epoch head fit: 1.7-1.8 s instead of 1.9-2.4 s).
         xt, yt = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
 
+        @tf.autograph.experimental.do_not_convert  # plain ops: skip autograph's transpiling
         def take(idx):
             idx = tf.sort(idx)  # the same rows in the same order as the numpy path
             return tf.gather(xt, idx), tf.gather(yt, idx)
@@ -353,6 +354,7 @@ def _rows_op(x: np.ndarray, y: np.ndarray, gather):
     """A tf.data map function: `gather(key) -> (x rows, y rows)` run as a numpy
     function, its outputs typed and shaped like `x` and `y` (batch unknown)."""
 
+    @tf.autograph.experimental.do_not_convert  # see data._decoded
     def load(key):
         bx, by = tf.numpy_function(gather, [key], (tf.as_dtype(x.dtype), tf.as_dtype(y.dtype)))
         bx.set_shape((None,) + tuple(x.shape[1:]))
