@@ -45,6 +45,8 @@ DEFAULT_SETTINGS = [
     "v4e6b4=--cache_views=4 --finetune_epochs=6 --finetune_blocks=4",
     "v4e10b4=--cache_views=4 --finetune_epochs=10 --finetune_blocks=4",
     "v3e6b8=--cache_views=3 --finetune_epochs=6 --finetune_blocks=8",
+    "v3e6b4=--cache_views=3 --finetune_epochs=6 --finetune_blocks=4",
+    "v2e6b4=--cache_views=2 --finetune_epochs=6 --finetune_blocks=4",
 ]
 
 

@@ -221,7 +221,8 @@ def _train(cfg: Config, dist: distribute.Distribution) -> dict:
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
-              "image_size": size, "stage1": s1.summary(), "stage2": {"epochs": 0}}
+              "image_size": size, "stage1": {**s1.summary(), "caching_seconds": round(t_cache, 2)},
+              "stage2": {"epochs": 0}}
     report.update({"multi_label": multi, "class_weight": class_weight and {
                        classes[i]: w for i, w in class_weight.items()},
                    "preflight": scan["summary"], "image_cache": image_cache.plan})
