@@ -693,13 +693,14 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
     multi_hot = ds.element_spec[1].shape.rank == 2
     from tl_keras.augment import Augment, augment_batch, map_parallelism
 
+    plain = tf.autograph.experimental.do_not_convert  # see _decoded
     if isinstance(augment, Augment):
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip((ds, seeds)).map(tf.autograph.experimental.do_not_convert(lambda xy, s: (xy[0], xy[1], s)))
+        ds = tf.data.Dataset.zip((ds, seeds)).map(plain(lambda xy, s: (xy[0], xy[1], s)))
     else:
-        ds = ds.map(tf.autograph.experimental.do_not_convert(lambda x, y: (x, y, tf.zeros([2], tf.int64))))
+        ds = ds.map(plain(lambda x, y: (x, y, tf.zeros([2], tf.int64))))
 
-    @tf.autograph.experimental.do_not_convert  # see _decoded
+    @plain
     def prep(x, y, s):
         x = augment_batch(augment, x, s)
         if one_hot and not multi_hot:

@@ -152,20 +152,24 @@ class CachedValidation(keras.callbacks.Callback):
             logs.update({f"val_{k}": v for k, v in self.evaluate().items()})
 
 
-def _validation(model: keras.Model, x, y, batch_size: int):
-    """(validation_data for fit, callbacks, evaluate() -> (loss, accuracy)) for
-    cached validation arrays: a `CachedValidation` under the default strategy,
-    Keras's or the strategy-aware loop's own validation otherwise."""
+def _validation(model: keras.Model, val, batch_size: int):
+    """(validation_data for fit, callbacks, evaluate() -> (loss, accuracy)).
+
+    `val` is (x, y) cached arrays or a batched dataset. Arrays validate with a
+    `CachedValidation` under the default strategy; a dataset, or arrays under
+    the strategy-aware loop, with that loop's or Keras's own validation.
+    """
     fns = _metric_fns(model)
-    if not distribute.uses_custom_loop(model.distribute_strategy):
-        check = CachedValidation(x, y, 2 * batch_size, fns)
+    if isinstance(val, tuple):
+        if not distribute.uses_custom_loop(model.distribute_strategy):
+            check = CachedValidation(val[0], val[1], 2 * batch_size, fns)
 
-        def evaluate():
-            logs = check.evaluate()
-            return logs["loss"], logs["accuracy"]
+            def evaluate():
+                logs = check.evaluate()
+                return logs["loss"], logs["accuracy"]
 
-        return None, [check], evaluate
-    val = array_batches(x, y, distribute.local_batch_size(batch_size))
+            return None, [check], evaluate
+        val = array_batches(val[0], val[1], distribute.local_batch_size(batch_size))
 
     def evaluate():
         return tuple(distribute.evaluate(model, val, batch_size=batch_size,
@@ -423,7 +427,7 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                  jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
     _create_state(head, train_features)
-    val, checks, evaluate = _validation(head, val_features, val_targets, batch_size)
+    val, checks, evaluate = _validation(head, (val_features, val_targets), batch_size)
     history, best_epoch, seconds = _fit(
         head, x, y, val, epochs, bs, patience, 0, checks + list(callbacks),
         class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch,
@@ -477,14 +481,7 @@ def fit_finetune(model: keras.Model, train_data, val_data, *, epochs: int, initi
                   loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
                   jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
     _create_state(model, train_data[0] if isinstance(train_data, tuple) else train_data)
-    if isinstance(val_data, tuple):
-        val_data, checks, evaluate = _validation(model, val_data[0], val_data[1], batch_size)
-    else:
-        checks = []
-
-        def evaluate():
-            return tuple(distribute.evaluate(model, val_data, batch_size=batch_size,
-                                             metric_fns=_metric_fns(model))[:2])
+    val_data, checks, evaluate = _validation(model, val_data, batch_size)
     history, best_epoch, seconds = _fit(model, x, y, val_data, epochs, bs, patience,
                                         initial_epoch, checks + list(callbacks),
                                         class_weight=class_weight, verbose=verbose,
