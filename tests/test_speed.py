@@ -290,3 +290,83 @@ def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_re
     assert r.epochs < 60 and r.best_epoch == min(range(r.epochs), key=lambda e: r.history[
         "val_loss"][e]) + 1
     assert r.val_loss == pytest.approx(min(r.history["val_loss"]), rel=1e-5)
+
+
+def test_pipelines_run_without_the_autotune_model_thread(tmp_path):
+    # Releasing an iterator waits for tf.data's autotuning thread, which on
+    # 2 cores sometimes slept through its period first: 0.25-2 s with the
+    # whole process idle at the end of a caching pass. Every pipeline that
+    # tl_keras builds switches it off.
+    from tl_keras import data as data_lib
+
+    imgs = [str(tmp_path / f"{i}.png") for i in range(3)]
+    for p in imgs:
+        tf.io.write_file(p, tf.io.encode_png(tf.zeros((8, 8, 3), tf.uint8)))
+    split = data_lib.Split(imgs, np.array([0, 1, 0]))
+    x, y = np.zeros((6, 2), "float32"), np.eye(2, dtype="float32")[[0, 1, 0, 1, 0, 1]]
+    pipelines = {
+        "images": data_lib.image_dataset(split, 8),
+        "images, no cache": data_lib.image_dataset(split, 8, cache=False),
+        "training batches": data_lib.batched(data_lib.image_dataset(split, 8), 2, 2,
+                                             shuffle=True, seed=1),
+        "view stream": train_lib.view_stream(x, y, 2),
+        "view stream, memory-mapped": train_lib.view_stream(np.memmap(
+            tmp_path / "x.bin", "float32", "w+", shape=x.shape), y, 2),
+        "array batches": train_lib.array_batches(x, y, 2),
+    }
+    for name, ds in pipelines.items():
+        assert ds.options().autotune.enabled is False, name
+
+
+def test_the_first_caching_pass_decodes_ahead_while_the_model_is_traced():
+    # The first batch traces the model (over a second of one core on
+    # MobileNetV2); meanwhile the pipeline keeps decoding into a deep buffer
+    # instead of idling the other core once a batch or two are ready.
+    import threading
+    import time
+
+    from tl_keras import features
+
+    decoded = []
+    lock = threading.Lock()
+
+    def decode(i):
+        with lock:
+            decoded.append(int(i))
+        return np.zeros((4, 4, 3), np.uint8)
+
+    n = 48
+    ds = tf.data.Dataset.range(n).map(
+        lambda i: (tf.ensure_shape(tf.numpy_function(decode, [i], tf.uint8), (4, 4, 3)), i))
+
+    class WaitsWhileTraced(keras.layers.Layer):
+        armed, seen = False, None
+
+        def call(self, x):  # runs while the model is traced, on the first batch
+            if not WaitsWhileTraced.armed:  # building the model
+                return keras.ops.mean(x, axis=(1, 2))
+            deadline = time.monotonic() + 20
+            while len(decoded) < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+            WaitsWhileTraced.seen = len(decoded)
+            return keras.ops.mean(x, axis=(1, 2))
+
+    model = keras.Sequential([keras.Input((4, 4, 3)), WaitsWhileTraced()])
+    assert features._decode_ahead(ds) >= n
+    WaitsWhileTraced.armed = True
+    feats, labels, _ = features.extract(model, ds, batch_size=4, progress=False)
+    assert WaitsWhileTraced.seen == n  # all decoded before the first batch left the model
+    assert labels.tolist() == list(range(n)) and feats.shape == (n, 3)
+
+
+def test_decode_ahead_is_bounded_by_bytes():
+    from tl_keras import features
+
+    def ds(shape):
+        return tf.data.Dataset.from_tensors((tf.zeros(shape, tf.uint8), 0))
+
+    assert features._decode_ahead(ds((160, 160, 3))) == features.DECODE_AHEAD_BYTES // 76800
+    assert features._decode_ahead(ds((8192, 8192, 3))) == 1
+    assert features._decode_ahead(tf.data.Dataset.from_generator(
+        lambda: iter(()), output_signature=(tf.TensorSpec((None, None, 3), tf.uint8),
+                                            tf.TensorSpec((), tf.int64)))) == 64

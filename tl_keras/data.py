@@ -32,6 +32,24 @@ MULTI_LABEL_SEPARATOR = "|"
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def steady(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """`ds` without tf.data's autotuning model thread.
+
+    Releasing an iterator waits for that thread, and on the 2-core machine
+    this was developed on it sometimes slept through its optimization period
+    first: the whole process idle for 0.25-2 s at the end of a caching pass
+    (caught with gdb: the main thread in the iterator's destructor, the
+    model thread in `Model::OptimizeLoop`'s timed wait). Every pipeline
+    tl_keras builds goes through here; options pass on to the datasets
+    derived from it. Parallel maps keep their starting parallelism (a call
+    per core) and prefetch buffers still grow on demand (their own tuner);
+    the caching passes ran no slower without it.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 @dataclasses.dataclass
 class Split:
     """Encoded images and their labels.
@@ -612,7 +630,7 @@ def _decoded(items: list, labels: np.ndarray, size: int, read: bool) -> tf.data.
         data = tf.io.read_file(item) if read else item
         return decode_and_resize(data, size), label
 
-    return ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return steady(ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True))
 
 
 def _label_array(labels: np.ndarray) -> np.ndarray:
@@ -708,4 +726,4 @@ def batched(ds: tf.data.Dataset, batch_size: int, num_classes: int, shuffle: boo
         return x, y
 
     ds = ds.map(prep, num_parallel_calls=map_parallelism(augment), deterministic=True)
-    return ds.prefetch(AUTOTUNE)
+    return steady(ds.prefetch(AUTOTUNE))

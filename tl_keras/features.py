@@ -25,6 +25,26 @@ def inference_batch_size(batch_size: int) -> int:
     return 2 * batch_size
 
 
+# How far the first pass may decode ahead of the model (see `_decode_ahead`).
+DECODE_AHEAD_BYTES = 256 * 2 ** 20
+
+
+def _decode_ahead(images: tf.data.Dataset) -> int:
+    """Images the first pass may hold decoded ahead of the model.
+
+    Its first batch traces the model: over a second on one core, with the
+    second core idle once the default buffer is full. A deeper buffer lets
+    decoding go on meanwhile. Up to `DECODE_AHEAD_BYTES` of images; a cached
+    dataset hands the buffer the very tensors it caches, so in RAM the
+    buffer costs nothing more.
+    """
+    spec = images.element_spec[0]
+    if not spec.shape.is_fully_defined():
+        return 64
+    nbytes = max(int(np.prod(spec.shape)) * spec.dtype.size, 1)
+    return int(max(1, DECODE_AHEAD_BYTES // nbytes))
+
+
 def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
             views: int = 1, augmenter=None, seed: int = 0, progress: bool = True
             ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -62,8 +82,8 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
             seed_v = tf.stack([tf.cast(seed, tf.int64) * 1009 + v, i])
             return augment_batch(aug, xy[0], seed_v), xy[1]
 
-        ds = images.batch(batch_size).enumerate().map(prep,
-                                                      num_parallel_calls=map_parallelism(aug))
+        src = images.prefetch(_decode_ahead(images)) if v == 0 else images
+        ds = src.batch(batch_size).enumerate().map(prep, num_parallel_calls=map_parallelism(aug))
         ds = ds.prefetch(data_lib.AUTOTUNE)
         fs, ys = [], []
         for x, y in ds:

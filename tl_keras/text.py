@@ -471,7 +471,7 @@ def extend_vocabulary(vectorizer: keras.layers.TextVectorization, words: list[st
 def vectorize(vectorizer: keras.layers.TextVectorization, texts: list[str],
               batch_size: int = 1024) -> np.ndarray:
     """Token ids int64 [N, sequence_length] of `texts`."""
-    ds = tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size)
+    ds = data_lib.steady(tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size))
     parts = [vectorizer(b).numpy() for b in ds]
     if not parts:
         return np.zeros((0, vectorizer.get_config()["output_sequence_length"] or 0), np.int64)
@@ -670,5 +670,5 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
 
 def predict_texts(model: keras.Model, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Probabilities [N, C] of the string model for `texts`, in order."""
-    ds = tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size)
+    ds = data_lib.steady(tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size))
     return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)

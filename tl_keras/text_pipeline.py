@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras import cache as cache_lib
+from tl_keras import data as data_lib
 from tl_keras import determinism
 from tl_keras import evaluate as evaluate_lib
 from tl_keras import export as export_lib
@@ -186,10 +187,12 @@ def train(cfg: Config) -> dict:
         stage1_weights = train_lib.snapshot(clf.ids_model)
         clf.embedding.trainable = True
         log(f"stage 2: embeddings unfrozen, everything at peak lr {cfg.finetune_learning_rate}")
-        train_ds = (tf.data.Dataset.from_tensor_slices((train_ids, tr_y))
-                    .shuffle(len(train_ids), seed=cfg.seed, reshuffle_each_iteration=True)
-                    .batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE))
-        val_ds = tf.data.Dataset.from_tensor_slices((val_ids, va_y)).batch(cfg.batch_size)
+        train_ds = data_lib.steady(
+            tf.data.Dataset.from_tensor_slices((train_ids, tr_y))
+            .shuffle(len(train_ids), seed=cfg.seed, reshuffle_each_iteration=True)
+            .batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE))
+        val_ds = data_lib.steady(
+            tf.data.Dataset.from_tensor_slices((val_ids, va_y)).batch(cfg.batch_size))
         steps = -(-len(train_ids) // cfg.batch_size)
         s2 = train_lib.fit_finetune(clf.ids_model, train_ds, val_ds, epochs=cfg.finetune_epochs,
                                     initial_epoch=s1.epochs, steps_per_epoch=steps,

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tl_keras import data as data_lib
 from tl_keras import distribute
 
 
@@ -328,13 +329,13 @@ def view_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0
             idx = tf.sort(idx)  # the same rows in the same order as the numpy path
             return tf.gather(xt, idx), tf.gather(yt, idx)
 
-        return order.map(take).prefetch(tf.data.AUTOTUNE)
+        return data_lib.steady(order.map(take).prefetch(tf.data.AUTOTUNE))
 
     def gather(idx):
         idx = np.sort(idx)  # in-order reads of a memory-mapped file
         return np.asarray(x[idx]), np.asarray(y[idx])
 
-    return order.map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE)
+    return data_lib.steady(order.map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE))
 
 
 def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Dataset:
@@ -350,8 +351,8 @@ def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> tf.data.Data
     def gather(start):
         return np.asarray(x[start:start + batch_size]), np.asarray(y[start:start + batch_size])
 
-    return (tf.data.Dataset.range(0, n, batch_size).map(_rows_op(x, y, gather))
-            .prefetch(tf.data.AUTOTUNE))
+    return data_lib.steady(tf.data.Dataset.range(0, n, batch_size)
+                           .map(_rows_op(x, y, gather)).prefetch(tf.data.AUTOTUNE))
 
 
 def _rows_op(x: np.ndarray, y: np.ndarray, gather):
