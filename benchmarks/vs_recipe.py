@@ -114,7 +114,10 @@ def inference_floor(cfg: Config, data, views: int) -> float:
     `predict_on_batch` pass per view over the training images (views after
     the first augmented with the same layer, as stage 1 does) and one over
     the validation images, at the batch size tl_keras infers with. The model
-    is traced before the clock starts; nothing is stored or trained.
+    is traced before the clock starts; nothing is stored or trained. Its
+    pipelines start from `data.image_dataset`, so they too run without
+    tf.data's autotuning thread (`data.steady`), whose waits would only
+    lengthen the floor.
     """
     fam = backbones.get_family(cfg.backbone)
     clf = model_lib.build_classifier(backbones.build_backbone(fam, cfg.weights, SIZE, ALPHA),
