@@ -10,9 +10,11 @@ head's last epoch) and elsewhere.
 
 This is how the waits in tf.data's iterator destructor were found (see
 `data.steady`). `--autotune` runs with tf.data's autotuning left on (as
-before that fix), for comparison.
+before that fix), for comparison; `--recipe` samples the TensorFlow
+tutorial's recipe as `vs_recipe.py` runs it (its "stage 1" is its first fit),
+whose Keras pipelines keep autotuning on.
 
-Usage: python benchmarks/cpu_timeline.py [--runs N] [--autotune] [--data DIR]
+Usage: python benchmarks/cpu_timeline.py [--runs N] [--autotune | --recipe] [--data DIR]
 Linux only (reads /proc/stat).
 """
 
@@ -42,10 +44,11 @@ def _machine() -> tuple[int, int, int]:
     return v[3] + v[4], v[7], sum(v)
 
 
-def one_run(data: str, autotune: bool) -> dict:
+def one_run(data: str, autotune: bool, recipe: bool = False) -> dict:
     """Trains once in this process and returns the samples and the stage-1 window."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, os.path.join(HERE, ".."))
+    sys.path.insert(0, HERE)
     from tl_keras import Config, data as data_lib, features, pipeline
     from tl_keras import train as train_lib
 
@@ -73,6 +76,31 @@ def one_run(data: str, autotune: bool) -> dict:
             return out
         return wrapped
 
+    if recipe:  # the tutorial's recipe as vs_recipe.py runs it; its stage 1 is its first fit
+        import keras
+        import vs_recipe
+
+        fit = keras.Model.fit
+
+        def timed_fit(self, *a, **k):
+            marks.setdefault("stage1_start", time.perf_counter() - t0)
+            out = fit(self, *a, **k)
+            marks.setdefault("stage1_end", time.perf_counter() - t0)
+            return out
+
+        keras.Model.fit = timed_fit
+        threading.Thread(target=sampler, daemon=True).start()
+        work = tempfile.mkdtemp(prefix="tl_keras_cpu_")
+        try:
+            ds = data_lib.load_dataset(data, test_fraction=0.25, val_fraction=0.2, seed=42)
+            dirs = {k: vs_recipe.materialize(getattr(ds, k), ds.class_names,
+                                             os.path.join(work, k))
+                    for k in ("train", "val", "test")}
+            r = vs_recipe.recipe(dirs, WEIGHTS, len(ds.class_names))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return {"samples": samples, "marks": marks, "cores": cores,
+                "stage1_seconds": r["stage1"], "total": time.perf_counter() - t0}
     if autotune:
         data_lib.steady = lambda ds: ds  # the pipelines as they were before the fix
     features.extract = mark(features.extract, "stage1_start", False)
@@ -111,12 +139,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--autotune", action="store_true",
                     help="leave tf.data's autotuning on (as before data.steady)")
+    ap.add_argument("--recipe", action="store_true",
+                    help="sample the tutorial's recipe (vs_recipe.py) instead of tl_keras")
     ap.add_argument("--data", default=os.path.join(SHARED, "flowers"))
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one run -> FILE
     args = ap.parse_args()
     if args.one:
         with open(args.one, "w", encoding="utf-8") as f:
-            json.dump(one_run(args.data, args.autotune), f)
+            json.dump(one_run(args.data, args.autotune, args.recipe), f)
         return
 
     with_idle = 0
@@ -125,7 +155,8 @@ def main() -> None:
             path = tmp.name
         try:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--one", path,
-                            "--data", args.data] + (["--autotune"] if args.autotune else []),
+                            "--data", args.data] + (["--autotune"] if args.autotune else [])
+                           + (["--recipe"] if args.recipe else []),
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             with open(path, encoding="utf-8") as f:
                 r = json.load(f)
@@ -140,8 +171,9 @@ def main() -> None:
         print(f"run {i + 1}: total {r['total']:.1f}s, stage 1 {a:.1f}-{b:.1f}s "
               f"({r['stage1_seconds']:.1f}s); machine idle in stage 1: {fmt(inside)}; "
               f"elsewhere: {fmt(outside)}", flush=True)
-    print(f"tf.data autotuning {'on' if args.autotune else 'off (data.steady)'}: idle stretches "
-          f"in stage 1 in {with_idle} of {args.runs} runs")
+    what = ("the tutorial's recipe" if args.recipe else "tf.data autotuning "
+            + ("on" if args.autotune else "off (data.steady)"))
+    print(f"{what}: idle stretches in stage 1 in {with_idle} of {args.runs} runs")
 
 
 if __name__ == "__main__":
