@@ -36,14 +36,15 @@ def steady(ds: tf.data.Dataset) -> tf.data.Dataset:
     """`ds` without tf.data's autotuning model thread.
 
     Releasing an iterator waits for that thread, and on the 2-core machine
-    this was developed on it sometimes slept through its optimization period
-    first: the whole process idle for 0.25-2 s at the end of a caching pass
+    this was developed on it often slept through its optimization period
+    first: the whole machine idle for 0.25-2 s at the end of caching passes
     (caught with gdb: the main thread in the iterator's destructor, the
-    model thread in `Model::OptimizeLoop`'s timed wait). Every pipeline
-    tl_keras builds goes through here; options pass on to the datasets
-    derived from it. Parallel maps keep their starting parallelism (a call
-    per core) and prefetch buffers still grow on demand (their own tuner);
-    the caching passes ran no slower without it.
+    model thread in `Model::OptimizeLoop`'s timed wait; measured by
+    benchmarks/cpu_timeline.py: 1.0-1.75 s per run in stage 1, 3 runs of 3).
+    Every pipeline tl_keras builds goes through here; options pass on to
+    the datasets derived from it. Parallel maps keep their starting
+    parallelism (a call per core) and prefetch buffers still grow on demand
+    (their own tuner).
     """
     options = tf.data.Options()
     options.autotune.enabled = False

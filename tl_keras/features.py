@@ -36,7 +36,8 @@ def _decode_ahead(images: tf.data.Dataset) -> int:
     second core idle once the default buffer is full. A deeper buffer lets
     decoding go on meanwhile. Up to `DECODE_AHEAD_BYTES` of images; a cached
     dataset hands the buffer the very tensors it caches, so in RAM the
-    buffer costs nothing more.
+    buffer costs nothing more (2000 images at 160 px: the same peak RSS
+    with a buffer of 1 and of 3495).
     """
     spec = images.element_spec[0]
     if not spec.shape.is_fully_defined():
