@@ -66,56 +66,42 @@ def one_run(data: str, autotune: bool, recipe: bool = False) -> dict:
                             (now[2][1] - last[2][1]) / jiffies * cores))
             last = now
 
-    def mark(fn, name, at_end):
+    def mark(fn, start=None, end=None):
+        """`fn`, noting when its first call starts and ends under those names."""
         def wrapped(*a, **k):
-            if not at_end:
-                marks.setdefault(name, time.perf_counter() - t0)
+            if start:
+                marks.setdefault(start, time.perf_counter() - t0)
             out = fn(*a, **k)
-            if at_end:
-                marks[name] = time.perf_counter() - t0
+            if end:
+                marks.setdefault(end, time.perf_counter() - t0)
             return out
         return wrapped
 
-    if recipe:  # the tutorial's recipe as vs_recipe.py runs it; its stage 1 is its first fit
-        import keras
-        import vs_recipe
+    threading.Thread(target=sampler, daemon=True).start()
+    work = tempfile.mkdtemp(prefix="tl_keras_cpu_")
+    try:
+        if recipe:  # the tutorial's recipe as vs_recipe.py runs it; its stage 1 is its first fit
+            import keras
+            import vs_recipe
 
-        fit = keras.Model.fit
-
-        def timed_fit(self, *a, **k):
-            marks.setdefault("stage1_start", time.perf_counter() - t0)
-            out = fit(self, *a, **k)
-            marks.setdefault("stage1_end", time.perf_counter() - t0)
-            return out
-
-        keras.Model.fit = timed_fit
-        threading.Thread(target=sampler, daemon=True).start()
-        work = tempfile.mkdtemp(prefix="tl_keras_cpu_")
-        try:
+            keras.Model.fit = mark(keras.Model.fit, "stage1_start", "stage1_end")
             ds = data_lib.load_dataset(data, test_fraction=0.25, val_fraction=0.2, seed=42)
             dirs = {k: vs_recipe.materialize(getattr(ds, k), ds.class_names,
                                              os.path.join(work, k))
                     for k in ("train", "val", "test")}
-            r = vs_recipe.recipe(dirs, WEIGHTS, len(ds.class_names))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return {"samples": samples, "marks": marks, "cores": cores,
-                "stage1_seconds": r["stage1"], "total": time.perf_counter() - t0}
-    if autotune:
-        data_lib.steady = lambda ds: ds  # the pipelines as they were before the fix
-    features.extract = mark(features.extract, "stage1_start", False)
-    train_lib.fit_head = mark(train_lib.fit_head, "stage1_end", True)
-    threading.Thread(target=sampler, daemon=True).start()
-    out = tempfile.mkdtemp(prefix="tl_keras_cpu_")
-    cfg = Config(data=data, test_fraction=0.25, backbone="mobilenet_v2", alpha=0.35,
-                 image_size=160, weights=WEIGHTS, seed=42, export=False,
-                 output_dir=os.path.join(out, "out"))
-    try:
-        report = pipeline.train(cfg)
+            stage1 = vs_recipe.recipe(dirs, WEIGHTS, len(ds.class_names))["stage1"]
+        else:
+            if autotune:
+                data_lib.steady = lambda ds: ds  # the pipelines as they were before the fix
+            features.extract = mark(features.extract, start="stage1_start")
+            train_lib.fit_head = mark(train_lib.fit_head, end="stage1_end")
+            cfg = Config(data=data, test_fraction=0.25, backbone="mobilenet_v2", alpha=0.35,
+                         image_size=160, weights=WEIGHTS, seed=42, export=False,
+                         output_dir=os.path.join(work, "out"))
+            stage1 = pipeline.train(cfg)["stage1"]["seconds"]
     finally:
-        shutil.rmtree(out, ignore_errors=True)
-    return {"samples": samples, "marks": marks, "cores": cores,
-            "stage1_seconds": report["stage1"]["seconds"],
+        shutil.rmtree(work, ignore_errors=True)
+    return {"samples": samples, "marks": marks, "cores": cores, "stage1_seconds": stage1,
             "total": time.perf_counter() - t0}
 
 
