@@ -363,8 +363,8 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
     on small data a save costs as much as an epoch. Beyond the epoch,
     meta.json keeps the per-epoch history, the seconds spent and the
     `EarlyStopping` state (counter, best value and epoch, whether it
-    stopped), which Keras's callback loses, so a resumed fit stops and restores exactly as an
-    uninterrupted one would.
+    stopped), which Keras's callback loses, so a resumed fit stops and
+    restores exactly as an uninterrupted one would.
 
     Args:
         folder: this fit's checkpoint folder (its own: nothing else in it).

@@ -468,11 +468,15 @@ def extend_vocabulary(vectorizer: keras.layers.TextVectorization, words: list[st
     return extended, len(extra)
 
 
+def _batches(texts: list[str], batch_size: int) -> tf.data.Dataset:
+    """`texts` as ordered string batches (see `data.steady`)."""
+    return data_lib.steady(tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size))
+
+
 def vectorize(vectorizer: keras.layers.TextVectorization, texts: list[str],
               batch_size: int = 1024) -> np.ndarray:
     """Token ids int64 [N, sequence_length] of `texts`."""
-    ds = data_lib.steady(tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size))
-    parts = [vectorizer(b).numpy() for b in ds]
+    parts = [vectorizer(b).numpy() for b in _batches(texts, batch_size)]
     if not parts:
         return np.zeros((0, vectorizer.get_config()["output_sequence_length"] or 0), np.int64)
     return np.concatenate(parts).astype(np.int64)
@@ -670,5 +674,4 @@ def build_text_classifier(vectorizer: keras.layers.TextVectorization, matrix: np
 
 def predict_texts(model: keras.Model, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Probabilities [N, C] of the string model for `texts`, in order."""
-    ds = data_lib.steady(tf.data.Dataset.from_tensor_slices(list(texts)).batch(batch_size))
-    return np.asarray(model.predict(ds, verbose=0), dtype=np.float32)
+    return np.asarray(model.predict(_batches(texts, batch_size), verbose=0), dtype=np.float32)
