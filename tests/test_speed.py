@@ -239,19 +239,73 @@ def test_the_training_step_is_traced_once():
     # Keras (no distribution strategy) creates the optimizer's and metrics'
     # variables inside the first trace, and TensorFlow then traces the step
     # again: seconds for a backbone's top blocks. train._create_state makes
-    # them first. The Python body of train_step runs once per trace.
+    # them first for model.fit; the head's own loop (distribute.fit with
+    # own_loop) builds the optimizer before its trace. The model runs in
+    # training mode once per trace.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 64)]
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dropout(0.1),
                              keras.layers.Dense(3, activation="softmax")])
     traced = []
-    step = head.train_step
-    head.train_step = lambda data: (traced.append(1), step(data))[1]
-    train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=2, learning_rate=1e-2,
-                       weight_decay=0.0, batch_size=16, patience=10, label_smoothing=0.0,
-                       verbose=0)
-    assert len(traced) == 1
+    call = head.call
+    head.call = lambda *a, **k: (traced.append(k.get("training")), call(*a, **k))[1]
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=3, learning_rate=1e-2,
+                           weight_decay=0.0, batch_size=16, patience=10, label_smoothing=0.0,
+                           verbose=0)
+    assert r.epochs == 3 and traced.count(True) == 1
+
+    # fit_finetune's model.fit
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dropout(0.1),
+                              keras.layers.Dense(3, activation="softmax")])
+    step = model.train_step
+    steps = []
+    model.train_step = lambda data: (steps.append(1), step(data))[1]
+    train_lib.fit_finetune(model, (x, y), (x[:16], y[:16]), epochs=2, initial_epoch=0,
+                           steps_per_epoch=4, learning_rate=1e-3, warmup_epochs=0,
+                           patience=10, label_smoothing=0.0, batch_size=16, verbose=0)
+    assert len(steps) == 1
+
+
+def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
+    # fit_head runs whole epochs per call in distribute.fit's own loop
+    # (model.fit's per-epoch work cost more than a head's steps). It must
+    # train the same model: the same steps, dropout, class weights,
+    # regularization, schedule and early stopping as model.fit.
+    from tl_keras import distribute
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 8)).astype("float32")  # 2 views of 60 images
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 120)]
+    vx = rng.normal(size=(30, 8)).astype("float32")
+    vy = np.eye(3, dtype="float32")[rng.integers(0, 3, 30)]
+
+    def run():
+        keras.utils.set_random_seed(5)
+        head = keras.Sequential([keras.Input((8,)), keras.layers.Dropout(0.3),
+                                 keras.layers.Dense(3, activation="softmax",
+                                                    kernel_regularizer=keras.regularizers.L2(0.01))])
+        r = train_lib.fit_head(head, x, y, vx, vy, epochs=12, learning_rate=0.05,
+                               weight_decay=1e-3, batch_size=16, patience=3,
+                               label_smoothing=0.1, class_weight={0: 2.0, 1: 0.5, 2: 1.0},
+                               verbose=0, examples_per_epoch=60, seed=4)
+        return r, [w.numpy() for w in head.weights]
+
+    own, w_own = run()
+    fit = distribute.fit
+    used = []
+    monkeypatch.setattr(distribute, "fit", lambda *a, **k: (used.append(k["own_loop"]), fit(
+        *a, **{**k, "own_loop": False}))[1])
+    ref, w_ref = run()
+    assert used == [True]
+    assert (own.epochs, own.best_epoch) == (ref.epochs, ref.best_epoch)
+    assert set(own.history) == set(ref.history) == {"loss", "accuracy", "val_loss",
+                                                     "val_accuracy", "lr"}
+    for k in ref.history:
+        np.testing.assert_allclose(own.history[k], ref.history[k], rtol=1e-5, atol=1e-6,
+                                   err_msg=k)
+    for a, b in zip(w_own, w_ref):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_reads_it():

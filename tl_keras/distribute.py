@@ -496,6 +496,24 @@ def _class_weights(y, class_weight: Optional[dict]):
     return tf.gather(table, tf.argmax(y, axis=-1))
 
 
+# Plain tensor functions for tf.data maps: autograph's transpiling of them,
+# its default, took 0.25 s of a head's 1.7 s fit.
+@tf.autograph.experimental.do_not_convert
+def _all_real(*batch):
+    """(x, y) -> (x, y, mask of ones): a whole batch, every row real."""
+    return batch + (tf.ones(tf.shape(batch[0])[:1], tf.float32),)
+
+
+def _weighed(class_weight: Optional[dict]):
+    """(x, y, mask) -> (x, y, weight, mask), the weight the mask times the class weight."""
+
+    @tf.autograph.experimental.do_not_convert
+    def weigh(x, y, mask):
+        return x, y, mask * _class_weights(y, class_weight), mask
+
+    return weigh
+
+
 class _Feed:
     """The input of one fit or evaluation under a strategy-aware loop.
 
@@ -513,12 +531,15 @@ class _Feed:
     every worker; without it an epoch is one pass, read from a fresh iterator
     as Keras does, and all workers take the same number of steps (the longest
     shard's): a worker whose shard is shorter wraps around (training) or
-    feeds padding (evaluation).
+    feeds padding (evaluation). Evaluation repeats its pass endlessly and
+    reads it from one iterator (`iterator`): a new iterator of a distributed
+    dataset at every validation took 0.2 s, longer than a head's epoch.
 
     Attributes:
         dataset: the distributed dataset of (x, y, weight, mask) per replica.
-        steps: global steps per epoch.
-        fresh_each_epoch: whether each epoch reads a new iterator of `dataset`.
+        steps: global steps per epoch (per evaluation pass).
+        fresh_each_epoch: whether each training epoch reads a new iterator of `dataset`.
+        iterator: evaluation's iterator, made at the first pass.
     """
 
     def __init__(self, strategy, x, y, global_batch: int, train: bool,
@@ -531,11 +552,13 @@ class _Feed:
         if global_batch % replicas:
             raise fail("batch_size", global_batch,
                        f"must be a multiple of the {replicas} replicas")
-        local_replicas = len(strategy.extended.worker_devices)
+        plain = dist.kind == "default"  # one replica in this process: nothing to slice
+        local_replicas = 1 if plain else len(strategy.extended.worker_devices)
         local_batch = global_batch // dist.num_workers
         size = global_batch // replicas
         stream = bool(train and steps_per_epoch)
-        self.fresh_each_epoch = not stream
+        self.fresh_each_epoch = train and not stream
+        self.iterator = None
         if stream:
             self.steps = int(steps_per_epoch)
         else:
@@ -548,7 +571,7 @@ class _Feed:
                 self.steps = max(1, int(_gather_counts(strategy, local_steps).max()))
         steps = self.steps
 
-        def make(_ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        def make(_ctx: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
             if _is_dataset(x):
                 batches = x
             elif train:
@@ -559,14 +582,20 @@ class _Feed:
                 batches = batches.repeat()
             elif train:
                 batches = batches.repeat().take(steps)  # one pass; a short shard wraps
-            ds = _replica_slices(batches, local_replicas, size)
-            if not train:
-                ds = ds.concatenate(_padding(ds.element_spec)).take(steps * local_replicas)
-                if not _is_dataset(x):
+            if plain:  # whole batches as they come, every row real
+                ds = batches.map(_all_real)
+                if not train and not _is_dataset(x):
                     ds = _gather_rows(ds, (x, y))
-            return ds.map(lambda a, b, m: (a, b, m * _class_weights(b, class_weight), m))
+            else:
+                ds = _replica_slices(batches, local_replicas, size)
+                if not train:
+                    ds = ds.concatenate(_padding(ds.element_spec)).take(steps * local_replicas)
+                    if not _is_dataset(x):
+                        ds = _gather_rows(ds, (x, y))
+            ds = ds.map(_weighed(class_weight))
+            return (ds if train else ds.repeat()).prefetch(tf.data.AUTOTUNE)
 
-        self.dataset = strategy.distribute_datasets_from_function(make)
+        self.dataset = make(None) if plain else strategy.distribute_datasets_from_function(make)
 
 
 # --------------------------------------------------------------------------
@@ -603,11 +632,17 @@ class _Steps:
             # Averaged over the global batch: the optimizer sums the replicas'
             # gradients, which then equal the gradient of the global mean.
             loss = tf.reduce_sum(per_example * w) / tf.maximum(n_global, 1.0)
-            if training and model.losses:
-                loss += tf.add_n(model.losses) / n
+            count = tf.reduce_sum(mask)
+            logged = tf.reduce_sum(per_example * w)
+            if model.losses:
+                penalty = tf.cast(tf.add_n(model.losses), tf.float32)
+                if training:
+                    loss += penalty / n
+                # Keras logs each batch's loss with the penalty, weighted by its examples.
+                logged += penalty * count
             # Metrics count every real example once, class weights or not
             # (Keras's `metrics`, as opposed to `weighted_metrics`).
-            sums = [tf.reduce_sum(per_example * w), tf.reduce_sum(mask)]
+            sums = [logged, count]
             for fn in self.metric_fns.values():
                 m = tf.reshape(tf.cast(fn(y, pred), tf.float32), [tf.shape(pred)[0], -1])
                 sums.append(tf.reduce_sum(tf.reduce_mean(m, axis=-1) * mask))
@@ -632,16 +667,36 @@ class _Steps:
             return forward(x, y, w, mask, tf.constant(1.0), False)[1]
 
         strategy = self.strategy
+        width = 2 + len(self.metric_fns)
 
-        @tf.function
-        def train_step(batch):
-            return strategy.reduce(_SUM, strategy.run(replica_train, args=batch), axis=None)
+        def steps_of(replica_fn, learning_rate: bool):
+            # `n` steps in one call, a while loop in the graph: a small head's
+            # step costs less than the Python round trip around it (a call per
+            # step of a linear head under the one-device strategy: 0.3 s an
+            # epoch). `n` is a tensor: one trace serves every count.
+            @tf.function(autograph=False)
+            def steps(iterator, n):
+                def body(i, totals, bad):
+                    sums = tf.stack(strategy.reduce(
+                        _SUM, strategy.run(replica_fn, args=iterator.get_next()), axis=None))
+                    # The first step whose loss is not finite, for the guard's message.
+                    bad = tf.where((bad < 0) & ~tf.math.is_finite(sums[0]), i, bad)
+                    return i + 1, totals + sums, bad
 
-        @tf.function
-        def test_step(batch):
-            return strategy.reduce(_SUM, strategy.run(replica_test, args=batch), axis=None)
+                _, totals, bad = tf.while_loop(lambda i, *_: i < n, body,
+                                               (tf.constant(0), tf.zeros([width]),
+                                                tf.constant(-1)))
+                if not learning_rate:
+                    return totals
+                # The rate of the next step, read here: evaluating a schedule
+                # eagerly after each epoch took 2-3 ms, as much as 19 steps.
+                with tf.control_dependencies([totals]):
+                    return totals, bad, tf.cast(model.optimizer.learning_rate, tf.float32)
 
-        self.train_step, self.test_step = train_step, test_step
+            return steps
+
+        self.train_steps = steps_of(replica_train, learning_rate=True)
+        self.test_steps = steps_of(replica_test, learning_rate=False)
 
     def logs(self, totals: np.ndarray) -> dict:
         loss_sum, count = totals[:2]
@@ -666,20 +721,17 @@ def _steps_for(model: keras.Model, metric_fns: dict) -> _Steps:
 
 
 def _run_eval(steps: _Steps, feed: "_Feed", callbacks=None) -> dict:
-    totals = None
+    """Every evaluation step in one call; the batch hooks run once around it,
+    as `model.evaluate` runs them around each of its executions."""
     if callbacks is not None:
         callbacks.on_test_begin()
-    batches = iter(feed.dataset)
-    for i in range(feed.steps):
-        batch = next(batches)
-        if callbacks is not None:
-            callbacks.on_test_batch_begin(i)
-        out = np.asarray([float(t) for t in steps.test_step(batch)])
-        totals = out if totals is None else totals + out
-        if callbacks is not None:
-            callbacks.on_test_batch_end(i, steps.logs(totals))
-    logs = steps.logs(totals if totals is not None else np.zeros(2 + len(steps.metric_fns)))
+        callbacks.on_test_batch_begin(0)
+    if feed.iterator is None:
+        feed.iterator = iter(feed.dataset)
+    totals = steps.test_steps(feed.iterator, tf.constant(feed.steps)).numpy()
+    logs = steps.logs(totals)
     if callbacks is not None:
+        callbacks.on_test_batch_end(feed.steps - 1, logs)
         callbacks.on_test_end(logs)
     return logs
 
@@ -692,10 +744,11 @@ def fit(model: keras.Model, x, y=None, *, batch_size: Optional[int], epochs: int
         initial_epoch: int = 0, validation_data=None, callbacks=(), verbose=2,
         class_weight: Optional[dict] = None, steps_per_epoch: Optional[int] = None,
         shuffle: bool = True, metric_fns: Optional[dict] = None,
-        global_batch: Optional[int] = None) -> keras.callbacks.History:
+        global_batch: Optional[int] = None, own_loop: bool = False) -> keras.callbacks.History:
     """`model.fit` that works under every strategy (the model must be compiled).
 
-    Under the default strategy this is `model.fit` with these arguments.
+    Under the default strategy this is `model.fit` with these arguments,
+    unless `own_loop`.
 
     Args:
         model: a compiled model, built in the scope of the strategy it trains under.
@@ -713,12 +766,17 @@ def fit(model: keras.Model, x, y=None, *, batch_size: Optional[int], epochs: int
             these, `model.fit` logs the compiled metrics (give the same ones).
         global_batch: the global batch size (all replicas together) for the
             strategy-aware loop; defaults to `batch_size`.
+        own_loop: run the strategy-aware loop under the default strategy
+            too. For a model whose steps are tiny (a head on cached
+            features): model.fit's own work per epoch, and the first
+            trace of its step loop, then cost more than the steps (a
+            24-epoch head fit: see `train.fit_head`).
 
     Returns:
         The History, as `model.fit` returns it.
     """
     strategy = model.distribute_strategy
-    if not uses_custom_loop(strategy):
+    if not (own_loop or uses_custom_loop(strategy)):
         return model.fit(x, y, batch_size=batch_size, epochs=epochs,
                          initial_epoch=initial_epoch, validation_data=validation_data,
                          callbacks=callbacks, verbose=verbose, class_weight=class_weight,
@@ -746,27 +804,43 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
     cbs = keras.callbacks.CallbackList(
         callbacks + [history], add_history=False, add_progbar=bool(verbose), model=model,
         verbose=verbose, epochs=epochs, steps=train.steps)
+    # Steps per compiled call: the model's `steps_per_execution`, as model.fit runs them.
+    per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
     model.stop_training = False
+    model.history = history  # as Keras's History sets it; a resumed fit replaces it
     cbs.on_train_begin()
     logs = {}
     batches = None
-    for epoch in range(initial_epoch, epochs):
+    # A resumed fit (resume.StageCheckpoint) sets where it goes on, as for model.fit.
+    for epoch in range(model._initial_epoch or initial_epoch, epochs):
         if batches is None or train.fresh_each_epoch:
             batches = iter(train.dataset)
         cbs.on_epoch_begin(epoch)
         totals = np.zeros(2 + len(metric_fns))
-        for i in range(train.steps):
-            cbs.on_train_batch_begin(i)
-            totals += np.asarray([float(t) for t in steps.train_step(next(batches))])
-            cbs.on_train_batch_end(i, steps.logs(totals))
+        done, rate = 0, None
+        while done < train.steps and not model.stop_training:
+            # The batch hooks run once per call, as model.fit runs them around
+            # its executions: with the index of the call's last step, or of
+            # its first step whose loss was not finite.
+            n = min(per_call, train.steps - done)
+            cbs.on_train_batch_begin(done)
+            sums, bad, rate = steps.train_steps(batches, tf.constant(n))
+            totals += sums.numpy()
+            last = done + (int(bad) if int(bad) >= 0 else n - 1)
+            done += n
+            cbs.on_train_batch_end(last, steps.logs(totals))
         logs = steps.logs(totals)
+        if rate is not None:
+            logs["lr"] = float(rate)
         if val is not None:
             logs.update({f"val_{k}": v for k, v in _run_eval(steps, val, cbs).items()})
         cbs.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
     cbs.on_train_end(logs)
-    return history
+    # What model.fit returns: the model's history, which a resumed fit's
+    # StageCheckpoint fills with the epochs of earlier attempts too.
+    return model.history
 
 
 def evaluate(model: keras.Model, x, y=None, *, batch_size: int,

@@ -84,10 +84,11 @@ def _metric_fns(model) -> dict:
 
 
 class _LearningRateLogger(keras.callbacks.Callback):
-    """Adds the optimizer's current learning rate to each epoch's logs."""
+    """Adds the optimizer's current learning rate to each epoch's logs
+    (`distribute.fit`'s own loop reads it in its step function already)."""
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
+        if logs is not None and "lr" not in logs:
             logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
@@ -103,6 +104,9 @@ class CachedValidation(keras.callbacks.Callback):
     `val_<name>` for each per-example metric in `metric_fns`. Put it before
     the callbacks that read those logs (early stopping, checkpoints).
 
+    Arrays in RAM (up to `IN_GRAPH_BYTES`) become tensors once; a
+    memory-mapped or larger cache is read slice by slice on every call.
+
     For the default strategy only: under the strategy-aware loop each worker
     holds its own rows, and `distribute.fit` validates across them.
 
@@ -117,6 +121,7 @@ class CachedValidation(keras.callbacks.Callback):
         self.x, self.y, self.batch_size = x, y, max(int(batch_size), 1)
         self.metric_fns = dict(metric_fns)
         self._fn = None
+        self._held = None  # the slices as tensors, for arrays held in RAM
 
     def _sums(self):
         model = self.model
@@ -130,27 +135,42 @@ class CachedValidation(keras.callbacks.Callback):
             loss = tf.cast(model.loss(y, p), tf.float32)
             if model.losses:
                 loss += tf.add_n([tf.cast(v, tf.float32) for v in model.losses])
-            return [loss * n] + [tf.reduce_sum(tf.cast(f(y, p), tf.float32))
-                                 for f in self.metric_fns.values()]
+            return tf.stack([loss * n] + [tf.reduce_sum(tf.cast(f(y, p), tf.float32))
+                                          for f in self.metric_fns.values()])
 
         return sums
+
+    def _slices(self):
+        if self._held is not None:
+            return self._held
+        n = len(self.x)
+        parts = [(np.asarray(self.x[i:i + self.batch_size]),
+                  np.asarray(self.y[i:i + self.batch_size]))
+                 for i in range(0, n, self.batch_size)]
+        if not isinstance(self.x, np.memmap) and self.x.nbytes + self.y.nbytes <= IN_GRAPH_BYTES:
+            # Converted once: a head's epoch is short enough for the copy to show.
+            self._held = parts = [tuple(tf.convert_to_tensor(a) for a in p) for p in parts]
+        return parts
 
     def evaluate(self) -> dict:
         """{"loss": ..., name: ...} of the model's current weights."""
         if self._fn is None:
             self._fn = self._sums()
-        n = len(self.x)
         totals = np.zeros(1 + len(self.metric_fns))
-        for i in range(0, n, self.batch_size):
-            rows = slice(i, i + self.batch_size)
-            totals += [float(t) for t in self._fn(np.asarray(self.x[rows]),
-                                                   np.asarray(self.y[rows]))]
-        totals /= max(n, 1)
+        for x, y in self._slices():
+            totals += self._fn(x, y).numpy()
+        totals /= max(len(self.x), 1)
         return dict(zip(["loss", *self.metric_fns], totals.tolist()))
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in self.evaluate().items()})
+
+
+# Validation inputs per call of `CachedValidation`: a head's features in one
+# call (each call costs about 1 ms besides its work); stage 2's activations
+# in a few.
+VALIDATION_CALL_BYTES = 16 * 2 ** 20
 
 
 def _validation(model: keras.Model, val, batch_size: int):
@@ -163,7 +183,9 @@ def _validation(model: keras.Model, val, batch_size: int):
     fns = _metric_fns(model)
     if isinstance(val, tuple):
         if not distribute.uses_custom_loop(model.distribute_strategy):
-            check = CachedValidation(val[0], val[1], 2 * batch_size, fns)
+            row = max(val[0][:1].nbytes, 1)
+            check = CachedValidation(val[0], val[1],
+                                     max(2 * batch_size, VALIDATION_CALL_BYTES // row), fns)
 
             def evaluate():
                 logs = check.evaluate()
@@ -231,7 +253,7 @@ def _create_state(model: keras.Model, x) -> None:
 
 def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch, callbacks,
          class_weight=None, verbose=2, steps_per_epoch=None,
-         global_batch=None) -> tuple[dict, int, float]:
+         global_batch=None, own_loop=False) -> tuple[dict, int, float]:
     """Fits with early stopping on val_loss; returns (history, best epoch 1-based, seconds).
 
     When XLA cannot compile the step (an unsupported op), the model is
@@ -240,7 +262,7 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
     try:
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
                          initial_epoch, callbacks, class_weight, verbose, steps_per_epoch,
-                         global_batch)
+                         global_batch, own_loop)
     except Exception as e:  # noqa: BLE001 - only XLA failures are retried
         if not (model.jit_compile and _is_xla_failure(e)):
             raise
@@ -251,7 +273,7 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
                       metrics=_metrics_like(model), jit_compile=False)
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
                          initial_epoch, callbacks, class_weight, verbose, steps_per_epoch,
-                         global_batch)
+                         global_batch, own_loop)
 
 
 def _metrics_like(model):
@@ -261,7 +283,7 @@ def _metrics_like(model):
 
 def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch,
               callbacks, class_weight, verbose, steps_per_epoch=None,
-              global_batch=None) -> tuple[dict, int, float]:
+              global_batch=None, own_loop=False) -> tuple[dict, int, float]:
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
                                          restore_best_weights=True)
     if not patience:
@@ -284,7 +306,8 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
                           # A tf.data input is shuffled by its own pipeline; Keras
                           # only warns when asked to shuffle it again.
                           shuffle=not isinstance(x, tf.data.Dataset),
-                          metric_fns=_metric_fns(model), global_batch=global_batch)
+                          metric_fns=_metric_fns(model), global_batch=global_batch,
+                          own_loop=own_loop)
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
@@ -421,18 +444,21 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     """
     x, y, bs, per_epoch = _epochs_of(train_features, train_targets, batch_size,
                                      examples_per_epoch, seed)
-    steps = (per_epoch or distribute.steps_per_epoch(len(train_features), batch_size)
-             ) * max(epochs, 1)
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps, alpha=0.01)
+    epoch_steps = per_epoch or distribute.steps_per_epoch(len(train_features), batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, decay_steps=epoch_steps * max(epochs, 1), alpha=0.01)
+    # Whole epochs per compiled call, in distribute.fit's own loop (`own_loop`
+    # below) under the default strategy as under the others: the same
+    # weights as model.fit, bit for bit (the seed-42 flowers fingerprint did
+    # not change), without its per-epoch work.
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
-                 jit_compile=jit_compile, steps_per_execution=_steps_per_call(per_epoch))
-    _create_state(head, train_features)
+                 jit_compile=jit_compile, steps_per_execution=_steps_per_call(epoch_steps))
     val, checks, evaluate = _validation(head, (val_features, val_targets), batch_size)
     history, best_epoch, seconds = _fit(
         head, x, y, val, epochs, bs, patience, 0, checks + list(callbacks),
         class_weight=class_weight, verbose=verbose, steps_per_epoch=per_epoch,
-        global_batch=batch_size)
+        global_batch=batch_size, own_loop=True)
     val_loss, val_acc = evaluate()
     return StageResult(len(history["loss"]), best_epoch, seconds, float(val_acc),
                        float(val_loss), history)
