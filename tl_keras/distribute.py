@@ -559,6 +559,12 @@ class _Feed:
         stream = bool(train and steps_per_epoch)
         self.fresh_each_epoch = train and not stream
         self.iterator = None
+        # A plain training feed yields its (x, y) batches as they come, and
+        # the step adds the mask and class weights in its graph: two tf.data
+        # maps per batch took 14.5 ms of CPU per 19 head steps, against 7.7
+        # ms without them. None: the batches come complete.
+        self.weigh_in_step = (tuple(sorted((class_weight or {}).items()))
+                              if plain and train else None)
         if stream:
             self.steps = int(steps_per_epoch)
         else:
@@ -582,9 +588,11 @@ class _Feed:
                 batches = batches.repeat()
             elif train:
                 batches = batches.repeat().take(steps)  # one pass; a short shard wraps
+            if plain and train:
+                return batches
             if plain:  # whole batches as they come, every row real
                 ds = batches.map(_all_real)
-                if not train and not _is_dataset(x):
+                if not _is_dataset(x):
                     ds = _gather_rows(ds, (x, y))
             else:
                 ds = _replica_slices(batches, local_replicas, size)
@@ -675,10 +683,16 @@ class _Steps:
             # step of a linear head under the one-device strategy: 0.3 s an
             # epoch). `n` is a tensor: one trace serves every count.
             @tf.function(autograph=False)
-            def steps(iterator, n):
+            def steps(iterator, n, weigh=None):
+                # weigh: see _Feed.weigh_in_step (a Python value: part of the trace's key).
                 def body(i, totals, bad):
+                    batch = iterator.get_next()
+                    if weigh is not None:
+                        x, y = batch
+                        mask = tf.ones(tf.shape(y)[:1], tf.float32)
+                        batch = (x, y, mask * _class_weights(y, dict(weigh) or None), mask)
                     sums = tf.stack(strategy.reduce(
-                        _SUM, strategy.run(replica_fn, args=iterator.get_next()), axis=None))
+                        _SUM, strategy.run(replica_fn, args=batch), axis=None))
                     # The first step whose loss is not finite, for the guard's message.
                     bad = tf.where((bad < 0) & ~tf.math.is_finite(sums[0]), i, bad)
                     return i + 1, totals + sums, bad
@@ -824,7 +838,7 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
             # its first step whose loss was not finite.
             n = min(per_call, train.steps - done)
             cbs.on_train_batch_begin(done)
-            sums, bad, rate = steps.train_steps(batches, tf.constant(n))
+            sums, bad, rate = steps.train_steps(batches, tf.constant(n), train.weigh_in_step)
             totals += sums.numpy()
             last = done + (int(bad) if int(bad) >= 0 else n - 1)
             done += n
