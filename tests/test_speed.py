@@ -289,14 +289,19 @@ def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
                                weight_decay=1e-3, batch_size=16, patience=3,
                                label_smoothing=0.1, class_weight={0: 2.0, 1: 0.5, 2: 1.0},
                                verbose=0, examples_per_epoch=60, seed=4)
-        return r, [w.numpy() for w in head.weights]
+        return r, [w.numpy() for w in head.weights], head
 
-    own, w_own = run()
+    own, w_own, head = run()
+    # The stage's figures are the best epoch's logs: the weights it ends with.
+    loss, acc = head.evaluate(vx, vy, verbose=0)
+    assert own.best_epoch < own.epochs
+    assert (own.val_loss, own.val_accuracy) == (pytest.approx(loss, rel=1e-5),
+                                                pytest.approx(acc))
     fit = distribute.fit
     used = []
     monkeypatch.setattr(distribute, "fit", lambda *a, **k: (used.append(k["own_loop"]), fit(
         *a, **{**k, "own_loop": False}))[1])
-    ref, w_ref = run()
+    ref, w_ref, _ = run()
     assert used == [True]
     assert (own.epochs, own.best_epoch) == (ref.epochs, ref.best_epoch)
     assert set(own.history) == set(ref.history) == {"loss", "accuracy", "val_loss",

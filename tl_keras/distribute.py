@@ -425,6 +425,7 @@ def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
     """
     whole = tf.data.Dataset.from_tensors(tuple(arrays)).repeat()
 
+    @tf.autograph.experimental.do_not_convert  # plain ops (see _all_real)
     def gather(item, a):
         item = item if isinstance(item, tuple) else (item,)
         return tuple(tf.gather(t, item[0]) for t in a) + tuple(item[1:])
