@@ -131,11 +131,13 @@ class _Seen(keras.callbacks.Callback):
         self.calls.append("train_end")
 
 
-def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
-    # The default strategy runs Keras's model.fit; one device and one
-    # replica under MirroredStrategy run the strategy-aware loop. Same data
-    # order, same steps: the same per-epoch logs reach the callbacks, class
-    # weights included, early stopping keeps the same epoch, same weights.
+def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path, monkeypatch):
+    # Keras's model.fit on the default strategy is the reference. The head's
+    # fit runs the strategy-aware loop on the default strategy too
+    # (own_loop), and one device and one replica under MirroredStrategy run
+    # it. Same data order, same steps: the same per-epoch logs reach the
+    # callbacks, class weights included, early stopping keeps the same
+    # epoch, same weights.
     import numpy as np
     import tensorflow as tf
     from tl_keras import train as train_lib
@@ -144,9 +146,13 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
     x = rng.normal(size=(60, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 60)]
     runs = {}
-    for name, strategy in (("default", tf.distribute.get_strategy()),
+    fit = distribute.fit
+    for name, strategy in (("model.fit", tf.distribute.get_strategy()),
+                           ("default", tf.distribute.get_strategy()),
                            ("one_device", tf.distribute.OneDeviceStrategy("/cpu:0")),
                            ("loop", tf.distribute.MirroredStrategy(["/cpu:0"]))):
+        monkeypatch.setattr(distribute, "fit", (lambda *a, **k: fit(*a, **{**k, "own_loop": False}))
+                            if name == "model.fit" else fit)
         keras.utils.set_random_seed(3)
         with strategy.scope():
             inp = keras.Input((6,))
@@ -160,8 +166,8 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path):
         runs[name] = (seen, result, [w.numpy() for w in model.weights])
     assert not distribute.uses_custom_loop(tf.distribute.get_strategy())
     assert distribute.uses_custom_loop(tf.distribute.OneDeviceStrategy("/cpu:0"))
-    a, ra, wa = runs["default"]
-    for name in ("one_device", "loop"):
+    a, ra, wa = runs["model.fit"]
+    for name in ("default", "one_device", "loop"):
         b, rb, wb = runs[name]
         assert a.calls == b.calls == ["train_begin", "train_end"], name
         assert [e for e, _ in a.epoch_logs] == [e for e, _ in b.epoch_logs], name

@@ -17,8 +17,10 @@ tl_keras is written once:
 * `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
   features.py and evaluate.py call instead of the Keras methods. Under the
   default strategy they are the Keras methods, called with the arguments
-  given (a single-device run is exactly what it is without this module).
-  Under every other strategy
+  given (a single-device run is exactly what it is without this module),
+  except `fit(..., own_loop=True)`, which the head's fit uses: the loop
+  below, which trains the same weights as `model.fit` without its
+  per-epoch work. Under every other strategy
   (one-device, mirrored, multi-worker, TPU) they run a strategy-aware loop
   (`strategy.run` over a distributed dataset, the model's own optimizer and
   loss, per-example losses averaged over the global batch), because
@@ -32,9 +34,9 @@ tl_keras is written once:
 The loop reads training examples in the order `model.fit` reads them
 (arrays through Keras's own array pipeline, a dataset in its own order; a
 fresh iterator each epoch, or one endless stream with `steps_per_epoch`), so
-a run on several replicas takes the same steps as a run on one device. It
-runs one step per call: `steps_per_execution` (several small steps per
-compiled call, a speed setting of model.fit) is not applied there.
+a run on several replicas takes the same steps as a run on one device. Each
+compiled call runs the model's `steps_per_execution` steps in a while loop,
+as model.fit does, and an evaluation runs all its steps in one call.
 """
 
 from __future__ import annotations
