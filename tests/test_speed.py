@@ -351,6 +351,29 @@ def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_re
     assert r.val_loss == pytest.approx(min(r.history["val_loss"]), rel=1e-5)
 
 
+def test_cached_validation_holds_arrays_in_ram_and_reads_memory_maps_slice_by_slice(tmp_path):
+    # Arrays in RAM become tensors once (a head validates every ~20 ms); a
+    # memory-mapped cache (larger than the RAM budget) is read a slice at a
+    # time on every call, never held. Both give the same figures.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(45, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 45)]
+    mx = np.lib.format.open_memmap(str(tmp_path / "x.npy"), mode="w+", dtype="float32",
+                                   shape=x.shape)
+    mx[:] = x
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(loss=keras.losses.CategoricalCrossentropy(), metrics=train_lib._metrics(False))
+    held = train_lib.CachedValidation(x, y, 16, train_lib._metric_fns(model))
+    mapped = train_lib.CachedValidation(mx, y, 16, train_lib._metric_fns(model))
+    for c in (held, mapped):
+        c.set_model(model)
+    a, b = held.evaluate(), mapped.evaluate()
+    assert held._held is not None and len(held._held) == 3 and mapped._held is None
+    assert a == pytest.approx(b) and b == pytest.approx(held.evaluate())
+    ref = model.evaluate(x, y, verbose=0)
+    assert a["loss"] == pytest.approx(ref[0], rel=1e-5) and a["accuracy"] == pytest.approx(ref[1])
+
+
 def test_pipelines_run_without_the_autotune_model_thread(tmp_path):
     # Releasing an iterator waits for tf.data's autotuning thread, which on
     # 2 cores sometimes slept through its period first: 0.25-2 s with the

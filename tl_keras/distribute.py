@@ -499,8 +499,8 @@ def _class_weights(y, class_weight: Optional[dict]):
     return tf.gather(table, tf.argmax(y, axis=-1))
 
 
-# Plain tensor functions for tf.data maps: autograph's transpiling of them,
-# its default, took 0.25 s of a head's 1.7 s fit.
+# Plain tensor functions for tf.data maps: with autograph's transpiling of
+# them, its default, a process's first feed took 0.28 s to build, 0.02 s without.
 @tf.autograph.experimental.do_not_convert
 def _all_real(*batch):
     """(x, y) -> (x, y, mask of ones): a whole batch, every row real."""
@@ -535,8 +535,9 @@ class _Feed:
     as Keras does, and all workers take the same number of steps (the longest
     shard's): a worker whose shard is shorter wraps around (training) or
     feeds padding (evaluation). Evaluation repeats its pass endlessly and
-    reads it from one iterator (`iterator`): a new iterator of a distributed
-    dataset at every validation took 0.2 s, longer than a head's epoch.
+    reads it from one iterator (`iterator`): with a new iterator of the
+    distributed dataset at every validation, a head's epoch under the
+    one-device strategy took 317 ms; with one, 61 ms.
 
     Attributes:
         dataset: the distributed dataset of (x, y, weight, mask) per replica.

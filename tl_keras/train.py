@@ -143,10 +143,9 @@ class CachedValidation(keras.callbacks.Callback):
     def _slices(self):
         if self._held is not None:
             return self._held
-        n = len(self.x)
-        parts = [(np.asarray(self.x[i:i + self.batch_size]),
+        parts = ((np.asarray(self.x[i:i + self.batch_size]),
                   np.asarray(self.y[i:i + self.batch_size]))
-                 for i in range(0, n, self.batch_size)]
+                 for i in range(0, len(self.x), self.batch_size))  # read as they are used
         if not isinstance(self.x, np.memmap) and self.x.nbytes + self.y.nbytes <= IN_GRAPH_BYTES:
             # Converted once: a head's epoch is short enough for the copy to show.
             self._held = parts = [tuple(tf.convert_to_tensor(a) for a in p) for p in parts]
