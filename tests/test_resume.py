@@ -87,46 +87,56 @@ def _fit(head, folder, *extra, epochs=10, patience=3, every_seconds=0.0):
     return result, ckpt, counter
 
 
-def test_resumed_fit_continues_optimizer_schedule_and_early_stopping(tmp_path):
-    ref_head = _head()
-    ref, _, ref_count = _fit(ref_head, tmp_path / "ref")
-    # Early stopping did its job: best epoch 1, stopped after `patience` more.
-    assert ref.best_epoch == 1 and ref.epochs == 4, (ref.best_epoch, ref.epochs)
+@pytest.mark.parametrize("strategy", ["default", "one_device"])
+def test_resumed_fit_continues_optimizer_schedule_and_early_stopping(tmp_path, strategy):
+    # The strategy-aware loop (every strategy but the default; the head's fit
+    # on the default one too) resumes where the checkpoint says, as model.fit does.
+    import contextlib
 
-    # The same fit, crashed after its 3rd epoch (while early stopping waits
-    # for an improvement that never comes, holding epoch 1's weights)...
-    with pytest.raises(_Crash):
-        _fit(_head(), tmp_path / "run", _CrashAfterEpoch(2))
-    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
-    assert meta["epoch"] == 3 and not meta["complete"]
-    assert meta["early_stopping"]["best_epoch"] == 0 and meta["early_stopping"]["wait"] == 2
+    import tensorflow as tf
 
-    # ...then resumed by a fresh model (a new process) from the checkpoint.
-    head = _head()
-    res, ckpt, count = _fit(head, tmp_path / "run")
-    assert ckpt.resumed_after == 3
-    assert count.epochs == [3]  # only the 4th epoch runs; none is repeated
-    # Optimizer step count (which drives the cosine schedule) and the
-    # learning rate go on where they were.
-    assert int(head.optimizer.iterations) == int(ref_head.optimizer.iterations) == 4
-    assert float(head.optimizer.learning_rate) == pytest.approx(
-        float(ref_head.optimizer.learning_rate), rel=1e-6)
-    # Early stopping stops at the same epoch and restores epoch 1's weights,
-    # which only the checkpoint still had.
-    assert (res.epochs, res.best_epoch) == (ref.epochs, ref.best_epoch)
-    for a, b in zip(head.get_weights(), ref_head.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # The history spans all epochs, those of the crashed attempt included.
-    assert len(res.history["loss"]) == 4
-    np.testing.assert_allclose(res.history["val_loss"], ref.history["val_loss"], rtol=1e-5)
+    scope = (tf.distribute.OneDeviceStrategy("/cpu:0").scope() if strategy == "one_device"
+             else contextlib.nullcontext())
+    with scope:
+        ref_head = _head()
+        ref, _, ref_count = _fit(ref_head, tmp_path / "ref")
+        # Early stopping did its job: best epoch 1, stopped after `patience` more.
+        assert ref.best_epoch == 1 and ref.epochs == 4, (ref.best_epoch, ref.epochs)
 
-    # A finished fit, run again, runs no epoch and restores its result.
-    again_head = _head()
-    again, ckpt, count = _fit(again_head, tmp_path / "run")
-    assert count.epochs == [] and ckpt.resumed_after == 4
-    assert (again.epochs, again.best_epoch) == (ref.epochs, ref.best_epoch)
-    for a, b in zip(again_head.get_weights(), ref_head.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # The same fit, crashed after its 3rd epoch (while early stopping waits
+        # for an improvement that never comes, holding epoch 1's weights)...
+        with pytest.raises(_Crash):
+            _fit(_head(), tmp_path / "run", _CrashAfterEpoch(2))
+        meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+        assert meta["epoch"] == 3 and not meta["complete"]
+        assert meta["early_stopping"]["best_epoch"] == 0 and meta["early_stopping"]["wait"] == 2
+
+        # ...then resumed by a fresh model (a new process) from the checkpoint.
+        head = _head()
+        res, ckpt, count = _fit(head, tmp_path / "run")
+        assert ckpt.resumed_after == 3
+        assert count.epochs == [3]  # only the 4th epoch runs; none is repeated
+        # Optimizer step count (which drives the cosine schedule) and the
+        # learning rate go on where they were.
+        assert int(head.optimizer.iterations) == int(ref_head.optimizer.iterations) == 4
+        assert float(head.optimizer.learning_rate) == pytest.approx(
+            float(ref_head.optimizer.learning_rate), rel=1e-6)
+        # Early stopping stops at the same epoch and restores epoch 1's weights,
+        # which only the checkpoint still had.
+        assert (res.epochs, res.best_epoch) == (ref.epochs, ref.best_epoch)
+        for a, b in zip(head.get_weights(), ref_head.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # The history spans all epochs, those of the crashed attempt included.
+        assert len(res.history["loss"]) == 4
+        np.testing.assert_allclose(res.history["val_loss"], ref.history["val_loss"], rtol=1e-5)
+
+        # A finished fit, run again, runs no epoch and restores its result.
+        again_head = _head()
+        again, ckpt, count = _fit(again_head, tmp_path / "run")
+        assert count.epochs == [] and ckpt.resumed_after == 4
+        assert (again.epochs, again.best_epoch) == (ref.epochs, ref.best_epoch)
+        for a, b in zip(again_head.get_weights(), ref_head.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_files_are_consistent_after_each_epoch(tmp_path):
