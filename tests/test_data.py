@@ -187,6 +187,60 @@ def test_tfds_split_expressions_and_detected_feature_names(tmp_path):
         data_lib.load_source("tfds:no_such_dataset_xyz", "data", tfds_data_dir=str(tmp_path))
 
 
+def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
+    # No network, as a user behind a firewall sees it: every request fails.
+    # A local server answers 503 to each; TFDS's downloader would retry 10
+    # times with doubling backoff (204 s offline); tl_keras gives it
+    # TFDS_DOWNLOAD_RETRIES, then one line that says what to do instead.
+    import http.server
+    import threading
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
+
+    requests = []
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/flowers.tgz"
+
+    class TlKerasUnreachable(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),
+                "label": tfds.features.ClassLabel(names=["daisy", "rose"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(dl_manager.download(url))}
+
+        def _generate_examples(self, path):
+            yield from ()
+
+    before = downloader.MAX_RETRIES
+    try:
+        with pytest.raises(ConfigError) as e:
+            data_lib.load_dataset("tfds:tl_keras_unreachable", tfds_data_dir=str(tmp_path))
+    finally:
+        server.shutdown()
+    msg = str(e.value)
+    assert msg.startswith("--data='tfds:tl_keras_unreachable': could not download TFDS dataset "
+                          "'tl_keras_unreachable'") and "\n" not in msg
+    assert "--data=DIR" in msg and "--tfds_data_dir" in msg
+    assert len(requests) == 1 + data_lib.TFDS_DOWNLOAD_RETRIES
+    assert downloader.MAX_RETRIES == before  # TFDS's own setting is back
+
+
 # --------------------------------------------------------------------------
 # Class weights
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ disk beyond), augment (training only, after the cache), batch and prefetch.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -293,15 +294,36 @@ def tfds_builder(spec: str, flag: str, default_split: str, data_dir: str):
     return builder, split or default_split
 
 
+# TFDS retries a failed download 10 times with exponential backoff (0.2 s,
+# doubling): offline, the one-line error below came after 204 s. Three
+# retries still ride out a brief glitch.
+TFDS_DOWNLOAD_RETRIES = 3
+
+
+@contextlib.contextmanager
+def _tfds_download_retries(n: int):
+    """TFDS's downloader retries a failed request `n` times while inside."""
+    from tensorflow_datasets.core.download import downloader
+
+    before = downloader.MAX_RETRIES  # read by each request as it opens
+    downloader.MAX_RETRIES = n
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = before
+
+
 def tfds_prepare(builder, split: str, spec: str, flag: str, local_hint: str, decoders=None):
     """Downloads and prepares a TFDS builder's data and returns the split's dataset.
 
     A failed download (no network) is one line naming the dataset and how to
     point at local data instead (`local_hint`, e.g. "--data=DIR at a local
-    folder of class subfolders", or --tfds_data_dir at a prepared copy).
+    folder of class subfolders", or --tfds_data_dir at a prepared copy),
+    after `TFDS_DOWNLOAD_RETRIES` retries.
     """
     try:
-        builder.download_and_prepare()
+        with _tfds_download_retries(TFDS_DOWNLOAD_RETRIES):
+            builder.download_and_prepare()
         return builder.as_dataset(split=split, decoders=decoders)
     except Exception as e:  # noqa: BLE001
         msg = " ".join(str(e).split())
