@@ -540,7 +540,10 @@ class _Feed:
     one-device strategy took 317 ms; with one, 61 ms.
 
     Attributes:
-        dataset: the distributed dataset of (x, y, weight, mask) per replica.
+        dataset: the distributed dataset of (x, y, weight, mask) per replica
+            ((x, y) batches for a plain training feed: see `weigh_in_step`).
+        weigh_in_step: None, or the class weights (sorted (class, weight)
+            pairs, maybe none) the step applies to a plain training feed.
         steps: global steps per epoch (per evaluation pass).
         fresh_each_epoch: whether each training epoch reads a new iterator of `dataset`.
         iterator: evaluation's iterator, made at the first pass.
@@ -624,7 +627,7 @@ def _per_example_loss(model: keras.Model) -> Callable:
 
 
 class _Steps:
-    """tf.functions running one global training step and one evaluation step."""
+    """tf.functions running `n` global training steps, or evaluation steps, per call."""
 
     def __init__(self, model: keras.Model, metric_fns: dict[str, Callable]):
         if model.loss is None:
@@ -683,18 +686,15 @@ class _Steps:
 
         def steps_of(replica_fn, learning_rate: bool):
             # `n` steps in one call, a while loop in the graph: a small head's
-            # step costs less than the Python round trip around it (a call per
-            # step of a linear head under the one-device strategy: 0.3 s an
-            # epoch). `n` is a tensor: one trace serves every count.
+            # step costs less than the Python round trip around it. `n` is a
+            # tensor: one trace serves every count.
             @tf.function(autograph=False)
             def steps(iterator, n, weigh=None):
                 # weigh: see _Feed.weigh_in_step (a Python value: part of the trace's key).
                 def body(i, totals, bad):
                     batch = iterator.get_next()
-                    if weigh is not None:
-                        x, y = batch
-                        mask = tf.ones(tf.shape(y)[:1], tf.float32)
-                        batch = (x, y, mask * _class_weights(y, dict(weigh) or None), mask)
+                    if weigh is not None:  # what _Feed's maps do for the other feeds
+                        batch = _weighed(dict(weigh) or None)(*_all_real(*batch))
                     sums = tf.stack(strategy.reduce(
                         _SUM, strategy.run(replica_fn, args=batch), axis=None))
                     # The first step whose loss is not finite, for the guard's message.
