@@ -56,6 +56,7 @@ def test_xla_failure_falls_back_to_plain_tensorflow(capsys):
     assert result.epochs == 2
     assert "continuing without --jit_compile" in capsys.readouterr().out
     assert head.jit_compile is False
+    assert head.steps_per_execution == 4  # still a whole epoch per call (32 rows / 8)
 
 
 def test_jit_compile_works_on_cpu_for_a_plain_head():

@@ -269,7 +269,8 @@ def _fit(model, x, y, validation_data, epochs, batch_size, patience, initial_epo
         print(f"[tl_keras] XLA could not compile this model ({first}); "
               "continuing without --jit_compile", flush=True)
         model.compile(optimizer=model.optimizer, loss=model.loss,
-                      metrics=_metrics_like(model), jit_compile=False)
+                      metrics=_metrics_like(model), jit_compile=False,
+                      steps_per_execution=model.steps_per_execution)
         return _fit_once(model, x, y, validation_data, epochs, batch_size, patience,
                          initial_epoch, callbacks, class_weight, verbose, steps_per_epoch,
                          global_batch, own_loop)
