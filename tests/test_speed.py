@@ -165,6 +165,30 @@ def test_steps_per_call_divides_the_epoch():
     assert train_lib._steps_per_call(19) == 19
     assert train_lib._steps_per_call(3000) == 60
     assert train_lib._steps_per_call(3001) == 1  # prime above the cap: one per call
+    # The head's own loop ends an epoch's last call early itself: no divisor needed.
+    assert train_lib._steps_per_call(3001, divide=False) == 64
+    assert train_lib._steps_per_call(19, divide=False) == 19
+
+
+def test_a_head_epoch_of_a_prime_number_of_steps_still_runs_many_steps_per_call():
+    # 67 steps an epoch: a divisor would be 1 (67 calls); the own loop runs
+    # 64 then 3, every step once, and no epoch runs into the next.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(67 * 4, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 67 * 4)]
+    head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    calls = []
+
+    class Calls(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            calls.append(batch)
+
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=2, learning_rate=1e-2,
+                           weight_decay=0.0, batch_size=4, patience=10, label_smoothing=0.0,
+                           verbose=0, callbacks=[Calls()])
+    assert r.epochs == 2 and head.steps_per_execution == 64
+    assert int(head.optimizer.iterations.numpy()) == 2 * 67
+    assert calls == [63, 66, 63, 66]  # the index of each call's last step, per epoch
 
 
 def test_feature_extraction_pads_the_last_batch_without_changing_results():

@@ -392,12 +392,16 @@ def _rows_op(x: np.ndarray, y: np.ndarray, gather):
     return load
 
 
-def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64) -> int:
+def _steps_per_call(steps_per_epoch: Optional[int], most: int = 64, divide: bool = True) -> int:
     """Training steps per compiled call: a small head's step costs less than
-    the Python round trip around it, so several run in one call. A divisor of
-    the epoch's steps, so that no epoch runs past its end."""
+    the Python round trip around it, so several run in one call. With
+    `divide`, a divisor of the epoch's steps, so that no epoch of model.fit
+    runs past its end; `distribute.fit`'s own loop cuts an epoch's last call
+    short itself, so up to `most` (an epoch of 67 steps: 64 and 3, not 67 calls)."""
     if not steps_per_epoch:
         return 1
+    if not divide:
+        return min(most, steps_per_epoch)
     return max(d for d in range(1, min(most, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
@@ -453,7 +457,8 @@ def fit_head(head: keras.Model, train_features: np.ndarray, train_targets: np.nd
     # not change), without its per-epoch work.
     head.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=weight_decay),
                  loss=_loss(multi_label, label_smoothing), metrics=_metrics(multi_label),
-                 jit_compile=jit_compile, steps_per_execution=_steps_per_call(epoch_steps))
+                 jit_compile=jit_compile,
+                 steps_per_execution=_steps_per_call(epoch_steps, divide=False))
     val, checks, evaluate = _validation(head, (val_features, val_targets), batch_size)
     history, best_epoch, seconds = _fit(
         head, x, y, val, epochs, bs, patience, 0, checks + list(callbacks),
