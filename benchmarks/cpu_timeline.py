@@ -49,8 +49,12 @@ def one_run(data: str, autotune: bool, recipe: bool = False) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, HERE)
-    from tl_keras import Config, data as data_lib, features, pipeline
-    from tl_keras import train as train_lib
+    from tl_keras import Config
+    from tl_keras.data import pipeline as data_pipeline
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.run import image as pipeline
+    from tl_keras.train import features
+    from tl_keras.train import stages as train_lib
 
     samples, marks, t0 = [], {}, time.perf_counter()
     cores = os.cpu_count() or 1
@@ -85,14 +89,14 @@ def one_run(data: str, autotune: bool, recipe: bool = False) -> dict:
             import vs_recipe
 
             keras.Model.fit = mark(keras.Model.fit, "stage1_start", "stage1_end")
-            ds = data_lib.load_dataset(data, test_fraction=0.25, val_fraction=0.2, seed=42)
+            ds = sources_lib.load_dataset(data, test_fraction=0.25, val_fraction=0.2, seed=42)
             dirs = {k: vs_recipe.materialize(getattr(ds, k), ds.class_names,
                                              os.path.join(work, k))
                     for k in ("train", "val", "test")}
             stage1 = vs_recipe.recipe(dirs, WEIGHTS, len(ds.class_names))["stage1"]
         else:
             if autotune:
-                data_lib.steady = lambda ds: ds  # the pipelines as they were before the fix
+                data_pipeline.steady = lambda ds: ds  # the pipelines as they were before the fix
             features.extract = mark(features.extract, start="stage1_start")
             train_lib.fit_head = mark(train_lib.fit_head, end="stage1_end")
             cfg = Config(data=data, test_fraction=0.25, backbone="mobilenet_v2", alpha=0.35,

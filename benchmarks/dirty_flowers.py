@@ -38,10 +38,11 @@ WEIGHTS = (REPO.parent / "shared" / "data" / "weights"
 
 def build(work: Path, reps: int) -> dict:
     import odd_images
-    from tl_keras import data as data_lib
 
-    classes, split = data_lib.load_source(str(FLOWERS), "data")
-    test_idx, train_idx = data_lib.stratified_split(split.labels, [0.25], seed=0)
+    from tl_keras.data import sources as sources_lib
+
+    classes, split = sources_lib.load_source(str(FLOWERS), "data")
+    test_idx, train_idx = sources_lib.stratified_split(split.labels, [0.25], seed=0)
     for name, idx in (("test", test_idx), ("clean", train_idx)):
         for i in idx:
             dst = work / name / classes[split.labels[i]]

@@ -2,8 +2,8 @@
 
 For each backbone and each precision policy, the policy is set before the
 model is built (as `precision.apply` does) and tl_keras's own builders make
-the model: `backbones.build_backbone`, `model.build_classifier`,
-`backbones.set_trainable_top_blocks` with the default share of blocks, and
+the model: `families_lib.build_backbone`, `model.build_classifier`,
+`blocks_lib.set_trainable_top_blocks` with the default share of blocks, and
 `activations.cut`. Then it times:
 
   stage 1 caching   the one inference pass per view (`cut.joint`: activations
@@ -47,8 +47,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tl_keras import activations, backbones  # noqa: E402
-from tl_keras import model as model_lib  # noqa: E402
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib  # noqa: E402
+from tl_keras.model import families as families_lib
+from tl_keras.train import activations  # noqa: E402
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CLASSES = 5
@@ -88,11 +90,11 @@ def measure(family_name: str, alpha: float, size: int, policy: str, batch: int,
     """Images/s of the four parts for one backbone under one policy."""
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
-    family = backbones.get_family(family_name)
-    backbone = backbones.build_backbone(family, "none", size, alpha)
+    family = families_lib.get_family(family_name)
+    backbone = families_lib.build_backbone(family, "none", size, alpha)
     clf = model_lib.build_classifier(backbone, family, CLASSES)
-    n_blocks = backbones.num_blocks(backbone, family)
-    top = backbones.auto_finetune_blocks(n_blocks)
+    n_blocks = blocks_lib.num_blocks(backbone, family)
+    top = blocks_lib.auto_finetune_blocks(n_blocks)
     cut = activations.cut(clf, top)
     if cut is None:
         raise SystemExit(f"{family_name}: no single boundary below the top {top} blocks")
@@ -117,7 +119,7 @@ def measure(family_name: str, alpha: float, size: int, policy: str, batch: int,
     clf.head.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     row["stage1_head"] = _rate(lambda: clf.head.train_on_batch(feats, y), batch, steps)
 
-    backbones.set_trainable_top_blocks(clf.backbone, family, top)
+    blocks_lib.set_trainable_top_blocks(clf.backbone, family, top)
     cut.trainer.compile(optimizer=keras.optimizers.Adam(3e-4), loss="categorical_crossentropy")
     row["stage2_cached"] = _rate(lambda: cut.trainer.train_on_batch(acts, y), batch, steps)
     clf.model.compile(optimizer=keras.optimizers.Adam(3e-4), loss="categorical_crossentropy")

@@ -41,9 +41,12 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tl_keras import augment, backbones  # noqa: E402
-from tl_keras import data as data_lib  # noqa: E402
-from tl_keras import model as model_lib  # noqa: E402
+from tl_keras.data import augment  # noqa: E402
+from tl_keras.data import pipeline as data_pipeline
+from tl_keras.data import sources as sources_lib
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib  # noqa: E402
+from tl_keras.model import families as families_lib
 
 
 def peak_rss_mb() -> float:
@@ -78,7 +81,7 @@ def main() -> None:
     keras.utils.set_random_seed(0)
     bs, size = args.batch_size, args.image_size
 
-    classes, sources = data_lib.load_sources(args.data)
+    classes, sources = sources_lib.load_sources(args.data)
     split = sources["train"]
     n = len(split)
     print(f"data: {args.data} ({n} files, {len(classes)} classes), {size}px, batch {bs}, "
@@ -86,21 +89,21 @@ def main() -> None:
     print(f"peak RSS after start: {peak_rss_mb():.0f} MiB")
 
     # --- the model --------------------------------------------------------------
-    family = backbones.get_family("mobilenet_v2")
-    backbone = backbones.build_backbone(family, args.weights, size, args.alpha)
+    family = families_lib.get_family("mobilenet_v2")
+    backbone = families_lib.build_backbone(family, args.weights, size, args.alpha)
     clf = model_lib.build_classifier(backbone, family, len(classes))
-    backbones.set_trainable_top_blocks(clf.backbone, family, args.finetune_blocks)
+    blocks_lib.set_trainable_top_blocks(clf.backbone, family, args.finetune_blocks)
     clf.model.compile(optimizer=keras.optimizers.Adam(1e-4),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
     aug = augment.build_augmenter(True, 10.0, 0.1, 0.1, seed=0)
 
     # --- 1. the pipeline alone ---------------------------------------------------
     with tempfile.TemporaryDirectory() as cache_dir:
-        budget = data_lib.CacheBudget(args.cache_ram_mb, cache_dir)
-        images = data_lib.image_dataset(split, size, budget=budget, name="train", order_seed=0)
+        budget = data_pipeline.CacheBudget(args.cache_ram_mb, cache_dir)
+        images = data_pipeline.image_dataset(split, size, budget=budget, name="train", order_seed=0)
         cold = timed(lambda: [None for _ in images.batch(bs)], "cold")
         print(f"cache plan: {budget.plan['train']}")
-        train = data_lib.batched(images, bs, len(classes), shuffle=True, seed=0, augment=aug)
+        train = data_pipeline.batched(images, bs, len(classes), shuffle=True, seed=0, augment=aug)
         warm = timed(lambda: [None for _ in train], "warm")
         pipe_cold, pipe_warm = n / cold, n / warm
         print(f"pipeline, cold pass (read+decode+resize+cache): {pipe_cold:8.1f} images/s")
@@ -127,7 +130,7 @@ def main() -> None:
         clf.model.fit(fed, epochs=1, steps_per_epoch=3, verbose=0)
         t_fed = timed(lambda: clf.model.fit(fed, epochs=1, steps_per_epoch=k, verbose=0),
                       "train_fed")
-        views = data_lib.batched(images, bs, len(classes), augment=aug).repeat()
+        views = data_pipeline.batched(images, bs, len(classes), augment=aug).repeat()
 
         def extract():
             it = iter(views)

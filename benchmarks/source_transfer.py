@@ -7,7 +7,7 @@ Offline, on the shared flowers128 photos (5 classes, 128 px):
 2. Target task B, the other two classes, with 10 labelled images per class
    (8 train + 2 validation), drawn anew for each seed; every other image of
    the two classes is the test set:
-   (a) transfer: `tl_keras.pipeline.train --backbone=A/model.keras` with its
+   (a) transfer: `tl_keras.run.image.train --backbone=A/model.keras` with its
        defaults, i.e. a linear probe on the frozen source features (stage 1),
        then stage 2 on its top blocks (kept only if it validates better);
    (b) scratch: the same architecture trained from scratch on the same
@@ -47,9 +47,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tl_keras import Config  # noqa: E402
-from tl_keras import data as data_lib  # noqa: E402
-from tl_keras import pipeline, pretrain  # noqa: E402
+from tl_keras import Config
+from tl_keras.data import sources as sources_lib
+from tl_keras.run import image as pipeline  # noqa: E402
+from tl_keras.run import pretrain  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -103,7 +104,7 @@ def main() -> None:
 
     work = args.work or tempfile.mkdtemp(prefix="tl_source_transfer_")
     os.makedirs(work, exist_ok=True)
-    classes, split = data_lib.load_source(args.data, "data")
+    classes, split = sources_lib.load_source(args.data, "data")
     source = [c.strip() for c in args.source_classes.split(",") if c.strip()]
     unknown = [c for c in source if c not in classes]
     if unknown:

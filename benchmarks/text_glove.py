@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tl_keras import data as data_lib  # noqa: E402
 from tl_keras.config import Config  # noqa: E402
+from tl_keras.data import sources as sources_lib
 
 TEXT_DATA = REPO.parent / "shared" / "data" / "text"
 GLOVE = TEXT_DATA / "glove.6B.50d.rt-polarity.txt"
@@ -63,7 +63,7 @@ def write_split(out_dir: Path, seed: int = 0) -> dict:
                     texts.append(line.strip())
                     labels.append(label)
     labels = np.asarray(labels)
-    test_idx, val_idx, train_idx = data_lib.stratified_split(labels, [0.1, 0.1], seed)
+    test_idx, val_idx, train_idx = sources_lib.stratified_split(labels, [0.1, 0.1], seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for part, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
@@ -121,7 +121,7 @@ def main() -> None:
     if args.prepare_only:
         return
 
-    from tl_keras import text_pipeline
+    from tl_keras.run import text as text_pipeline
 
     overrides = _parse_set(args.set)
     seeds = [int(s) for s in args.seeds.split(",") if s]

@@ -9,7 +9,7 @@ official weights file) and the same seed.
     augmentation layers in the model, frozen base called with training=False,
     GAP -> Dropout(0.2) -> Dense, Adam 1e-4 for 10 epochs, then layers from
     100 on unfrozen and RMSprop 1e-5 for 10 more epochs.
-(b) tl_keras.pipeline.train with its defaults.
+(b) tl_keras.run.image.train with its defaults.
 
 Prints each one's stage times, total time and test accuracy, the speed-up,
 and stage 1's time divided by the plain inference passes it cannot avoid
@@ -42,16 +42,21 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tl_keras import Config, augment, backbones, data as data_lib, features  # noqa: E402
-from tl_keras import model as model_lib  # noqa: E402
-from tl_keras import pipeline  # noqa: E402
+from tl_keras import Config
+from tl_keras.data import augment  # noqa: E402
+from tl_keras.data import pipeline as data_pipeline
+from tl_keras.data import sources as sources_lib
+from tl_keras.model import classifier as model_lib  # noqa: E402
+from tl_keras.model import families as families_lib
+from tl_keras.run import image as pipeline  # noqa: E402
+from tl_keras.train import features  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 SIZE, ALPHA, SEED, BATCH = 160, 0.35, 42, 32
 
 
-def materialize(split: data_lib.Split, classes: list[str], root: str) -> str:
+def materialize(split: sources_lib.Split, classes: list[str], root: str) -> str:
     """Symlinks a split into ROOT/CLASS/ so image_dataset_from_directory sees it."""
     for path, label in zip(split.items, split.labels):
         d = os.path.join(root, classes[label])
@@ -119,8 +124,8 @@ def inference_floor(cfg: Config, data, views: int) -> float:
     tf.data's autotuning thread (`data.steady`), whose waits would only
     lengthen the floor.
     """
-    fam = backbones.get_family(cfg.backbone)
-    clf = model_lib.build_classifier(backbones.build_backbone(fam, cfg.weights, SIZE, ALPHA),
+    fam = families_lib.get_family(cfg.backbone)
+    clf = model_lib.build_classifier(families_lib.build_backbone(fam, cfg.weights, SIZE, ALPHA),
                                      fam, len(data.class_names))
     aug = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                   cfg.translation, cfg.crop_min_area)
@@ -128,13 +133,13 @@ def inference_floor(cfg: Config, data, views: int) -> float:
     fn = clf.features.predict_on_batch
     fn(np.zeros((bs, SIZE, SIZE, 3), "float32"))  # trace outside the timing
     t0 = time.perf_counter()
-    train = data_lib.image_dataset(data.train, SIZE, cache=False).cache()
-    val = data_lib.image_dataset(data.val, SIZE, cache=False)
+    train = data_pipeline.image_dataset(data.train, SIZE, cache=False).cache()
+    val = data_pipeline.image_dataset(data.val, SIZE, cache=False)
     for v in range(views):
-        for x, _ in train.batch(bs).prefetch(data_lib.AUTOTUNE):
+        for x, _ in train.batch(bs).prefetch(data_pipeline.AUTOTUNE):
             x = tf.cast(x, tf.float32)
             fn(aug(x, training=True) if v and aug is not None else x)
-    for x, _ in val.batch(bs).prefetch(data_lib.AUTOTUNE):
+    for x, _ in val.batch(bs).prefetch(data_pipeline.AUTOTUNE):
         fn(tf.cast(x, tf.float32))
     return time.perf_counter() - t0
 
@@ -155,7 +160,7 @@ def main() -> None:
         cfg = Config(data=args.data, test_fraction=0.25, backbone="mobilenet_v2", alpha=ALPHA,
                      image_size=SIZE, weights=args.weights, seed=SEED, export=False,
                      output_dir=os.path.join(work, "out"))
-        data = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction,
+        data = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction,
                                      val_fraction=cfg.val_fraction, seed=cfg.seed)
         dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
                 for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import keras
-
+import numpy as np
 from conftest import WEIGHTS_MNV2_035
-from tl_keras import activations, backbones
-from tl_keras import model as model_lib
+
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib
+from tl_keras.model import families as families_lib
+from tl_keras.train import activations
 
 
 def _clf(seed=0):
     keras.utils.set_random_seed(seed)
-    fam = backbones.get_family("mobilenet_v2")
-    bb = backbones.build_backbone(fam, str(WEIGHTS_MNV2_035), 64, 0.35)
+    fam = families_lib.get_family("mobilenet_v2")
+    bb = families_lib.build_backbone(fam, str(WEIGHTS_MNV2_035), 64, 0.35)
     return model_lib.build_classifier(bb, fam, 3, dropout=0.0)
 
 
@@ -26,7 +28,7 @@ def test_one_step_on_cached_activations_equals_one_step_through_full_model():
     for a, b in zip(full.model.weights, cached.model.weights):
         b.assign(a.numpy())
     for clf in (full, cached):
-        backbones.set_trainable_top_blocks(clf.backbone, clf.family, 3)
+        blocks_lib.set_trainable_top_blocks(clf.backbone, clf.family, 3)
 
     full.model.compile(optimizer=keras.optimizers.SGD(0.1), loss="categorical_crossentropy")
     full.model.train_on_batch(x, y)
@@ -49,7 +51,7 @@ def test_one_step_on_cached_activations_equals_one_step_through_full_model():
 
 def test_trainer_shares_weights_with_full_model():
     clf = _clf()
-    backbones.set_trainable_top_blocks(clf.backbone, clf.family, 2)
+    blocks_lib.set_trainable_top_blocks(clf.backbone, clf.family, 2)
     cut = activations.cut(clf, 2)
     x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(cut.trainer.predict(cut.bottom.predict(x, verbose=0), verbose=0),
@@ -60,6 +62,6 @@ def test_trainer_shares_weights_with_full_model():
 
 def test_no_cut_when_every_block_is_unfrozen():
     clf = _clf()
-    n = backbones.num_blocks(clf.backbone, clf.family)
+    n = blocks_lib.num_blocks(clf.backbone, clf.family)
     assert activations.cut(clf, n) is None
     assert activations.cut(clf, n - 1) is not None

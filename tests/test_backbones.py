@@ -14,10 +14,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from tl_keras.model.blocks import block_map, set_trainable_top_blocks
+from tl_keras.model.families import FAMILIES, build_backbone, get_family
 
-from tl_keras import backbones
-from tl_keras.backbones import FAMILIES, block_map, build_backbone, get_family, set_trainable_top_blocks
-from tl_keras.config import ConfigError
+from tl_keras.errors import ConfigError
+from tl_keras.model import families as families_lib
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = DATA / "weights"
@@ -318,11 +319,11 @@ def test_weights_path_errors():
 def test_validate():
     fam = get_family("xception")
     with pytest.raises(ConfigError, match="--image_size"):
-        backbones.validate(fam, 70, 0, "none")
-    backbones.validate(fam, 71, 0, "none")
+        families_lib.validate(fam, 70, 0, "none")
+    families_lib.validate(fam, 71, 0, "none")
     with pytest.raises(ConfigError, match="--alpha"):
-        backbones.validate(fam, 0, 0.5, "none")
+        families_lib.validate(fam, 0, 0.5, "none")
     v3 = get_family("mobilenet_v3_small")
     with pytest.raises(ConfigError, match="--alpha"):
-        backbones.validate(v3, 224, 0.5, "imagenet")
-    backbones.validate(v3, 224, 0.75, "imagenet")
+        families_lib.validate(v3, 224, 0.5, "imagenet")
+    families_lib.validate(v3, 224, 0.75, "imagenet")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FLOWERS_MINI, run_cli
 
 
@@ -64,10 +63,11 @@ def test_end_to_end_train_writes_the_output_contract(trained_run):
 def test_evaluate_command_reproduces_the_test_block(trained_run, tmp_path):
     # Evaluate on a folder of the run's own test images: the same numbers as report.json.
     import shutil
-    from tl_keras import data as data_lib
+
+    from tl_keras.data import sources as sources_lib
 
     cfg = json.loads((trained_run / "config.json").read_text())
-    ds = data_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+    ds = sources_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
                                val_fraction=cfg["val_fraction"])
     for path, label in zip(ds.test.items, ds.test.labels):
         dst = tmp_path / "test" / ds.class_names[label]

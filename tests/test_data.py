@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import FLOWERS_MINI
-from tl_keras import augment
-from tl_keras import data as data_lib
-from tl_keras.config import ConfigError
+
+from tl_keras.data import augment
+from tl_keras.data import decode as decode_lib
+from tl_keras.data import pipeline as data_pipeline
+from tl_keras.data import sources as sources_lib
+from tl_keras.errors import ConfigError
 
 CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
 
@@ -35,7 +37,7 @@ def test_class_folders_may_nest_and_explicit_splits_keep_the_training_classes(tm
         (tmp_path / "val" / cls).mkdir(parents=True)
         shutil.copy(_photos(cls, 1, start=10)[0], tmp_path / "val" / cls)
     (tmp_path / "train" / "rose" / "notes.txt").write_text("not listed: no image extension")
-    ds = data_lib.load_dataset(str(tmp_path / "train"), val_data=str(tmp_path / "val"),
+    ds = sources_lib.load_dataset(str(tmp_path / "train"), val_data=str(tmp_path / "val"),
                                test_data=str(tmp_path / "val"))
     assert ds.class_names == ["daisy", "rose"]
     assert ds.train.class_counts(2) == [4, 4]
@@ -44,30 +46,30 @@ def test_class_folders_may_nest_and_explicit_splits_keep_the_training_classes(tm
     (tmp_path / "val" / "tulip").mkdir()
     shutil.copy(_photos("tulip", 1)[0], tmp_path / "val" / "tulip")
     with pytest.raises(ConfigError, match="'tulip' does not occur in the training data"):
-        data_lib.load_dataset(str(tmp_path / "train"), val_data=str(tmp_path / "val"))
+        sources_lib.load_dataset(str(tmp_path / "train"), val_data=str(tmp_path / "val"))
 
 
 def test_one_folder_gets_a_seeded_stratified_train_val_test_split():
-    a = data_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
+    a = sources_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
     assert a.test.class_counts(5) == [5] * 5
     assert a.val.class_counts(5) == [3] * 5  # 20% of the 15 left
     assert a.train.class_counts(5) == [12] * 5
     parts = [set(a.train.items), set(a.val.items), set(a.test.items)]
     assert sum(map(len, parts)) == len(set.union(*parts)) == 100
-    b = data_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
-    c = data_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=8)
+    b = sources_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
+    c = sources_lib.load_dataset(str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=8)
     assert a.test.items == b.test.items and a.val.items == b.val.items
     assert a.test.items != c.test.items
 
 
 def test_grouped_split_equals_plain_split_when_nothing_is_duplicated():
     labels = np.repeat(np.arange(4), 9)
-    plain = data_lib.stratified_split(labels, [0.3], seed=3)
-    grouped = data_lib.stratified_split(labels, [0.3], seed=3, groups=[f"k{i}" for i in range(36)])
+    plain = sources_lib.stratified_split(labels, [0.3], seed=3)
+    grouped = sources_lib.stratified_split(labels, [0.3], seed=3, groups=[f"k{i}" for i in range(36)])
     assert all(np.array_equal(p, g) for p, g in zip(plain, grouped))
     # Copies (same key) go together.
     keys = [f"k{i // 3}" for i in range(36)]
-    held, rest = data_lib.stratified_split(labels, [0.3], seed=3, groups=keys)
+    held, rest = sources_lib.stratified_split(labels, [0.3], seed=3, groups=keys)
     assert not {keys[i] for i in held} & {keys[i] for i in rest}
 
 
@@ -99,7 +101,7 @@ def test_list_files_with_detected_delimiter_and_optional_header(tmp_path, fmt):
         text = "class;path\n" + "".join(f"{c};{p}\n" for p, c in rows)
         name = "list.txt"
     (tmp_path / name).write_text(text)
-    names, split = data_lib.load_source(str(tmp_path / name), "data")
+    names, split = sources_lib.load_source(str(tmp_path / name), "data")
     assert names == ["daisy", "rose", "tulip"]
     assert not split.multi_label
     assert split.class_counts(3) == [4, 4, 4]
@@ -113,7 +115,7 @@ def test_multi_label_rows_make_multi_hot_labels(tmp_path):
     text = "path,labels\n" + "".join(
         f"{p},{c}|{'red' if c == 'rose' else 'white' if c == 'daisy' else ''}\n" for p, c in rows)
     (tmp_path / "tags.csv").write_text(text)
-    names, split = data_lib.load_source(str(tmp_path / "tags.csv"), "data")
+    names, split = sources_lib.load_source(str(tmp_path / "tags.csv"), "data")
     assert names == ["daisy", "red", "rose", "tulip", "white"]
     assert split.multi_label and split.labels.shape == (6, 5)
     assert split.class_counts(5) == [2, 2, 2, 2, 2]
@@ -122,7 +124,7 @@ def test_multi_label_rows_make_multi_hot_labels(tmp_path):
     # A folder given as --val_data for a multi-label run gets multi-hot rows too.
     (tmp_path / "val" / "rose").mkdir(parents=True)
     shutil.copy(_photos("rose", 1)[0], tmp_path / "val" / "rose")
-    _, val = data_lib.load_source(str(tmp_path / "val"), "val_data", names, multi_label=True)
+    _, val = sources_lib.load_source(str(tmp_path / "val"), "val_data", names, multi_label=True)
     assert val.labels.tolist() == [[0, 0, 1, 0, 0]]
 
 
@@ -135,7 +137,7 @@ def test_multi_label_rows_make_multi_hot_labels(tmp_path):
 def test_bad_list_files_give_one_line_errors_naming_the_line(tmp_path, text, needle):
     (tmp_path / "l.csv").write_text(text)
     with pytest.raises(ConfigError) as e:
-        data_lib.load_source(str(tmp_path / "l.csv"), "data")
+        sources_lib.load_source(str(tmp_path / "l.csv"), "data")
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert str(e.value).startswith(f"--data={str(tmp_path / 'l.csv')!r}")
 
@@ -143,13 +145,13 @@ def test_bad_list_files_give_one_line_errors_naming_the_line(tmp_path, text, nee
 def test_val_list_must_match_the_training_labels(tmp_path):
     (tmp_path / "v.csv").write_text("x.jpg,cactus\n")
     with pytest.raises(ConfigError, match="label 'cactus' does not occur"):
-        data_lib.load_source(str(tmp_path / "v.csv"), "val_data", ["daisy", "rose"])
+        sources_lib.load_source(str(tmp_path / "v.csv"), "val_data", ["daisy", "rose"])
     (tmp_path / "w.csv").write_text("x.jpg,daisy|rose\n")
     with pytest.raises(ConfigError, match="has 2 labels"):
-        data_lib.load_source(str(tmp_path / "w.csv"), "val_data", ["daisy", "rose"],
+        sources_lib.load_source(str(tmp_path / "w.csv"), "val_data", ["daisy", "rose"],
                              multi_label=False)
     with pytest.raises(ConfigError, match="no such list file"):
-        data_lib.load_source(str(tmp_path / "missing.csv"), "val_data", ["daisy"])
+        sources_lib.load_source(str(tmp_path / "missing.csv"), "val_data", ["daisy"])
 
 
 # --------------------------------------------------------------------------
@@ -176,15 +178,15 @@ def test_tfds_split_expressions_and_detected_feature_names(tmp_path):
                 for p in _photos(c, 10):
                     yield f"{c}/{p.name}", {"picture": str(p), "kind": c, "caption": p.name}
 
-    ds = data_lib.load_dataset("tfds:tl_keras_tiny_flowers", "tfds:tl_keras_tiny_flowers:train[80%:]",
+    ds = sources_lib.load_dataset("tfds:tl_keras_tiny_flowers", "tfds:tl_keras_tiny_flowers:train[80%:]",
                                tfds_split="train[:80%]", tfds_data_dir=str(tmp_path))
     assert ds.class_names == ["daisy", "rose"]
     assert len(ds.train) == 16 and len(ds.val) == 4
     assert isinstance(ds.train.items[0], bytes)
-    img = data_lib.decode_and_resize(tf.constant(ds.val.items[0]), 32)
+    img = decode_lib.decode_and_resize(tf.constant(ds.val.items[0]), 32)
     assert img.shape == (32, 32, 3)
     with pytest.raises(ConfigError, match="--data='tfds:no_such_dataset_xyz'"):
-        data_lib.load_source("tfds:no_such_dataset_xyz", "data", tfds_data_dir=str(tmp_path))
+        sources_lib.load_source("tfds:no_such_dataset_xyz", "data", tfds_data_dir=str(tmp_path))
 
 
 def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
@@ -230,14 +232,14 @@ def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
     before = downloader.MAX_RETRIES
     try:
         with pytest.raises(ConfigError) as e:
-            data_lib.load_dataset("tfds:tl_keras_unreachable", tfds_data_dir=str(tmp_path))
+            sources_lib.load_dataset("tfds:tl_keras_unreachable", tfds_data_dir=str(tmp_path))
     finally:
         server.shutdown()
     msg = str(e.value)
     assert msg.startswith("--data='tfds:tl_keras_unreachable': could not download TFDS dataset "
                           "'tl_keras_unreachable'") and "\n" not in msg
     assert "--data=DIR" in msg and "--tfds_data_dir" in msg
-    assert len(requests) == 1 + data_lib.TFDS_DOWNLOAD_RETRIES
+    assert len(requests) == 1 + sources_lib.TFDS_DOWNLOAD_RETRIES
     assert downloader.MAX_RETRIES == before  # TFDS's own setting is back
 
 
@@ -246,25 +248,25 @@ def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
 # --------------------------------------------------------------------------
 
 def test_auto_class_weights_balance_the_classes():
-    split = data_lib.Split(["x"] * 40, np.asarray([0] * 30 + [1] * 10))
-    w = data_lib.class_weights(split, 2, "auto")
+    split = sources_lib.Split(["x"] * 40, np.asarray([0] * 30 + [1] * 10))
+    w = sources_lib.class_weights(split, 2, "auto")
     assert w == {0: pytest.approx(40 / 60), 1: pytest.approx(2.0)}
     # Weighted counts are equal: each class carries the same total loss.
     assert 30 * w[0] == pytest.approx(10 * w[1])
-    assert data_lib.class_weights(split, 2, "none") is None
+    assert sources_lib.class_weights(split, 2, "none") is None
 
 
 # --------------------------------------------------------------------------
 # Image cache (RAM within a budget, disk beyond) and augmentation
 # --------------------------------------------------------------------------
 
-def _mini_split(n_per_class=4) -> data_lib.Split:
+def _mini_split(n_per_class=4) -> sources_lib.Split:
     items, labels = [], []
     for i, c in enumerate(CLASSES):
         for p in _photos(c, n_per_class):
             items.append(str(p))
             labels.append(i)
-    return data_lib.Split(items, np.asarray(labels))
+    return sources_lib.Split(items, np.asarray(labels))
 
 
 def _all(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -280,18 +282,18 @@ def test_images_beyond_the_ram_budget_are_cached_on_disk_unchanged(tmp_path, ram
     for i, p in enumerate(originals.items):
         items.append(str(tmp_path / "src" / f"{i}.jpg"))
         shutil.copy(p, items[-1])
-    split = data_lib.Split(items, originals.labels)
+    split = sources_lib.Split(items, originals.labels)
     size = 48
     ram_mb = ram_images * size * size * 3 / 2 ** 20
-    budget = data_lib.CacheBudget(ram_mb, str(tmp_path / "cache"))
-    ds = data_lib.image_dataset(split, size, budget=budget, name="train")
+    budget = data_pipeline.CacheBudget(ram_mb, str(tmp_path / "cache"))
+    ds = data_pipeline.image_dataset(split, size, budget=budget, name="train")
     assert budget.plan["train"] == {"ram": ram_images, "disk": 20 - ram_images,
                                     "ram_mb": round(ram_mb, 1)}
     assert int(ds.cardinality()) == 20
     first, labels = _all(ds)
     spill = [f for f in os.listdir(budget._folder) if f.startswith("train")]
     assert spill, "nothing was written to the disk cache"
-    reference, ref_labels = _all(data_lib.image_dataset(split, size, cache=False))
+    reference, ref_labels = _all(data_pipeline.image_dataset(split, size, cache=False))
     shutil.rmtree(tmp_path / "src")  # later passes must come from RAM and disk caches
     for _ in range(2):
         again, labels2 = _all(ds)
@@ -309,7 +311,7 @@ def test_spill_folders_of_dead_runs_are_removed(tmp_path):
     stale = tmp_path / "tfdata-999999999-deadbeef"
     stale.mkdir()
     (stale / "train.index").write_text("x")
-    budget = data_lib.CacheBudget(0, str(tmp_path))
+    budget = data_pipeline.CacheBudget(0, str(tmp_path))
     budget.spill_path("train")
     assert not stale.exists()
     budget.cleanup()
@@ -327,7 +329,7 @@ def test_rotation_is_given_in_degrees():
 
 
 def test_flip_is_an_exact_mirror_and_zoom_keeps_the_centre():
-    img = _all(data_lib.image_dataset(_mini_split(1), 41))[0].astype(np.float32)
+    img = _all(data_pipeline.image_dataset(_mini_split(1), 41))[0].astype(np.float32)
     out = augment.Augment(flip=True)(img, seed=tf.constant([1, 2], tf.int64)).numpy()
     for o, i in zip(out, img):
         assert np.array_equal(o, i) or np.array_equal(o, i[:, ::-1]), "not a mirror"
@@ -340,10 +342,10 @@ def test_flip_is_an_exact_mirror_and_zoom_keeps_the_centre():
 def test_training_epochs_see_new_augmented_images_and_validation_never_does():
     split = _mini_split(2)
     size = 64
-    cached = data_lib.image_dataset(split, size)
+    cached = data_pipeline.image_dataset(split, size)
     clean, _ = _all(cached)
     aug = augment.build_augmenter(True, 15, 0.1, 0.1, seed=5, translation=0.1, crop_min_area=0.6)
-    train = data_lib.batched(cached, 5, 5, shuffle=False, augment=aug)
+    train = data_pipeline.batched(cached, 5, 5, shuffle=False, augment=aug)
     epoch1 = np.concatenate([x.numpy() for x, _ in train])
     epoch2 = np.concatenate([x.numpy() for x, _ in train])
     assert epoch1.shape == epoch2.shape == clean.shape
@@ -356,18 +358,18 @@ def test_training_epochs_see_new_augmented_images_and_validation_never_does():
     # Same seed, same sequence: runs are reproducible.
     aug_b = augment.build_augmenter(True, 15, 0.1, 0.1, seed=5, translation=0.1,
                                     crop_min_area=0.6)
-    rerun = np.concatenate([x.numpy() for x, _ in data_lib.batched(
-        data_lib.image_dataset(split, size), 5, 5, augment=aug_b)])
+    rerun = np.concatenate([x.numpy() for x, _ in data_pipeline.batched(
+        data_pipeline.image_dataset(split, size), 5, 5, augment=aug_b)])
     np.testing.assert_allclose(rerun, epoch1, atol=1e-3)
     # Validation/test batches (no augmenter): exactly the decoded pixels, every pass.
-    val = data_lib.batched(cached, 5, 5)
+    val = data_pipeline.batched(cached, 5, 5)
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in val]),
                                       clean.astype(np.float32))
 
 
 def test_random_resized_crop_stays_inside_the_image_and_is_identity_at_inference():
-    x = tf.constant(_all(data_lib.image_dataset(_mini_split(1), 40))[0], tf.float32)
+    x = tf.constant(_all(data_pipeline.image_dataset(_mini_split(1), 40))[0], tf.float32)
     crop = augment.Augment(flip=False, crop_min_area=0.3, seed=1)
     y = crop(x, training=True)
     assert y.shape == x.shape

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from tl_keras import runs
+from tl_keras.run import evaluate as runs
 
 
 def test_two_deterministic_runs_are_identical(deterministic_runs):

@@ -18,12 +18,12 @@ import time
 
 import keras
 import pytest
-
 from conftest import FLOWERS_MINI, REPO
 
-from tl_keras import distribute
-from tl_keras.config import Config, ConfigError
-
+from tl_keras.config import Config
+from tl_keras.errors import ConfigError
+from tl_keras.train import loop as loop_lib
+from tl_keras.train import strategy as strategy_lib
 
 # ---------------------------------------------------------------------------
 # Strategy choice and scaling (no TensorFlow devices touched)
@@ -39,26 +39,26 @@ from tl_keras.config import Config, ConfigError
     ("multi_worker", "", 0, 0, "multi_worker"),
 ])
 def test_auto_picks_the_strategy_the_machine_calls_for(name, tpu, gpus, cluster, want):
-    assert distribute.resolve_strategy(name, tpu, gpus, cluster) == want
+    assert strategy_lib.resolve_strategy(name, tpu, gpus, cluster) == want
 
 
 def test_bad_strategy_settings_name_the_flag():
     with pytest.raises(ConfigError, match=r"--strategy='horovod'"):
-        distribute.resolve_strategy("horovod", "", 0, 0)
+        strategy_lib.resolve_strategy("horovod", "", 0, 0)
     with pytest.raises(ConfigError, match=r"--tpu='my-tpu'.*--strategy=mirrored"):
-        distribute.resolve_strategy("mirrored", "my-tpu", 0, 0)
+        strategy_lib.resolve_strategy("mirrored", "my-tpu", 0, 0)
     with pytest.raises(ConfigError, match=r"--replica_scaling='cube'"):
-        distribute.create("default", "", "cube")
+        strategy_lib.create("default", "", "cube")
 
 
 def test_bad_tf_config_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ConfigError, match="TF_CONFIG"):
-        distribute.create("auto", "", "sqrt")
+        strategy_lib.create("auto", "", "sqrt")
 
 
 def _dist(replicas: int, scaling: str, workers: int = 1, index: int = 0):
-    return distribute.Distribution(None, "mirrored", replicas, workers, index,
+    return strategy_lib.Distribution(None, "mirrored", replicas, workers, index,
                                    f"worker-{index}" if workers > 1 else "", index == 0, scaling)
 
 
@@ -77,7 +77,8 @@ def test_replica_scaling_rules():
 
 def test_workers_shard_data_and_keep_their_files_apart():
     import numpy as np
-    from tl_keras.data import Split
+
+    from tl_keras.data.sources import Split
 
     split = Split([f"img{i}.jpg" for i in range(7)], np.arange(7) % 2)
     chief, other = _dist(2, "sqrt", 2, 0), _dist(2, "sqrt", 2, 1)
@@ -91,7 +92,7 @@ def test_workers_shard_data_and_keep_their_files_apart():
 
 
 def test_the_pipeline_refuses_a_bad_strategy_before_any_work(tmp_path):
-    from tl_keras import pipeline
+    from tl_keras.run import image as pipeline
 
     cfg = Config(data=str(FLOWERS_MINI), output_dir=str(tmp_path / "o"), strategy="horovod")
     with pytest.raises(ConfigError, match=r"^--strategy='horovod': choose one of"):
@@ -100,7 +101,8 @@ def test_the_pipeline_refuses_a_bad_strategy_before_any_work(tmp_path):
 
 
 def test_one_device_commands_refuse_a_strategy_before_any_work(tmp_path):
-    from tl_keras import pipeline, pretrain
+    from tl_keras.run import image as pipeline
+    from tl_keras.run import pretrain
 
     text = Config(task="text", data=str(tmp_path / "texts.csv"), strategy="mirrored",
                   output_dir=str(tmp_path / "t"))
@@ -140,32 +142,46 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path, monkeypatch):
     # epoch, same weights.
     import numpy as np
     import tensorflow as tf
-    from tl_keras import train as train_lib
+
+    from tl_keras.train import stages as train_lib
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 60)]
     runs = {}
-    fit = distribute.fit
+    fit = loop_lib.fit
     for name, strategy in (("model.fit", tf.distribute.get_strategy()),
                            ("default", tf.distribute.get_strategy()),
                            ("one_device", tf.distribute.OneDeviceStrategy("/cpu:0")),
                            ("loop", tf.distribute.MirroredStrategy(["/cpu:0"]))):
-        monkeypatch.setattr(distribute, "fit", (lambda *a, **k: fit(*a, **{**k, "own_loop": False}))
+        monkeypatch.setattr(loop_lib, "fit", (lambda *a, **k: fit(*a, **{**k, "own_loop": False}))
                             if name == "model.fit" else fit)
         keras.utils.set_random_seed(3)
         with strategy.scope():
             inp = keras.Input((6,))
             model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
             seen = _Seen()
-            result = train_lib.fit_head(model, x[:48], y[:48], x[48:], y[48:], epochs=4,
-                                        learning_rate=0.05, weight_decay=0.0, batch_size=16,
-                                        patience=1, label_smoothing=0.1,
-                                        class_weight={0: 2.0, 1: 0.5, 2: 1.0},
-                                        callbacks=[seen], verbose=0)
+            result = train_lib.fit_head(
+                model,
+                x[:48],
+                y[:48],
+                x[48:],
+                y[48:],
+                train_lib.StageSpec(
+                    epochs=4,
+                    learning_rate=0.05,
+                    weight_decay=0.0,
+                    batch_size=16,
+                    patience=1,
+                    label_smoothing=0.1,
+                    class_weight={0: 2.0, 1: 0.5, 2: 1.0},
+                ),
+                callbacks=[seen],
+                verbose=0,
+            )
         runs[name] = (seen, result, [w.numpy() for w in model.weights])
-    assert not distribute.uses_custom_loop(tf.distribute.get_strategy())
-    assert distribute.uses_custom_loop(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    assert not strategy_lib.uses_custom_loop(tf.distribute.get_strategy())
+    assert strategy_lib.uses_custom_loop(tf.distribute.OneDeviceStrategy("/cpu:0"))
     a, ra, wa = runs["model.fit"]
     for name in ("default", "one_device", "loop"):
         b, rb, wb = runs[name]
@@ -194,7 +210,9 @@ _TIMEOUT_S = 600  # per test (wall clock); about 30 s each on an idle 2-core mac
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory) -> str:
     """An untrained compact_cnn source model (alpha 0.5, 32 px) and its block map."""
-    from tl_keras import backbones, pretrain, source_models
+    from tl_keras.model import model_files as model_files_lib
+    from tl_keras.model import source_models
+    from tl_keras.run import pretrain
 
     family = source_models.get_architecture("compact_cnn")
     keras.utils.set_random_seed(0)
@@ -202,7 +220,7 @@ def tiny_backbone(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("backbone") / pretrain.MODEL_FILE)
     model.save(path)
     body = keras.Model(model.input, model.get_layer(cut).output)
-    pretrain.write_block_map(backbones.block_map_path(path), body, family, cut, 32)
+    pretrain.write_block_map(model_files_lib.block_map_path(path), body, family, cut, 32)
     return path
 
 
@@ -322,9 +340,9 @@ def test_two_workers_train_together_and_only_the_chief_writes(tmp_path, tiny_bac
     assert report["export"]["parity"]["passed"] is True
     assert report["val"]["n"] == 20  # the chief evaluates on all of the validation split
     # The saved model is the trained one.
-    from tl_keras import runs
+    from tl_keras.run import evaluate as runs
     model, classes, _ = runs.load_run(str(chief))
-    assert distribute.weights_fingerprint(model) == fingerprint
+    assert strategy_lib.weights_fingerprint(model) == fingerprint
     assert len(classes) == 5
     # The chief's cache is its own shard's; the other worker wrote only into
     # its own folder (its shard's cache, its pre-flight scan), nothing else.
@@ -341,7 +359,7 @@ _MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from tl_keras import pipeline
+    from tl_keras.run import image as pipeline
     from tl_keras.config import Config
     base, out = json.loads(sys.argv[1]), sys.argv[2]
     result = {}

@@ -7,19 +7,20 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from tl_keras import data as data_lib
-from tl_keras import runs
+from tl_keras.data import decode as decode_lib
+from tl_keras.data import sources as sources_lib
+from tl_keras.run import evaluate as runs
 
 
 def test_saved_model_matches_keras_on_original_jpeg_bytes(trained_run):
     model, classes, cfg = runs.load_run(str(trained_run))
-    ds = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
+    ds = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
     paths = ds.test.items[:12]
     raw = [open(p, "rb").read() for p in paths]
     loaded = tf.saved_model.load(str(trained_run / "export" / "1"))
     out = loaded.signatures["serving_default"](image_bytes=tf.constant(raw))
-    images = np.stack([data_lib.decode_and_resize(tf.constant(r), cfg.image_size).numpy()
+    images = np.stack([decode_lib.decode_and_resize(tf.constant(r), cfg.image_size).numpy()
                        for r in raw])
     want = model.predict(images, verbose=0)
     got = out["probabilities"].numpy()

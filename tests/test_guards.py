@@ -8,11 +8,11 @@ import keras
 import numpy as np
 import pytest
 from absl import flags
-
 from conftest import FLOWERS_MINI
+
 from tl_keras import cli
-from tl_keras import guards
-from tl_keras import train as train_lib
+from tl_keras.train import guards
+from tl_keras.train import stages as train_lib
 
 
 class _PoisonAtEpoch(keras.callbacks.Callback):
@@ -38,9 +38,24 @@ def test_guard_stops_at_the_first_bad_step_and_restores_the_last_good_epoch():
     poison, seen = _PoisonAtEpoch(2), []
     guard = guards.NonFiniteLossGuard(1, "head_learning_rate", 0.5, on_diverge=seen.append)
     with pytest.raises(guards.Diverged) as e:
-        train_lib.fit_head(head, x, y, x, y, epochs=10, learning_rate=0.5, weight_decay=0,
-                           batch_size=16, patience=0, label_smoothing=0.0, jit_compile=False,
-                           verbose=0, callbacks=[guard, poison])
+        train_lib.fit_head(
+            head,
+            x,
+            y,
+            x,
+            y,
+            train_lib.StageSpec(
+                epochs=10,
+                learning_rate=0.5,
+                weight_decay=0,
+                batch_size=16,
+                patience=0,
+                label_smoothing=0.0,
+                jit_compile=False,
+            ),
+            verbose=0,
+            callbacks=[guard, poison],
+        )
     err = e.value
     assert (err.stage, err.epoch, err.step) == (1, 3, 1) and seen == [err]
     msg = str(err)

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 import pytest
+from tl_keras.model.layers import Preprocess
 
-from tl_keras import backbones
-from tl_keras import model as model_lib
-from tl_keras.layers import Preprocess
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib
+from tl_keras.model import families as families_lib
 
 
 def _tiny(num_classes=3, size=32, dropout=0.0, weights="none"):
     keras.utils.set_random_seed(0)
-    fam = backbones.get_family("mobilenet_v2")
-    bb = backbones.build_backbone(fam, weights, size, 0.35)
+    fam = families_lib.get_family("mobilenet_v2")
+    bb = families_lib.build_backbone(fam, weights, size, 0.35)
     return model_lib.build_classifier(bb, fam, num_classes, dropout)
 
 
@@ -25,8 +26,8 @@ def _bn_layers(model):
 def test_stage2_step_changes_only_unfrozen_blocks_and_keeps_bn_statistics():
     clf = _tiny()
     fam = clf.family
-    unfrozen = backbones.set_trainable_top_blocks(clf.backbone, fam, 2)
-    blocks = dict(backbones.block_map(clf.backbone, fam))
+    unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, fam, 2)
+    blocks = dict(blocks_lib.block_map(clf.backbone, fam))
     unfrozen_layers = {n for b in unfrozen for n in blocks[b]}
     before = {w.path: w.numpy().copy() for w in clf.model.weights}
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import FLOWERS_MINI, REPO, WEIGHTS_MNV2_035
+
 from tl_keras import notebook
 from tl_keras.config import Config
 

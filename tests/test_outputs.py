@@ -10,10 +10,10 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
-from tl_keras import outputs
-from tl_keras.config import ConfigError
+
+from tl_keras.core import outputs
+from tl_keras.errors import ConfigError
 
 
 def _dead_pid() -> int:
@@ -26,7 +26,7 @@ def _kill_mid_write(target, kind: str) -> None:
     """SIGKILLs a real process in the middle of replacing `target` atomically."""
     code = textwrap.dedent(f"""
         import os, signal
-        from tl_keras import outputs
+        from tl_keras.core import outputs
         with outputs.atomic_path({str(target)!r}) as tmp:
             if {kind!r} == "file":
                 with open(tmp, "w") as f:
@@ -115,6 +115,7 @@ def test_full_output_location_is_refused_before_training(tmp_path, capsys):
     # stops after building the model, before caching or training anything.
     from absl import flags
     from conftest import FLOWERS_MINI
+
     from tl_keras import cli
 
     if "data" in flags.FLAGS:

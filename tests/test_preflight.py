@@ -8,14 +8,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import odd_images
 import pytest
 import tensorflow as tf
-
-import odd_images
 from conftest import FLOWERS_MINI
-from tl_keras import data as data_lib
-from tl_keras import preflight
-from tl_keras.config import Config, ConfigError
+
+from tl_keras.config import Config
+from tl_keras.data import decode as decode_lib
+from tl_keras.data import preflight
+from tl_keras.errors import ConfigError
 
 CLASSES = ("daisy", "rose", "tulip")
 
@@ -98,7 +99,7 @@ def test_training_pixels_are_what_a_person_sees(messy, tmp_path):
             continue
         item = used[hashlib.sha1(odd.path.read_bytes()).hexdigest()]
         # The exact function the training pipeline decodes with.
-        got = data_lib.decode_image(tf.io.read_file(item)).numpy()
+        got = decode_lib.decode_image(tf.io.read_file(item)).numpy()
         assert got.shape == odd.expected.shape, odd.kind
         diff = np.abs(got.astype(np.int16) - odd.expected.astype(np.int16)).mean()
         assert diff <= odd.tolerance, (odd.kind, diff)
@@ -200,9 +201,10 @@ def test_messy_multi_label_list_trains_exports_and_evaluates(tmp_path):
     missing file, a duplicate row, everything spilled to the disk cache;
     sigmoid head, per-label thresholds and metrics, export, and `evaluate`."""
     import keras
-
     from conftest import DATA, WEIGHTS_MNV2_035
-    from tl_keras import pipeline, runs
+
+    from tl_keras.run import evaluate as runs
+    from tl_keras.run import image as pipeline
 
     def tags(c):
         return f"{c}|asteraceae" if c in ASTERACEAE else c

@@ -11,11 +11,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import FLOWERS_MINI, run_cli
 from PIL import Image
 
-from conftest import FLOWERS_MINI, run_cli
-from tl_keras import plots
-from tl_keras import report as report_lib
+from tl_keras.report import markdown as markdown_lib
+from tl_keras.report import metrics as metrics_lib
+from tl_keras.report import plots
 
 CLASSES = ["a", "b", "c"]
 # 8 examples, 3 classes. Rows: true label, probabilities (argmax = prediction).
@@ -35,7 +36,7 @@ def _known():
     labels = np.array([t for t, _ in KNOWN])
     probs = np.array([p for _, p in KNOWN], dtype=np.float32)
     names = [f"img{i}.jpg" for i in range(len(KNOWN))]
-    return report_lib.evaluation(probs, labels, CLASSES, top_k=2, names=names)
+    return metrics_lib.evaluation(probs, labels, CLASSES, top_k=2, names=names)
 
 
 def test_confusion_matrix_and_per_class_scores_of_a_known_prediction_set():
@@ -83,18 +84,18 @@ def test_auc_and_mistakes_of_a_known_prediction_set():
 def test_expected_calibration_error_of_a_tiny_example():
     # Two predictions at 0.95 (one right), three at 0.65 (two right):
     # ECE = 2/5 * |1/2 - 0.95| + 3/5 * |2/3 - 0.65| = 0.18 + 0.01.
-    ece, bins = report_lib.expected_calibration_error(
+    ece, bins = metrics_lib.expected_calibration_error(
         np.array([0.95, 0.95, 0.65, 0.65, 0.65]), np.array([1, 0, 1, 1, 0]), n_bins=10)
     assert ece == pytest.approx(0.19)
     assert [(b["count"], b["accuracy"]) for b in bins] == [(3, pytest.approx(2 / 3)), (2, 0.5)]
     # Perfect calibration: confidence 0.75 and three of four right.
-    assert report_lib.expected_calibration_error(np.full(4, 0.75),
+    assert metrics_lib.expected_calibration_error(np.full(4, 0.75),
                                                  np.array([1, 1, 1, 0]))[0] == pytest.approx(0)
 
 
 def test_binary_auc_takes_the_second_class_as_positive():
     probs1 = np.array([0.1, 0.6, 0.4, 0.9])
-    ev = report_lib.evaluation(np.stack([1 - probs1, probs1], 1), np.array([0, 0, 1, 1]),
+    ev = metrics_lib.evaluation(np.stack([1 - probs1, probs1], 1), np.array([0, 0, 1, 1]),
                                ["neg", "pos"], top_k=3)
     assert ev["auc"]["average"] == "binary"
     assert ev["roc_auc"] == pytest.approx(3 / 4)  # 0.4>0.1, 0.4<0.6, 0.9>both
@@ -105,7 +106,7 @@ def test_binary_auc_takes_the_second_class_as_positive():
 def test_multi_label_metrics():
     targets = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
     probs = np.array([[0.9, 0.2], [0.6, 0.4], [0.3, 0.8], [0.2, 0.1]])
-    ev = report_lib.evaluation(probs, targets, ["x", "y"], names=list("pqrs"))
+    ev = metrics_lib.evaluation(probs, targets, ["x", "y"], names=list("pqrs"))
     assert ev["multi_label"] is True
     assert ev["accuracy"] == pytest.approx(3 / 4)  # exact match; q misses y
     rows = {r["class"]: r for r in ev["per_class"]}
@@ -119,7 +120,7 @@ def test_multi_label_metrics():
 
 def test_a_class_missing_from_the_labels_has_no_auc():
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
-    ev = report_lib.evaluation(probs, np.array([0, 1, 1]), CLASSES)
+    ev = metrics_lib.evaluation(probs, np.array([0, 1, 1]), CLASSES)
     assert ev["auc"]["per_class"]["c"] == {"roc_auc": None, "pr_auc": None}
     # Macro over a and b only. a: 0.7 vs 0.2, 0.6 -> 1. b: 0.7, 0.3 vs 0.2 -> 1.
     # (Were c counted as 0 or 0.5, the mean would be below 1.)
@@ -128,7 +129,7 @@ def test_a_class_missing_from_the_labels_has_no_auc():
 
 
 def test_markdown_has_the_per_class_table():
-    md = report_lib.evaluation_markdown(_known(), "Test (8 images)", {"confusion": "cm.png"})
+    md = markdown_lib.evaluation_markdown(_known(), "Test (8 images)", {"confusion": "cm.png"})
     assert "| class | precision | recall | F1 | support | ROC-AUC | PR-AUC |" in md
     assert "| a | 0.667 | 0.667 | 0.667 | 3 | 0.800 |" in md
     assert "| b | 0.500 | 0.500 | 0.500 | 2 | 0.917 | 0.833 |" in md
@@ -173,8 +174,8 @@ def test_pngs_are_real_images_of_the_expected_size(tmp_path):
 def test_a_perfect_evaluation_leaves_no_stale_mistakes_png(tmp_path):
     (tmp_path / "evaluation_mistakes.png").write_bytes(b"from an earlier evaluation")
     probs = np.full((3, 3), 0.1) + np.eye(3) * 0.7
-    ev = report_lib.evaluation(probs, np.array([0, 1, 2]), CLASSES)
-    written = report_lib.write_evaluation_files(str(tmp_path), {"data": "d", "test": ev},
+    ev = metrics_lib.evaluation(probs, np.array([0, 1, 2]), CLASSES)
+    written = markdown_lib.write_evaluation_files(str(tmp_path), {"data": "d", "test": ev},
                                                 ["unused"] * 3)
     assert written == ["evaluation.md", "evaluation_confusion_matrix.png"]
     assert not (tmp_path / "evaluation_mistakes.png").exists()
@@ -189,7 +190,7 @@ def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
               "stage1": {"epochs": 2, "best_epoch": 2, "val_accuracy": 0.6, "val_loss": 0.85,
                          "seconds": 1.0}, "stage2": {"epochs": 0}, "kept": "stage1", "val": ev}
     photo = str(sorted((FLOWERS_MINI / "tulip").glob("*.jpg"))[0])
-    written = report_lib.write_run_files(str(tmp_path), report, [hist], [photo] * 8)
+    written = markdown_lib.write_run_files(str(tmp_path), report, [hist], [photo] * 8)
     assert written == ["report.md", "learning_curves.png", "confusion_matrix.png", "mistakes.png"]
     md = (tmp_path / "report.md").read_text()
     assert "## Validation (8 images; no test split" in md and "optimistic" in md
@@ -198,24 +199,24 @@ def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
 
 
 def test_split_hash_names_examples_and_labels_not_order_or_location(tmp_path):
-    from tl_keras import data as data_lib
-    from tl_keras import manifest
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.run import manifest
 
     photos = sorted((FLOWERS_MINI / "rose").glob("*.jpg"))[:3]
     for root in ("x", "y"):
         (tmp_path / root / "rose").mkdir(parents=True)
         for p in photos:
             shutil.copy(p, tmp_path / root / "rose")
-    _, x = data_lib.load_source(str(tmp_path / "x"), "data")
-    _, y = data_lib.load_source(str(tmp_path / "y"), "data")
+    _, x = sources_lib.load_source(str(tmp_path / "x"), "data")
+    _, y = sources_lib.load_source(str(tmp_path / "y"), "data")
     assert manifest.split_hash(x) == manifest.split_hash(y)  # same files elsewhere
     assert manifest.split_hash(x) == manifest.split_hash(x.subset([2, 0, 1]))
-    relabelled = data_lib.Split(x.items, x.labels + 1, x.source)
+    relabelled = sources_lib.Split(x.items, x.labels + 1, x.source)
     assert manifest.split_hash(relabelled) != manifest.split_hash(x)
     assert manifest.split_hash(x.subset([0, 1])) != manifest.split_hash(x)
-    as_bytes = data_lib.Split([open(p, "rb").read() for p in x.items], x.labels, "tfds:t")
+    as_bytes = sources_lib.Split([open(p, "rb").read() for p in x.items], x.labels, "tfds:t")
     assert manifest.split_hash(as_bytes) == manifest.split_hash(
-        data_lib.Split(list(reversed(as_bytes.items)), x.labels, "tfds:t"))
+        sources_lib.Split(list(reversed(as_bytes.items)), x.labels, "tfds:t"))
 
 
 # --------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_train_writes_report_md_pngs_and_extended_report_json(trained_run):
     assert sum(r["support"] for r in test["per_class"]) == 30
     assert 0.5 < test["roc_auc"] <= 1 and 0 <= test["ece"] < 1
     wrong = 30 - diag
-    assert len(test["mistakes"]) == min(wrong, report_lib.NUM_MISTAKES)
+    assert len(test["mistakes"]) == min(wrong, metrics_lib.NUM_MISTAKES)
     assert all(m["file"].endswith(".jpg") and m["true"] != m["predicted"]
                for m in test["mistakes"])
     md = (trained_run / "report.md").read_text()
@@ -283,8 +284,8 @@ def test_tensorboard_has_both_stages_in_one_run(trained_run):
 def test_manifest_in_run_folder_and_saved_model(trained_run):
     import tensorflow as tf
 
-    from tl_keras import data as data_lib
-    from tl_keras import manifest
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.run import manifest
 
     m = json.loads((trained_run / "manifest.json").read_text())
     assert m == json.loads((trained_run / "export" / "1" / "assets.extra" /
@@ -294,14 +295,14 @@ def test_manifest_in_run_folder_and_saved_model(trained_run):
     assert {"tl_keras", "keras", "python"} <= set(m["versions"])
     assert m["device"]["summary"] and m["seeds"]["seed"] == m["config"]["seed"]
     cfg = m["config"]
-    ds = data_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
+    ds = sources_lib.load_dataset(cfg["data"], test_fraction=cfg["test_fraction"], seed=cfg["seed"],
                                val_fraction=cfg["val_fraction"])
     assert m["data"] == manifest.data_manifest(ds)  # reproducible from the data alone
     assert m["data"]["splits"]["test"]["class_counts"] == {c: 6 for c in ds.class_names}
 
 
 def test_evaluate_writes_the_full_report(trained_run, tmp_path):
-    from tl_keras import runs
+    from tl_keras.run import evaluate as runs
 
     run = tmp_path / "run"
     run.mkdir()

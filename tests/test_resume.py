@@ -21,12 +21,12 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from conftest import REPO, SMALL_RUN_ARGS
-from tl_keras import resume
-from tl_keras import train as train_lib
-from tl_keras.config import Config, ConfigError
 
+from tl_keras.config import Config
+from tl_keras.errors import ConfigError
+from tl_keras.train import resume
+from tl_keras.train import stages as train_lib
 
 # ---------------------------------------------------------------------------
 # StageCheckpoint: optimizer state, schedule and early stopping survive a crash
@@ -80,10 +80,24 @@ def _fit(head, folder, *extra, epochs=10, patience=3, every_seconds=0.0):
     counter = _EpochCounter()
     # One batch per epoch: the gradient does not depend on the shuffle order,
     # so a resumed fit must reproduce the uninterrupted one exactly.
-    result = train_lib.fit_head(head, x, y, x, y_val, epochs=epochs, learning_rate=0.05,
-                                weight_decay=1e-3, batch_size=64, patience=patience,
-                                label_smoothing=0.0, jit_compile=False, verbose=0,
-                                callbacks=[ckpt, counter, *extra])
+    result = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x,
+        y_val,
+        train_lib.StageSpec(
+            epochs=epochs,
+            learning_rate=0.05,
+            weight_decay=1e-3,
+            batch_size=64,
+            patience=patience,
+            label_smoothing=0.0,
+            jit_compile=False,
+        ),
+        verbose=0,
+        callbacks=[ckpt, counter, *extra],
+    )
     return result, ckpt, counter
 
 
@@ -215,7 +229,7 @@ def test_interrupted_run_with_other_evaluation_settings_keeps_its_stages(tmp_pat
 
 def test_diverged_run_is_not_resumed(tmp_path):
     state, _ = _open(tmp_path)
-    from tl_keras import guards
+    from tl_keras.train import guards
 
     state._diverged(guards.Diverged("--head_learning_rate=10.0: stage 1 diverged", 1, 2, 3,
                                     float("nan")))
@@ -267,7 +281,9 @@ _DRIVER = textwrap.dedent("""
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    from tl_keras import features, preflight, train
+    from tl_keras.train import features
+    from tl_keras.data import preflight
+    from tl_keras.train import stages as train
     if where == "preflight":  # the data is scanned and split, nothing else
         prepare = preflight.prepare_dataset
         def prepare_dataset(*a, **k):
@@ -301,12 +317,12 @@ _DRIVER = textwrap.dedent("""
         train._LearningRateLogger.on_epoch_begin = on_epoch_begin
         train._LearningRateLogger.on_train_batch_end = on_train_batch_end
     elif where == "evaluation":  # the test split is predicted and scored, not recorded
-        from tl_keras import report
-        evaluate_split = report.evaluate_split
+        from tl_keras.report import metrics as metrics_lib
+        evaluate_split = metrics_lib.evaluate_split
         def evaluate_then_die(*a, **k):
             evaluate_split(*a, **k)
             die()
-        report.evaluate_split = evaluate_then_die
+        metrics_lib.evaluate_split = evaluate_then_die
     elif where == "export":  # the SavedModel is written to its temporary folder
         import keras
         archive = type(keras.export.ExportArchive())  # the backend's class
@@ -409,7 +425,7 @@ def test_two_runs_never_write_one_output_folder(tmp_path):
     # Another process holds OUT (a run still going); this one is refused.
     code = textwrap.dedent(f"""
         import sys, time
-        from tl_keras import resume
+        from tl_keras.train import resume
         from tl_keras.config import Config
         resume.RunState.open({str(tmp_path)!r}, Config(data="d", output_dir={str(tmp_path)!r}),
                              {{}}, {{}}, lambda m: None)

@@ -18,19 +18,21 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import prediction_log_pb2
-
 import tf_serving_rest as rest
 from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
-from tl_keras import config as config_lib
-from tl_keras import data as data_lib
-from tl_keras import export as export_lib
-from tl_keras import parity
-from tl_keras import predict as predict_lib
-from tl_keras import runs
-from tl_keras import tflite as tflite_lib
-from tl_keras.layers import Preprocess
+from tensorflow_serving.apis import prediction_log_pb2
+from tl_keras.model.layers import Preprocess
 
+from tl_keras import config as config_lib
+from tl_keras import errors as errors_lib
+from tl_keras.data import decode as decode_lib
+from tl_keras.data import sources as sources_lib
+from tl_keras.export import parity
+from tl_keras.export import saved_model as export_lib
+from tl_keras.export import tflite as tflite_lib
+from tl_keras.run import evaluate as runs
+from tl_keras.run import predict as predict_lib
+from tl_keras.run import setup as setup_lib
 
 # --------------------------------------------------------------------------
 # Fixtures
@@ -40,7 +42,7 @@ from tl_keras.layers import Preprocess
 def run_model(trained_run):
     """(Keras model, class names, config, dataset) of the trained run."""
     model, classes, cfg = runs.load_run(str(trained_run))
-    ds = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
+    ds = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
     return model, classes, cfg, ds
 
@@ -52,7 +54,7 @@ def export1(trained_run):
 
 
 def _keras_probs(model, raw: list[bytes], size: int) -> np.ndarray:
-    pixels = np.stack([data_lib.decode_and_resize(tf.constant(r), size).numpy() for r in raw])
+    pixels = np.stack([decode_lib.decode_and_resize(tf.constant(r), size).numpy() for r in raw])
     return model.predict(pixels.astype(np.float32), verbose=0)
 
 
@@ -122,7 +124,7 @@ def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
 
 def test_rest_pixel_requests_any_size_uint8_and_float(export1, run_model):
     path, loaded, sigs = export1
-    photo = data_lib.decode_image(tf.io.read_file(run_model[3].test.items[0])).numpy()
+    photo = decode_lib.decode_image(tf.io.read_file(run_model[3].test.items[0])).numpy()
     pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
     png = tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
     results = {}
@@ -223,12 +225,12 @@ def test_predict_command_on_the_saved_model(trained_run, run_model, tmp_path):
 
 
 def test_predict_errors_name_the_flag(trained_run, tmp_path):
-    with pytest.raises(config_lib.ConfigError, match=r"--images='/no/such.jpg'"):
+    with pytest.raises(errors_lib.ConfigError, match=r"--images='/no/such.jpg'"):
         predict_lib.predict_images(str(trained_run / "export" / "1"), "/no/such.jpg")
-    with pytest.raises(config_lib.ConfigError, match=r"--model=.*not a SavedModel"):
+    with pytest.raises(errors_lib.ConfigError, match=r"--model=.*not a SavedModel"):
         predict_lib.predict_images(str(tmp_path), str(FLOWERS_MINI / "rose"))
     (tmp_path / "only.txt").write_text("x")
-    with pytest.raises(config_lib.ConfigError, match=r"--model=.*\.tflite"):
+    with pytest.raises(errors_lib.ConfigError, match=r"--model=.*\.tflite"):
         predict_lib.predict_images(str(tmp_path / "only.txt"), str(FLOWERS_MINI / "rose"))
     # A SavedModel whose serving_default takes something else (e.g. a text model's strings).
     module = tf.Module()
@@ -236,7 +238,7 @@ def test_predict_errors_name_the_flag(trained_run, tmp_path):
                            input_signature=[tf.TensorSpec([None], tf.string, name="text")])
     tf.saved_model.save(module, str(tmp_path / "text_export"),
                         signatures={"serving_default": module.f})
-    with pytest.raises(config_lib.ConfigError, match=r"not an image classifier export.*text"):
+    with pytest.raises(errors_lib.ConfigError, match=r"not an image classifier export.*text"):
         predict_lib.predict_images(str(tmp_path / "text_export"), str(FLOWERS_MINI / "rose"))
 
 
@@ -255,7 +257,7 @@ def tiny():
     x = keras.layers.GlobalAveragePooling2D()(x)
     probs = keras.layers.Dense(3, activation="softmax", dtype="float32")(x)
     model = keras.Model(images, probs)
-    classes, split = data_lib.load_source(str(FLOWERS_MINI), "data")
+    classes, split = sources_lib.load_source(str(FLOWERS_MINI), "data")
     split = split.subset(np.flatnonzero(split.labels < 3)[::4])
     return model, classes[:3], size, split
 
@@ -290,7 +292,7 @@ def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
     cal = tflite_lib.load_pixels(tiny[3], tiny[2])
     # Multi-hot labels (a multi-label run) are measured too, before the gate.
     split = tiny[3]
-    multi = data_lib.Split(split.items, np.eye(3, dtype=np.float32)[split.labels], split.source)
+    multi = sources_lib.Split(split.items, np.eye(3, dtype=np.float32)[split.labels], split.source)
     # int8 cannot match float probabilities exactly: a zero tolerance must reject it.
     for overwrite in (False, True):
         with pytest.raises(export_lib.ExportRejected) as err:
@@ -318,13 +320,13 @@ def test_serving_flags_are_validated_before_training():
         "int8_calibration_images": (0, ">= 1"),
     }
     for flag, (value, needle) in cases.items():
-        with pytest.raises(config_lib.ConfigError, match=rf"^--{flag}=") as err:
-            config_lib.validate(base.replace(**{flag: value}))
+        with pytest.raises(errors_lib.ConfigError, match=rf"^--{flag}=") as err:
+            setup_lib.validate(base.replace(**{flag: value}))
         assert needle in str(err.value)
-    with pytest.raises(config_lib.ConfigError, match="--tflite"):
-        config_lib.validate(base.replace(tflite="int8", export=False))
-    with pytest.raises(config_lib.ConfigError, match="--tflite='int8': .*image models"):
-        config_lib.validate(base.replace(tflite="int8", task="text"))
+    with pytest.raises(errors_lib.ConfigError, match="--tflite"):
+        setup_lib.validate(base.replace(tflite="int8", export=False))
+    with pytest.raises(errors_lib.ConfigError, match="--tflite='int8': .*image models"):
+        setup_lib.validate(base.replace(tflite="int8", task="text"))
     # A partial override keeps the other defaults.
     limits = parity.min_agreement_limits("int8=0.8")
     assert limits["int8"] == 0.8

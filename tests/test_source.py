@@ -14,14 +14,21 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import FLOWERS_MINI, run_cli
-from tl_keras import backbones, pipeline, pretrain, runs, source_models
-from tl_keras import data as data_lib
-from tl_keras import model as model_lib
-from tl_keras.config import Config, ConfigError, validate
-from tl_keras.layers import LocalResponseNormalization, Preprocess
+from tl_keras.model.layers import LocalResponseNormalization, Preprocess
 
+from tl_keras.config import Config, validate
+from tl_keras.data import decode as decode_lib
+from tl_keras.data import sources as sources_lib
+from tl_keras.errors import ConfigError
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib
+from tl_keras.model import families as families_lib
+from tl_keras.model import model_files as model_files_lib
+from tl_keras.model import source_models
+from tl_keras.run import evaluate as runs
+from tl_keras.run import image as pipeline
+from tl_keras.run import pretrain
 
 # ---------------------------------------------------------------------------
 # The real chain: pretrain -> train --backbone=PATH.keras -> export
@@ -86,12 +93,12 @@ def test_train_on_the_pretrained_file_keeps_its_weights_and_exports(source_run, 
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
 
     # The SavedModel serves raw JPEG bytes exactly like the Keras model.
-    ds = data_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
+    ds = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
                                val_fraction=cfg.val_fraction)
     raw = [open(p, "rb").read() for p in ds.test.items[:8]]
     served = tf.saved_model.load(str(out / "export" / "1")).signatures["serving_default"](
         image_bytes=tf.constant(raw))
-    images = np.stack([data_lib.decode_and_resize(tf.constant(r), 32).numpy() for r in raw])
+    images = np.stack([decode_lib.decode_and_resize(tf.constant(r), 32).numpy() for r in raw])
     want = model.predict(images, verbose=0)
     np.testing.assert_allclose(served["probabilities"].numpy(), want, atol=1e-5)
     assert [c.decode() for c in served["classes"].numpy()[:, 0]] == [
@@ -148,27 +155,27 @@ def _save(model: keras.Model, path) -> str:
     return str(path)
 
 
-def _blocks(family: backbones.Family, size: int = 0) -> list[tuple[str, list[str]]]:
-    bb = backbones.build_backbone(family, "imagenet", size or family.default_size)
-    return backbones.block_map(bb, family)
+def _blocks(family: families_lib.Family, size: int = 0) -> list[tuple[str, list[str]]]:
+    bb = families_lib.build_backbone(family, "imagenet", size or family.default_size)
+    return blocks_lib.block_map(bb, family)
 
 
 def test_cut_is_the_last_pooling_or_flatten_before_the_dense_classifier(tmp_path):
     gap = _residual_model("gap")
-    assert backbones.find_cut(gap) == "pool"
-    assert backbones.find_cut(_residual_model("flatten")) == "flatten"
+    assert model_files_lib.find_cut(gap) == "pool"
+    assert model_files_lib.find_cut(_residual_model("flatten")) == "flatten"
     # A headless model is kept whole.
     headless = keras.Model(gap.input, gap.get_layer("block3_conv").output)
-    assert backbones.find_cut(headless) == "block3_conv"
+    assert model_files_lib.find_cut(headless) == "block3_conv"
     # Dense layers straight on a reshaped map: no pooling/flatten to cut at.
     inp = keras.Input((8, 8, 3))
     x = keras.layers.Reshape((192,))(keras.layers.Conv2D(3, 1)(inp))
     odd = keras.Model(inp, keras.layers.Dense(2)(x))
     with pytest.raises(ConfigError, match=r"--cut_layer=''.*stopped at layer 'reshape"):
-        backbones.find_cut(odd)
+        model_files_lib.find_cut(odd)
 
-    fam = backbones.family_from_model_file(_save(gap, tmp_path / "gap.keras"))
-    bb = backbones.build_backbone(fam, "imagenet", 32)
+    fam = model_files_lib.family_from_model_file(_save(gap, tmp_path / "gap.keras"))
+    bb = families_lib.build_backbone(fam, "imagenet", 32)
     assert bb.output.shape[1:] == (16,) and bb.layers[-1].name == "pool"
     # The features are the model's own pooled vector; the old dense layers are gone.
     clf = model_lib.build_classifier(bb, fam, 2)
@@ -181,25 +188,25 @@ def test_cut_is_the_last_pooling_or_flatten_before_the_dense_classifier(tmp_path
 
 def test_blocks_from_merge_points_and_from_block_prefixes(tmp_path):
     path = _save(_residual_model(), tmp_path / "res.keras")
-    fam = backbones.family_from_model_file(path)
+    fam = model_files_lib.family_from_model_file(path)
     # The residual add closes a unit; everything before it is the stem,
     # everything after it (pool, block3) joins it.
     assert [b for b, _ in _blocks(fam)] == ["stem", "block2_add"]
     assert any("merge layers" in n for n in fam.notes)
 
-    fam = backbones.family_from_model_file(path, block_prefixes="block1,block2,block3")
+    fam = model_files_lib.family_from_model_file(path, block_prefixes="block1,block2,block3")
     blocks = _blocks(fam)
     assert [b for b, _ in blocks] == ["block1", "block2", "block3"]
     assert blocks[1][1] == ["block2_conv", "block2_add", "block2_pool"]
-    bb = backbones.build_backbone(fam, "imagenet", 32)
-    assert backbones.set_trainable_top_blocks(bb, fam, 1) == ["block3"]
+    bb = families_lib.build_backbone(fam, "imagenet", 32)
+    assert blocks_lib.set_trainable_top_blocks(bb, fam, 1) == ["block3"]
     assert [l.name for l in bb.layers if l.trainable and l.weights] == ["block3_conv"]
 
     with pytest.raises(ConfigError, match=r"--block_prefixes='block9'.*starts with 'block9'"):
-        backbones.family_from_model_file(path, block_prefixes="block9")
+        model_files_lib.family_from_model_file(path, block_prefixes="block9")
     # Blocks that would not be contiguous ("block" again after "block2") are refused.
     with pytest.raises(ConfigError, match=r"--block_prefixes='block,block2'.*contiguous"):
-        backbones.family_from_model_file(path, block_prefixes="block,block2")
+        model_files_lib.family_from_model_file(path, block_prefixes="block,block2")
 
 
 def test_cut_layer_flag_and_conv_blocks_of_an_auto_named_sequential(tmp_path):
@@ -208,7 +215,7 @@ def test_cut_layer_flag_and_conv_blocks_of_an_auto_named_sequential(tmp_path):
                             keras.layers.MaxPooling2D(), keras.layers.Conv2D(8, 3),
                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3)])
     path = _save(seq, tmp_path / "seq.keras")
-    fam = backbones.family_from_model_file(path)
+    fam = model_files_lib.family_from_model_file(path)
     blocks = _blocks(fam)
     # Auto-generated names carry no block structure: one block per conv layer.
     assert len(blocks) == 2
@@ -217,19 +224,19 @@ def test_cut_layer_flag_and_conv_blocks_of_an_auto_named_sequential(tmp_path):
                                              "MaxPooling2D"]
     # --cut_layer: the pooled map of the first block; the classifier adds its own pooling.
     pool = [l.name for l in seq.layers if isinstance(l, keras.layers.MaxPooling2D)][0]
-    fam = backbones.family_from_model_file(path, cut_layer=pool)
-    bb = backbones.build_backbone(fam, "imagenet", 24)
+    fam = model_files_lib.family_from_model_file(path, cut_layer=pool)
+    bb = families_lib.build_backbone(fam, "imagenet", 24)
     assert bb.output.shape[1:] == (11, 11, 4)
     clf = model_lib.build_classifier(bb, fam, 2)
     assert isinstance(clf.model.get_layer("features"), keras.layers.GlobalAveragePooling2D)
     with pytest.raises(ConfigError, match=r"--cut_layer='nope'.*no such layer"):
-        backbones.family_from_model_file(path, cut_layer="nope")
+        model_files_lib.family_from_model_file(path, cut_layer="nope")
 
 
 def test_preprocessing_is_known_or_asked_for(tmp_path):
     plain = _save(_residual_model(), tmp_path / "plain.keras")
-    assert backbones.family_from_model_file(plain).preprocess == "none"
-    assert backbones.family_from_model_file(plain, preprocess="caffe").preprocess == "caffe"
+    assert model_files_lib.family_from_model_file(plain).preprocess == "none"
+    assert model_files_lib.family_from_model_file(plain, preprocess="caffe").preprocess == "caffe"
 
     inp = keras.Input((32, 32, 3))
     x = Preprocess("torch", name="prep")(inp)
@@ -237,9 +244,9 @@ def test_preprocessing_is_known_or_asked_for(tmp_path):
     x = keras.layers.GlobalAveragePooling2D()(x)
     own = _save(keras.Model(inp, keras.layers.Dense(2)(x)), tmp_path / "own.keras")
     # It preprocesses itself: nothing more outside, and no contradicting flag.
-    assert backbones.family_from_model_file(own).preprocess == "none"
+    assert model_files_lib.family_from_model_file(own).preprocess == "none"
     with pytest.raises(ConfigError, match=r"--preprocess='tf'.*'prep'.*'torch'"):
-        backbones.family_from_model_file(own, preprocess="tf")
+        model_files_lib.family_from_model_file(own, preprocess="tf")
     with pytest.raises(ConfigError, match=r"--cut_layer='pool'.*only applies to --backbone=PATH"):
         validate(Config(data="x", backbone="mobilenet_v2", cut_layer="pool"))
 
@@ -247,21 +254,21 @@ def test_preprocessing_is_known_or_asked_for(tmp_path):
 def test_other_sizes_and_fresh_weights(tmp_path):
     path = _save(_residual_model("gap"), tmp_path / "gap.keras")
     src = keras.models.load_model(path)
-    fam = backbones.family_from_model_file(path, image_size=48)
-    bb = backbones.build_backbone(fam, "imagenet", 48)
+    fam = model_files_lib.family_from_model_file(path, image_size=48)
+    bb = families_lib.build_backbone(fam, "imagenet", 48)
     assert bb.input_shape == (None, 48, 48, 3)
     np.testing.assert_array_equal(bb.get_layer("block3_conv").kernel.numpy(),
                                   src.get_layer("block3_conv").kernel.numpy())
-    fresh = backbones.build_backbone(fam, "none", 48)
+    fresh = families_lib.build_backbone(fam, "none", 48)
     assert not np.allclose(fresh.get_layer("block3_conv").kernel.numpy(),
                            src.get_layer("block3_conv").kernel.numpy())
     # A flatten before dense layers fixes the size: said, with the size that works.
     flat = _save(_residual_model("flatten"), tmp_path / "flat.keras")
-    fam = backbones.family_from_model_file(flat, image_size=48, cut_layer="fc1")
+    fam = model_files_lib.family_from_model_file(flat, image_size=48, cut_layer="fc1")
     with pytest.raises(ConfigError, match=r"--image_size=48.*use 32"):
-        backbones.build_backbone(fam, "imagenet", 48)
+        families_lib.build_backbone(fam, "imagenet", 48)
     with pytest.raises(ConfigError, match=r"--weights=.*brings its own weights"):
-        backbones.validate(fam, 32, 0.0, "/some/weights.h5")
+        families_lib.validate(fam, 32, 0.0, "/some/weights.h5")
 
 
 # ---------------------------------------------------------------------------
@@ -286,9 +293,9 @@ def test_lrn_matches_tensorflow_and_alexnet_keeps_its_shapes(tmp_path):
     model.save(tmp_path / "model.keras")
     body = keras.Model(model.input, model.get_layer(cut).output)
     pretrain.write_block_map(str(tmp_path / "model.blocks.json"), body, fam, cut, 32)
-    loaded = backbones.family_from_model_file(str(tmp_path / "model.keras"))
+    loaded = model_files_lib.family_from_model_file(str(tmp_path / "model.keras"))
     assert [b for b, _ in _blocks(loaded)] == ["conv1", "conv2", "conv3", "conv4", "conv5"]
-    clf = model_lib.build_classifier(backbones.build_backbone(loaded, "imagenet", 32), loaded, 2)
+    clf = model_lib.build_classifier(families_lib.build_backbone(loaded, "imagenet", 32), loaded, 2)
     assert clf.features.output.shape[1:] == (64,)  # flattened 1x1x(256 * 0.25)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(clf.features.predict(x, verbose=0),
@@ -306,7 +313,7 @@ def test_a_keras_applications_source_model_keeps_its_family_blocks(tmp_path):
     want = [b["name"] for b in doc["blocks"]]
     assert want[:2] == ["stem", "block_1"] and want[-1] == "top" and len(want) == 18
 
-    loaded = backbones.family_from_model_file(str(out / "model.keras"))
+    loaded = model_files_lib.family_from_model_file(str(out / "model.keras"))
     assert [b for b, _ in _blocks(loaded)] == want
 
     with pytest.raises(ConfigError, match=r"--architecture='vgg99'.*compact_cnn, alexnet"):

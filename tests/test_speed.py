@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
-from tl_keras import cache as cache_lib
-from tl_keras import precision
-from tl_keras import train as train_lib
-from tl_keras.config import ConfigError
+from tl_keras.core import cache as cache_lib
+from tl_keras.core import precision
+from tl_keras.errors import ConfigError
+from tl_keras.train import stages as train_lib
 
 
 @pytest.mark.parametrize("cc,want", [(None, "float32"), ((7, 5), "mixed_float16"),
@@ -50,9 +50,23 @@ def test_xla_failure_falls_back_to_plain_tensorflow(capsys):
     head = keras.Model(inp, out)
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     y = np.eye(2, dtype="float32")[np.arange(32) % 2]
-    result = train_lib.fit_head(head, x, y, x, y, epochs=2, learning_rate=1e-2, weight_decay=0,
-                                batch_size=8, patience=0, label_smoothing=0.0,
-                                jit_compile=True, verbose=0)
+    result = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x,
+        y,
+        train_lib.StageSpec(
+            epochs=2,
+            learning_rate=1e-2,
+            weight_decay=0,
+            batch_size=8,
+            patience=0,
+            label_smoothing=0.0,
+            jit_compile=True,
+        ),
+        verbose=0,
+    )
     assert result.epochs == 2
     assert "continuing without --jit_compile" in capsys.readouterr().out
     assert head.jit_compile is False
@@ -64,9 +78,23 @@ def test_jit_compile_works_on_cpu_for_a_plain_head():
     head = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
     x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
     y = np.eye(2, dtype="float32")[np.arange(16) % 2]
-    r = train_lib.fit_head(head, x, y, x, y, epochs=1, learning_rate=1e-2, weight_decay=0,
-                           batch_size=8, patience=0, label_smoothing=0.0, jit_compile=True,
-                           verbose=0)
+    r = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x,
+        y,
+        train_lib.StageSpec(
+            epochs=1,
+            learning_rate=1e-2,
+            weight_decay=0,
+            batch_size=8,
+            patience=0,
+            label_smoothing=0.0,
+            jit_compile=True,
+        ),
+        verbose=0,
+    )
     assert head.jit_compile is True and r.epochs == 1
 
 
@@ -151,9 +179,23 @@ def test_an_epoch_of_the_head_is_one_pass_over_the_images_not_over_every_view():
     x = rng.normal(size=(images * views, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, images * views)]
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
-    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=3, learning_rate=1e-2,
-                           weight_decay=0.0, batch_size=bs, patience=10, label_smoothing=0.0,
-                           examples_per_epoch=images, verbose=0)
+    r = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x[:16],
+        y[:16],
+        train_lib.StageSpec(
+            epochs=3,
+            learning_rate=1e-2,
+            weight_decay=0.0,
+            batch_size=bs,
+            patience=10,
+            label_smoothing=0.0,
+        ),
+        examples_per_epoch=images,
+        verbose=0,
+    )
     assert r.epochs == 3
     # 5 steps per epoch (40 images / 8), run 5 to a compiled call, never past an epoch.
     assert int(head.optimizer.iterations.numpy()) == 3 * images // bs
@@ -183,16 +225,30 @@ def test_a_head_epoch_of_a_prime_number_of_steps_still_runs_many_steps_per_call(
         def on_train_batch_end(self, batch, logs=None):
             calls.append(batch)
 
-    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=2, learning_rate=1e-2,
-                           weight_decay=0.0, batch_size=4, patience=10, label_smoothing=0.0,
-                           verbose=0, callbacks=[Calls()])
+    r = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x[:16],
+        y[:16],
+        train_lib.StageSpec(
+            epochs=2,
+            learning_rate=1e-2,
+            weight_decay=0.0,
+            batch_size=4,
+            patience=10,
+            label_smoothing=0.0,
+        ),
+        verbose=0,
+        callbacks=[Calls()],
+    )
     assert r.epochs == 2 and head.steps_per_execution == 64
     assert int(head.optimizer.iterations.numpy()) == 2 * 67
     assert calls == [63, 66, 63, 66]  # the index of each call's last step, per epoch
 
 
 def test_feature_extraction_pads_the_last_batch_without_changing_results():
-    from tl_keras import features
+    from tl_keras.train import features
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3),
                               keras.layers.BatchNormalization(),
@@ -209,7 +265,8 @@ def test_augmented_views_are_the_same_on_every_run_and_differ_by_seed():
     # The views are augmented in parallel; each batch's draws come from its
     # own seed, so thread timing cannot change them (it did with one shared
     # stateful generator: the same --seed gave different models run to run).
-    from tl_keras import augment, features
+    from tl_keras.data import augment
+    from tl_keras.train import features
 
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Flatten()])
     imgs = np.random.default_rng(2).integers(0, 256, (40, 16, 16, 3)).astype("uint8")
@@ -231,8 +288,8 @@ def test_evaluation_pads_the_last_batch_without_changing_results(tmp_path):
     # One traced batch shape: the last, smaller batch is padded, its rows dropped.
     from PIL import Image
 
-    from tl_keras import data as data_lib
-    from tl_keras import evaluate
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.report import metrics as metrics_lib
 
     rng = np.random.default_rng(3)
     paths = []
@@ -240,10 +297,10 @@ def test_evaluation_pads_the_last_batch_without_changing_results(tmp_path):
         p = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (8, 8, 3)).astype("uint8")).save(p)
         paths.append(str(p))
-    split = data_lib.Split(paths, np.arange(7) % 2)
+    split = sources_lib.Split(paths, np.arange(7) % 2)
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
                               keras.layers.Dense(2, activation="softmax")])
-    got = evaluate.predict(model, split, 8, batch_size=4)
+    got = metrics_lib.predict(model, split, 8, batch_size=4)
     pixels = np.stack([np.asarray(Image.open(p)) for p in paths]).astype("float32")
     assert got.shape == (7, 2)
     np.testing.assert_allclose(got, model.predict(pixels, verbose=0), rtol=1e-5, atol=1e-6)
@@ -264,7 +321,7 @@ def test_the_training_step_is_traced_once():
     # Keras (no distribution strategy) creates the optimizer's and metrics'
     # variables inside the first trace, and TensorFlow then traces the step
     # again: seconds for a backbone's top blocks. train._create_state makes
-    # them first for model.fit; the head's own loop (distribute.fit with
+    # them first for model.fit; the head's own loop (loop_lib.fit with
     # own_loop) builds the optimizer before its trace. The model runs in
     # training mode once per trace.
     rng = np.random.default_rng(0)
@@ -275,9 +332,22 @@ def test_the_training_step_is_traced_once():
     traced = []
     call = head.call
     head.call = lambda *a, **k: (traced.append(k.get("training")), call(*a, **k))[1]
-    r = train_lib.fit_head(head, x, y, x[:16], y[:16], epochs=3, learning_rate=1e-2,
-                           weight_decay=0.0, batch_size=16, patience=10, label_smoothing=0.0,
-                           verbose=0)
+    r = train_lib.fit_head(
+        head,
+        x,
+        y,
+        x[:16],
+        y[:16],
+        train_lib.StageSpec(
+            epochs=3,
+            learning_rate=1e-2,
+            weight_decay=0.0,
+            batch_size=16,
+            patience=10,
+            label_smoothing=0.0,
+        ),
+        verbose=0,
+    )
     assert r.epochs == 3 and traced.count(True) == 1
 
     # fit_finetune's model.fit
@@ -286,18 +356,31 @@ def test_the_training_step_is_traced_once():
     step = model.train_step
     steps = []
     model.train_step = lambda data: (steps.append(1), step(data))[1]
-    train_lib.fit_finetune(model, (x, y), (x[:16], y[:16]), epochs=2, initial_epoch=0,
-                           steps_per_epoch=4, learning_rate=1e-3, warmup_epochs=0,
-                           patience=10, label_smoothing=0.0, batch_size=16, verbose=0)
+    train_lib.fit_finetune(
+        model,
+        (x, y),
+        (x[:16], y[:16]),
+        train_lib.StageSpec(
+            epochs=2,
+            learning_rate=1e-3,
+            warmup_epochs=0,
+            patience=10,
+            label_smoothing=0.0,
+            batch_size=16,
+        ),
+        initial_epoch=0,
+        steps_per_epoch=4,
+        verbose=0,
+    )
     assert len(steps) == 1
 
 
 def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
-    # fit_head runs whole epochs per call in distribute.fit's own loop
+    # fit_head runs whole epochs per call in loop_lib.fit's own loop
     # (model.fit's per-epoch work cost more than a head's steps). It must
     # train the same model: the same steps, dropout, class weights,
     # regularization, schedule and early stopping as model.fit.
-    from tl_keras import distribute
+    from tl_keras.train import loop as loop_lib
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 8)).astype("float32")  # 2 views of 60 images
@@ -310,10 +393,25 @@ def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
         head = keras.Sequential([keras.Input((8,)), keras.layers.Dropout(0.3),
                                  keras.layers.Dense(3, activation="softmax",
                                                     kernel_regularizer=keras.regularizers.L2(0.01))])
-        r = train_lib.fit_head(head, x, y, vx, vy, epochs=12, learning_rate=0.05,
-                               weight_decay=1e-3, batch_size=16, patience=3,
-                               label_smoothing=0.1, class_weight={0: 2.0, 1: 0.5, 2: 1.0},
-                               verbose=0, examples_per_epoch=60, seed=4)
+        r = train_lib.fit_head(
+            head,
+            x,
+            y,
+            vx,
+            vy,
+            train_lib.StageSpec(
+                epochs=12,
+                learning_rate=0.05,
+                weight_decay=1e-3,
+                batch_size=16,
+                patience=3,
+                label_smoothing=0.1,
+                class_weight={0: 2.0, 1: 0.5, 2: 1.0},
+                seed=4,
+            ),
+            verbose=0,
+            examples_per_epoch=60,
+        )
         return r, [w.numpy() for w in head.weights], head
 
     own, w_own, head = run()
@@ -322,9 +420,9 @@ def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
     assert own.best_epoch < own.epochs
     assert (own.val_loss, own.val_accuracy) == (pytest.approx(loss, rel=1e-5),
                                                 pytest.approx(acc))
-    fit = distribute.fit
+    fit = loop_lib.fit
     used = []
-    monkeypatch.setattr(distribute, "fit", lambda *a, **k: (used.append(k["own_loop"]), fit(
+    monkeypatch.setattr(loop_lib, "fit", lambda *a, **k: (used.append(k["own_loop"]), fit(
         *a, **{**k, "own_loop": False}))[1])
     ref, w_ref, _ = run()
     assert used == [True]
@@ -368,9 +466,22 @@ def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_re
     # Through fit_head: early stopping sees val_loss, stops, and keeps the best epoch.
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
     noise = np.eye(3, dtype="float32")[rng.integers(0, 3, 37)]  # labels unrelated to x
-    r = train_lib.fit_head(head, x, y, vx, noise, epochs=60, learning_rate=0.3,
-                           weight_decay=0.0, batch_size=16, patience=2, label_smoothing=0.0,
-                           verbose=0)
+    r = train_lib.fit_head(
+        head,
+        x,
+        y,
+        vx,
+        noise,
+        train_lib.StageSpec(
+            epochs=60,
+            learning_rate=0.3,
+            weight_decay=0.0,
+            batch_size=16,
+            patience=2,
+            label_smoothing=0.0,
+        ),
+        verbose=0,
+    )
     assert r.epochs < 60 and r.best_epoch == min(range(r.epochs), key=lambda e: r.history[
         "val_loss"][e]) + 1
     assert r.val_loss == pytest.approx(min(r.history["val_loss"]), rel=1e-5)
@@ -404,17 +515,18 @@ def test_pipelines_run_without_the_autotune_model_thread(tmp_path):
     # 2 cores sometimes slept through its period first: 0.25-2 s with the
     # whole process idle at the end of a caching pass. Every pipeline that
     # tl_keras builds switches it off.
-    from tl_keras import data as data_lib
+    from tl_keras.data import pipeline as data_pipeline
+    from tl_keras.data import sources as sources_lib
 
     imgs = [str(tmp_path / f"{i}.png") for i in range(3)]
     for p in imgs:
         tf.io.write_file(p, tf.io.encode_png(tf.zeros((8, 8, 3), tf.uint8)))
-    split = data_lib.Split(imgs, np.array([0, 1, 0]))
+    split = sources_lib.Split(imgs, np.array([0, 1, 0]))
     x, y = np.zeros((6, 2), "float32"), np.eye(2, dtype="float32")[[0, 1, 0, 1, 0, 1]]
     pipelines = {
-        "images": data_lib.image_dataset(split, 8),
-        "images, no cache": data_lib.image_dataset(split, 8, cache=False),
-        "training batches": data_lib.batched(data_lib.image_dataset(split, 8), 2, 2,
+        "images": data_pipeline.image_dataset(split, 8),
+        "images, no cache": data_pipeline.image_dataset(split, 8, cache=False),
+        "training batches": data_pipeline.batched(data_pipeline.image_dataset(split, 8), 2, 2,
                                              shuffle=True, seed=1),
         "view stream": train_lib.view_stream(x, y, 2),
         "view stream, memory-mapped": train_lib.view_stream(np.memmap(
@@ -432,7 +544,7 @@ def test_the_first_caching_pass_decodes_ahead_while_the_model_is_traced():
     import threading
     import time
 
-    from tl_keras import features
+    from tl_keras.train import features
 
     decoded = []
     lock = threading.Lock()
@@ -467,7 +579,7 @@ def test_the_first_caching_pass_decodes_ahead_while_the_model_is_traced():
 
 
 def test_decode_ahead_is_bounded_by_bytes():
-    from tl_keras import features
+    from tl_keras.train import features
 
     def ds(shape):
         return tf.data.Dataset.from_tensors((tf.zeros(shape, tf.uint8), 0))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-
 from conftest import DATA, FLOWERS_MINI, run_cli
+
 from tl_keras import cli
 from tl_keras.config import Config
 

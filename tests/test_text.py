@@ -16,12 +16,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import DATA
-from tl_keras import runs
-from tl_keras import text as text_lib
-from tl_keras import train as train_lib
-from tl_keras.config import ConfigError
+
+from tl_keras.errors import ConfigError
+from tl_keras.run import evaluate as runs
+from tl_keras.text import model as text_model
+from tl_keras.text import sources as text_sources
+from tl_keras.text import vectors as vectors_lib
+from tl_keras.train import stages as train_lib
 
 TEXT = DATA / "text"
 GLOVE = TEXT / "glove.6B.50d.rt-polarity.txt"
@@ -78,7 +80,7 @@ LINES = _glove_lines(300, extra_words=("josé", "—"))
 def test_glove_text_format(tmp_path):
     path = tmp_path / "vectors.txt"
     path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
-    wv = text_lib.load_vectors(str(path))
+    wv = vectors_lib.load_vectors(str(path))
     assert (wv.format, wv.dim, len(wv), wv.rows_skipped) == ("glove", 50, len(LINES), 0)
     for word, vec in _parsed(LINES).items():
         np.testing.assert_array_equal(wv.vectors[wv.index[word]], vec)
@@ -87,7 +89,7 @@ def test_glove_text_format(tmp_path):
 def test_word2vec_text_format(tmp_path):
     path = tmp_path / "vectors.w2v.txt"
     path.write_text(f"{len(LINES)} 50\n" + "\n".join(LINES) + "\n", encoding="utf-8")
-    wv = text_lib.load_vectors(str(path))
+    wv = vectors_lib.load_vectors(str(path))
     assert (wv.format, wv.dim, len(wv)) == ("word2vec_text", 50, len(LINES))
     assert "50" not in wv.index and str(len(LINES)) not in wv.index  # the header is no word
     for word, vec in _parsed(LINES).items():
@@ -103,8 +105,8 @@ def test_word2vec_binary_format(tmp_path):
         f.write(f"{len(want)} 50\n".encode())
         for word, vec in want.items():
             f.write(word.encode("utf-8") + b" " + vec.astype("<f4").tobytes() + b"\n")
-    assert text_lib.detect_vectors_format(str(path)) == "word2vec_binary"
-    wv = text_lib.load_vectors(str(path))
+    assert vectors_lib.detect_vectors_format(str(path)) == "word2vec_binary"
+    wv = vectors_lib.load_vectors(str(path))
     assert (wv.format, wv.dim, len(wv), wv.rows_read) == ("word2vec_binary", 50, len(want),
                                                           len(want))
     for word, vec in want.items():
@@ -112,7 +114,7 @@ def test_word2vec_binary_format(tmp_path):
     # The same vectors whatever the format.
     glove = tmp_path / "vectors.txt"
     glove.write_text("\n".join(LINES) + "\n", encoding="utf-8")
-    wg = text_lib.load_vectors(str(glove))
+    wg = vectors_lib.load_vectors(str(glove))
     for word in want:
         np.testing.assert_array_equal(wv.vectors[wv.index[word]], wg.vectors[wg.index[word]])
 
@@ -126,7 +128,7 @@ def test_only_wanted_words_are_kept_and_other_cases_fall_back(tmp_path):
              f"MOVIE {numbers}"]         # only a cased form of "movie": it is taken
     path = tmp_path / "cased.txt"
     path.write_text("\n".join(lines + LINES[5:20]) + "\n", encoding="utf-8")
-    wv = text_lib.load_vectors(str(path), wanted={"the", "movie", "zzzq"})
+    wv = vectors_lib.load_vectors(str(path), wanted={"the", "movie", "zzzq"})
     assert sorted(wv.index) == ["movie", "the"]
     np.testing.assert_array_equal(wv.vectors[wv.index["the"]], _parsed([LINES[0]])["the"])
     np.testing.assert_array_equal(wv.vectors[wv.index["movie"]], _parsed([LINES[0]])["the"])
@@ -136,7 +138,7 @@ def test_malformed_records_are_reported_and_skipped(tmp_path, capsys):
     bad = [LINES[0], "short 0.1 0.2", "weird " + " ".join(["nan"] * 50), LINES[2]]
     path = tmp_path / "bad.txt"
     path.write_text("\n".join(bad) + "\n", encoding="utf-8")
-    wv = text_lib.load_vectors(str(path))
+    wv = vectors_lib.load_vectors(str(path))
     assert sorted(wv.index) == sorted([LINES[0].split()[0], LINES[2].split()[0]])
     assert wv.rows_skipped == 2
     err = capsys.readouterr().err
@@ -145,11 +147,11 @@ def test_malformed_records_are_reported_and_skipped(tmp_path, capsys):
 
 def test_vectors_file_errors_name_the_flag(tmp_path):
     with pytest.raises(ConfigError, match=r"--embeddings=.*no such file"):
-        text_lib.load_vectors(str(tmp_path / "missing.txt"))
+        vectors_lib.load_vectors(str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="holds no word vectors"):
-        text_lib.load_vectors(str(empty))
+        vectors_lib.load_vectors(str(empty))
 
 
 # --------------------------------------------------------------------------
@@ -161,13 +163,13 @@ def test_coverage_counts_words_and_tokens(tmp_path):
     path = tmp_path / "v.txt"
     path.write_text("\n".join(_glove_lines(0, known)) + "\n", encoding="utf-8")
     texts = ["The movie is great!", "the film is awful", "zzyzx qwertq the"]
-    vectorizer = text_lib.build_vectorizer(texts, max_tokens=100, sequence_length=8)
+    vectorizer = text_model.build_vectorizer(texts, max_tokens=100, sequence_length=8)
     vocab = vectorizer.get_vocabulary()
     # 9 words: the is movie great ! film awful zzyzx qwertq (+ padding and [UNK]).
     assert len(vocab) == 11
-    ids = text_lib.vectorize(vectorizer, texts)
-    wv = text_lib.load_vectors(str(path), set(vocab[2:]))
-    matrix, cov = text_lib.embedding_matrix(vocab, wv, 50, seed=0, train_ids=ids)
+    ids = text_model.vectorize(vectorizer, texts)
+    wv = vectors_lib.load_vectors(str(path), set(vocab[2:]))
+    matrix, cov = vectors_lib.embedding_matrix(vocab, wv, 50, seed=0, train_ids=ids)
     # 6 of the 9 words have vectors; 9 of the 12 tokens ("the" x3, movie, is x2, great, !, film).
     assert cov == {"words": 9, "training_words": 9, "vectors_only": 0, "found": 6,
                    "word_coverage": round(6 / 9, 4), "token_coverage": 0.75}
@@ -186,40 +188,40 @@ def test_embedding_vocabulary_adds_the_files_first_words_with_their_vectors(tmp_
     path.write_text("\n".join(LINES) + "\n", encoding="utf-8")
     file_vectors = _parsed(LINES)
     texts = ["the film is great !", "a dull film ."]
-    vectorizer = text_lib.build_vectorizer(texts, max_tokens=100, sequence_length=8)
+    vectorizer = text_model.build_vectorizer(texts, max_tokens=100, sequence_length=8)
     training = [str(w) for w in vectorizer.get_vocabulary()]
-    wv = text_lib.load_vectors(str(path), set(training[2:]), first=120)
+    wv = vectors_lib.load_vectors(str(path), set(training[2:]), first=120)
     # The words of the first 120 records, in file order, as the vectorizer makes them.
     first = [l.split(" ")[0] for l in LINES[:120]]
-    assert wv.top == [w for w in first if text_lib.token_form(w) == w]
-    assert text_lib.load_vectors(str(path), set(training[2:])).top == []  # 0: none
-    extended, added = text_lib.extend_vocabulary(vectorizer, wv.top)
+    assert wv.top == [w for w in first if vectors_lib.token_form(w) == w]
+    assert vectors_lib.load_vectors(str(path), set(training[2:])).top == []  # 0: none
+    extended, added = text_model.extend_vocabulary(vectorizer, wv.top)
     vocab = [str(w) for w in extended.get_vocabulary()]
     # The training words keep their ids; the file's other words follow, in file order.
     assert vocab[:len(training)] == training
     assert vocab[len(training):] == [w for w in wv.top if w not in training]
     assert added == len(vocab) - len(training) > 90
-    matrix, cov = text_lib.embedding_matrix(vocab, wv, 50, seed=0,
+    matrix, cov = vectors_lib.embedding_matrix(vocab, wv, 50, seed=0,
                                             training_words=len(training) - 2)
     assert cov["vectors_only"] == added and cov["training_words"] == len(training) - 2
     for i in range(len(training), len(vocab)):  # exactly their vectors from the file
         np.testing.assert_array_equal(matrix[i], file_vectors[vocab[i]])
     # A word only the test texts contain ("said", record 19 of GloVe) is no longer [UNK].
     assert "said" not in training and "said" in wv.top
-    assert text_lib.vectorize(vectorizer, ["said"])[0, 0] == 1
-    assert text_lib.vectorize(extended, ["He said"])[0, :2].tolist() == [vocab.index("he"),
+    assert text_model.vectorize(vectorizer, ["said"])[0, 0] == 1
+    assert text_model.vectorize(extended, ["He said"])[0, :2].tolist() == [vocab.index("he"),
                                                                          vocab.index("said")]
 
 
 def test_token_form_is_what_the_vectorizer_can_produce():
-    assert text_lib.token_form("The") == "the" and text_lib.token_form("!") == "!"
-    assert text_lib.token_form("don't") == "don't"
-    assert text_lib.token_form("e.g.") is None and text_lib.token_form("new york") is None
+    assert vectors_lib.token_form("The") == "the" and vectors_lib.token_form("!") == "!"
+    assert vectors_lib.token_form("don't") == "don't"
+    assert vectors_lib.token_form("e.g.") is None and vectors_lib.token_form("new york") is None
 
 
 def test_standardize_splits_punctuation_and_keeps_words_whole():
-    vectorizer = text_lib.build_vectorizer(["x"], max_tokens=10, sequence_length=4)
-    out = text_lib.standardize_text(tf.constant(["Great, FUN!", "don't well-made"])).numpy()
+    vectorizer = text_model.build_vectorizer(["x"], max_tokens=10, sequence_length=4)
+    out = text_model.standardize_text(tf.constant(["Great, FUN!", "don't well-made"])).numpy()
     assert out[0].decode().split() == ["great", ",", "fun", "!"]
     assert out[1].decode().split() == ["don't", "well-made"]
     assert vectorizer(tf.constant(["x x x x x x"])).shape == (1, 4)
@@ -233,20 +235,20 @@ def test_csv_and_tsv_sources(tmp_path, capsys):
     p = tmp_path / "d.csv"
     p.write_text('id,label,text\n1,pos,"good, really good"\n2,neg,bad\n3,,no label\n'
                  '4,neg,"multi\nline"\n', encoding="utf-8")
-    classes, split = text_lib.load_text_source(str(p), "data")
+    classes, split = text_sources.load_text_source(str(p), "data")
     assert classes == ["neg", "pos"]
     assert split.items == ["good, really good", "bad", "multi\nline"]
     assert split.labels.tolist() == [1, 0, 0]
     assert "skipped 1 row" in capsys.readouterr().err
     t = _write_tsv(tmp_path / "v.tsv", ["fine", "awful"], ["pos", "neg"])
-    _, val = text_lib.load_text_source(str(t), "val_data", classes)
+    _, val = text_sources.load_text_source(str(t), "val_data", classes)
     assert val.labels.tolist() == [1, 0]
     _write_tsv(tmp_path / "u.tsv", ["meh"], ["neutral"])
     with pytest.raises(ConfigError, match=r"--val_data=.*'neutral' does not occur"):
-        text_lib.load_text_source(str(tmp_path / "u.tsv"), "val_data", classes)
+        text_sources.load_text_source(str(tmp_path / "u.tsv"), "val_data", classes)
     (tmp_path / "h.csv").write_text("sentence,sentiment\na,b\n")
     with pytest.raises(ConfigError, match=r"--data=.*'text' and a 'label' column"):
-        text_lib.load_text_source(str(tmp_path / "h.csv"), "data")
+        text_sources.load_text_source(str(tmp_path / "h.csv"), "data")
 
 
 def test_folder_of_txt_files_source(tmp_path, capsys):
@@ -256,7 +258,7 @@ def test_folder_of_txt_files_source(tmp_path, capsys):
             (tmp_path / label / f"{i}.txt").write_text(d, encoding="utf-8")
     (tmp_path / "pos" / "broken.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
     (tmp_path / "pos" / "notes.md").write_text("ignored")
-    classes, split = text_lib.load_text_source(str(tmp_path), "data")
+    classes, split = text_sources.load_text_source(str(tmp_path), "data")
     assert classes == ["neg", "pos"]
     assert sorted(zip(split.items, split.labels.tolist())) == [("a joy", 1), ("boring", 0),
                                                                ("dull.", 0)]
@@ -265,7 +267,7 @@ def test_folder_of_txt_files_source(tmp_path, capsys):
 
 def test_unknown_tfds_dataset_is_a_flag_error():
     with pytest.raises(ConfigError, match=r"--data='tfds:no_such_corpus_xyz'"):
-        text_lib.load_text_source("tfds:no_such_corpus_xyz", "data")
+        text_sources.load_text_source("tfds:no_such_corpus_xyz", "data")
 
 
 # --------------------------------------------------------------------------
@@ -276,25 +278,46 @@ def test_stage1_leaves_embeddings_untouched_and_stage2_changes_them():
     keras.utils.set_random_seed(0)
     texts, labels = _rt_polarity(150)
     y = np.eye(2, dtype=np.float32)[[int(l == "pos") for l in labels]]
-    vectorizer = text_lib.build_vectorizer(texts, 5000, 32)
+    vectorizer = text_model.build_vectorizer(texts, 5000, 32)
     vocab = vectorizer.get_vocabulary()
-    ids = text_lib.vectorize(vectorizer, texts)
-    wv = text_lib.load_vectors(str(GLOVE), set(vocab[2:]))
-    matrix, _ = text_lib.embedding_matrix(vocab, wv, 50, 0, ids)
-    clf = text_lib.build_text_classifier(vectorizer, matrix, 2, "cnn", 16, 0.5)
+    ids = text_model.vectorize(vectorizer, texts)
+    wv = vectors_lib.load_vectors(str(GLOVE), set(vocab[2:]))
+    matrix, _ = vectors_lib.embedding_matrix(vocab, wv, 50, 0, ids)
+    clf = text_model.build_text_classifier(vectorizer, matrix, 2, "cnn", 16, 0.5)
     conv0 = clf.ids_model.get_layer("encoder_conv_3").kernel.numpy()
-    train_lib.fit_head(clf.ids_model, ids[:250], y[:250], ids[250:], y[250:], epochs=1,
-                       learning_rate=1e-3, weight_decay=1e-4, batch_size=32, patience=0,
-                       label_smoothing=0.1, verbose=0)
+    train_lib.fit_head(
+        clf.ids_model,
+        ids[:250],
+        y[:250],
+        ids[250:],
+        y[250:],
+        train_lib.StageSpec(
+            epochs=1,
+            learning_rate=1e-3,
+            weight_decay=1e-4,
+            batch_size=32,
+            patience=0,
+            label_smoothing=0.1,
+        ),
+        verbose=0,
+    )
     np.testing.assert_array_equal(clf.embedding.embeddings.numpy(), matrix)
     assert not np.allclose(clf.ids_model.get_layer("encoder_conv_3").kernel.numpy(), conv0)
 
     clf.embedding.trainable = True
     ds = tf.data.Dataset.from_tensor_slices((ids[:250], y[:250])).batch(32)
     val = tf.data.Dataset.from_tensor_slices((ids[250:], y[250:])).batch(32)
-    train_lib.fit_finetune(clf.ids_model, ds, val, epochs=1, initial_epoch=1, steps_per_epoch=8,
-                           learning_rate=1e-3, warmup_epochs=0, patience=0,
-                           label_smoothing=0.1, verbose=0)
+    train_lib.fit_finetune(
+        clf.ids_model,
+        ds,
+        val,
+        train_lib.StageSpec(
+            epochs=1, learning_rate=1e-3, warmup_epochs=0, patience=0, label_smoothing=0.1
+        ),
+        initial_epoch=1,
+        steps_per_epoch=8,
+        verbose=0,
+    )
     after = clf.embedding.embeddings.numpy()
     seen = np.unique(ids[:250][ids[:250] > 1])
     assert np.abs(after[seen] - matrix[seen]).max() > 1e-4
@@ -306,14 +329,14 @@ def test_stage1_leaves_embeddings_untouched_and_stage2_changes_them():
 @pytest.mark.parametrize("encoder", ["pool", "cnn", "lstm", "gru"])
 def test_every_encoder_takes_raw_strings(encoder):
     texts = ["A fine, warm film!", "dull and far too long", ""]
-    vectorizer = text_lib.build_vectorizer(texts, 50, 6)
-    matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
-    clf = text_lib.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5,
+    vectorizer = text_model.build_vectorizer(texts, 50, 6)
+    matrix, _ = vectors_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
+    clf = text_model.build_text_classifier(vectorizer, matrix, 3, encoder, 4, 0.5,
                                          embedding_dropout=0.3)
     probs = clf.model(tf.constant(["Never seen words here.", "a FINE film", ""])).numpy()
     assert probs.shape == (3, 3) and np.all(np.isfinite(probs))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(probs, text_lib.predict_texts(clf.model, ["Never seen words here.",
+    np.testing.assert_allclose(probs, text_model.predict_texts(clf.model, ["Never seen words here.",
                                                                          "a FINE film", ""]),
                                atol=1e-6)
 
@@ -329,6 +352,7 @@ def _cli(*args: str) -> tuple[int, str, str]:
         (exit code, stdout, stderr). The flags are reset afterwards.
     """
     from absl import flags as absl_flags
+
     from tl_keras import cli
 
     out, err = io.StringIO(), io.StringIO()
@@ -412,10 +436,10 @@ def test_model_keras_reloads_in_safe_mode_with_the_same_predictions(text_run):
 def test_embeddings_of_the_kept_stage(text_run):
     _, out, _ = text_run
     model, _, _ = runs.load_run(str(out))
-    vocab = model.get_layer(text_lib.VECTORIZER_LAYER).get_vocabulary()
+    vocab = model.get_layer(text_model.VECTORIZER_LAYER).get_vocabulary()
     ids_model = next(l for l in model.layers if isinstance(l, keras.Model))
-    emb = ids_model.get_layer(text_lib.EMBEDDING_LAYER).embeddings.numpy()
-    wv = text_lib.load_vectors(str(GLOVE), set(vocab[2:]))
+    emb = ids_model.get_layer(text_model.EMBEDDING_LAYER).embeddings.numpy()
+    wv = vectors_lib.load_vectors(str(GLOVE), set(vocab[2:]))
     found = [i for i, w in enumerate(vocab) if w in wv.index]
     glove_rows = wv.vectors[[wv.index[vocab[i]] for i in found]]
     kept = json.loads((out / "report.json").read_text())["kept"]
@@ -437,7 +461,7 @@ def test_saved_model_serving_default_on_strings_matches_keras(text_run):
     texts = ["An utterly charming, funny film!", "a mess .", "", "zzyzx qwertq"]
     loaded = tf.saved_model.load(str(out / "export" / "1"))
     got = loaded.signatures["serving_default"](text=tf.constant(texts))
-    want = text_lib.predict_texts(model, texts)
+    want = text_model.predict_texts(model, texts)
     np.testing.assert_allclose(got["probabilities"].numpy(), want, atol=1e-5)
     top1 = [c.decode() for c in got["classes"].numpy()[:, 0]]
     assert top1 == [classes[i] for i in want.argmax(1)]
@@ -446,13 +470,13 @@ def test_saved_model_serving_default_on_strings_matches_keras(text_run):
 
 def test_text_export_versions_and_parity_gate(tmp_path):
     """Versions 1, 2 on strings; a failed gate publishes nothing; --overwrite replaces."""
-    from tl_keras import export as export_lib
-    from tl_keras import text_export
+    from tl_keras.export import saved_model as export_lib
+    from tl_keras.text import export as text_export
 
     texts, labels = _rt_polarity(20, seed=2)
-    vectorizer = text_lib.build_vectorizer(texts, 500, 12)
-    matrix, _ = text_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
-    clf = text_lib.build_text_classifier(vectorizer, matrix, 2, "pool", 4, 0.5)
+    vectorizer = text_model.build_vectorizer(texts, 500, 12)
+    matrix, _ = vectors_lib.embedding_matrix(vectorizer.get_vocabulary(), None, 8, 0)
+    clf = text_model.build_text_classifier(vectorizer, matrix, 2, "pool", 4, 0.5)
     classes = ["neg", "pos"]
     export_dir = tmp_path / "export"
     first = text_export.export_text_version(clf.model, classes, str(export_dir), top_k=1,
@@ -468,7 +492,7 @@ def test_text_export_versions_and_parity_gate(tmp_path):
     batch = ["An utterly charming, funny film!", "a mess .", "", "zzyzx qwertq"]
     serve = tf.saved_model.load(second["path"]).signatures["serving_default"]
     got = serve(text=tf.constant(batch))
-    want = text_lib.predict_texts(clf.model, batch)
+    want = text_model.predict_texts(clf.model, batch)
     np.testing.assert_allclose(got["probabilities"].numpy(), want, atol=1e-6)
     assert [c.decode() for c in got["classes"].numpy()[:, 0]] == [classes[i]
                                                                    for i in want.argmax(1)]
@@ -510,8 +534,8 @@ def test_bad_text_flag_gives_a_one_line_cli_error(flag, error, tmp_path):
     ({"embedding_dim": 300}, r"--embedding_dim=300: the vectors in .* have 50 dimensions"),
 ])
 def test_bad_text_settings_are_refused_before_training(changes, match, tmp_path):
-    from tl_keras import pipeline
     from tl_keras.config import Config
+    from tl_keras.run import image as pipeline
 
     t = _write_tsv(tmp_path / "t.tsv", ["good", "fine", "bad", "awful"],
                    ["pos", "pos", "neg", "neg"])

@@ -9,12 +9,13 @@ import os
 import keras
 import pytest
 from absl import flags
-
 from conftest import FLOWERS_MINI
+
 from tl_keras import cli
-from tl_keras import runs
-from tl_keras import untrusted
-from tl_keras.config import Config, ConfigError
+from tl_keras.config import Config
+from tl_keras.core import untrusted as untrusted_lib
+from tl_keras.errors import ConfigError
+from tl_keras.run import evaluate as runs
 
 
 def _lambda_run(tmp_path, marker):
@@ -68,16 +69,16 @@ def test_list_paths_must_stay_inside_the_list_folder(tmp_path):
     os.symlink(tmp_path / "secret.txt", root / "img" / "link.jpg")
     lst = str(root / "train.csv")
 
-    assert untrusted.check_inside("img/a.jpg", str(root), "data", lst) == str(root / "img/a.jpg")
+    assert untrusted_lib.check_inside("img/a.jpg", str(root), "data", lst) == str(root / "img/a.jpg")
     for bad in ("../secret.txt", str(tmp_path / "secret.txt"), "img/../../secret.txt",
                 "img/link.jpg"):
         with pytest.raises(ConfigError) as e:
-            untrusted.check_inside(bad, str(root), "data", lst, where="line 3")
+            untrusted_lib.check_inside(bad, str(root), "data", lst, where="line 3")
         msg = str(e.value)
         assert msg.startswith(f"--data={lst!r}: line 3: {bad!r} points outside")
         assert "--allow_external_paths" in msg and "\n" not in msg
     # Allowed explicitly: the path is returned as the list gave it (absolute).
-    assert untrusted.check_inside("../secret.txt", str(root), "data", lst, allow=True) == \
+    assert untrusted_lib.check_inside("../secret.txt", str(root), "data", lst, allow=True) == \
         str(tmp_path / "secret.txt")
 
 
@@ -129,9 +130,9 @@ def test_list_file_naming_images_elsewhere_is_refused_unless_allowed(tmp_path, c
     assert "--allow_external_paths" in last
 
     # --allow_external_paths: the same list loads, every row as it was given.
-    from tl_keras import data as data_lib
+    from tl_keras.data import sources as sources_lib
 
-    ds = data_lib.load_dataset(str(lst), val_fraction=0.2, allow_external_paths=True)
+    ds = sources_lib.load_dataset(str(lst), val_fraction=0.2, allow_external_paths=True)
     items = sorted(ds.train.items + ds.val.items)
     assert items == sorted([str(inside)] + [str(p) for ps in photos.values() for p in ps[1:]])
     code, last, err = _cli("evaluate", [f"--model={run}", f"--data={lst}",
@@ -143,8 +144,9 @@ def test_list_file_naming_images_elsewhere_is_refused_unless_allowed(tmp_path, c
 
 def test_predict_skips_images_over_max_pixels_without_decoding_them(tmp_path, capsys):
     import odd_images
-    from tl_keras import predict
-    from tl_keras import tflite as tflite_lib
+
+    from tl_keras.export import tflite as tflite_lib
+    from tl_keras.run import predict
 
     inp = keras.Input((32, 32, 3))
     model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(

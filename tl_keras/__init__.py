@@ -9,11 +9,12 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from tl_keras.config import Config, ConfigError  # noqa: E402,F401
+from tl_keras.config import Config  # noqa: E402,F401
+from tl_keras.errors import ConfigError  # noqa: E402,F401
 
 
 def run_training(config):
-    """Runs the two-stage pipeline; see `tl_keras.pipeline.train`."""
-    from tl_keras import pipeline
+    """Runs the two-stage pipeline; see `tl_keras.run.image.train`."""
+    from tl_keras.run import image as pipeline
 
     return pipeline.train(config)

@@ -22,7 +22,8 @@ import sys
 
 from absl import flags
 
-from tl_keras.config import Config, ConfigError, fields_with_help
+from tl_keras.config import Config, fields_with_help
+from tl_keras.errors import ConfigError
 
 FLAGS = flags.FLAGS
 COMMANDS = ("train", "evaluate", "compare", "predict", "pretrain")
@@ -48,21 +49,21 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
 
 
 def _train(cfg: Config) -> int:
-    from tl_keras import pipeline
-    from tl_keras import report as report_lib
+    from tl_keras.report import metrics as metrics_lib
+    from tl_keras.run import image as pipeline
 
     report = pipeline.train(cfg)
     summary = {k: report[k] for k in ("stage1", "stage2", "kept", "test") if k in report}
     # The full evaluation (per class, mistakes, ...) is in report.json / report.md.
     for k in ("test", "val"):
         if k in report:
-            summary[k] = report_lib.headline(report[k])
+            summary[k] = metrics_lib.headline(report[k])
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _pretrain(cfg: Config) -> int:
-    from tl_keras import pretrain
+    from tl_keras.run import pretrain
 
     report = pretrain.pretrain(cfg)
     summary = {k: report[k] for k in ("architecture", "blocks", "test") if k in report}
@@ -72,7 +73,7 @@ def _pretrain(cfg: Config) -> int:
 
 
 def _evaluate(cfg: Config, model_path: str) -> int:
-    from tl_keras import runs
+    from tl_keras.run import evaluate as runs
 
     result = runs.evaluate_run(model_path, cfg.data, batch_size=cfg.batch_size, top_k=cfg.top_k,
                                allow_external_paths=cfg.allow_external_paths)
@@ -81,7 +82,7 @@ def _evaluate(cfg: Config, model_path: str) -> int:
 
 
 def _predict(cfg: Config, model_path: str) -> int:
-    from tl_keras import predict
+    from tl_keras.run import predict
 
     result = predict.predict_images(model_path, cfg.images, cfg.top_k, cfg.batch_size,
                                     max_pixels=cfg.max_pixels)
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"command {got!r}: expected one of {', '.join(COMMANDS)} "
                           "(e.g. tl-keras train --flagfile=flags/smoke.flags)")
     if argv[1] == "compare":
-        from tl_keras import compare
+        from tl_keras.report import compare
 
         print(compare.table(argv[2:]))
         return 0

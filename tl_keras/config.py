@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-
-class ConfigError(ValueError):
-    """A bad setting. Its message is one line that names the flag and value."""
+from tl_keras.errors import fail
 
 
 @dataclasses.dataclass
@@ -272,16 +270,12 @@ def fields_with_help() -> list[tuple[dataclasses.Field, str]]:
     return [(f, helps.get(f.name, f.name)) for f in dataclasses.fields(Config)]
 
 
-def fail(flag: str, value, why: str) -> "ConfigError":
-    """Returns a ConfigError whose one-line message names the flag and value."""
-    return ConfigError(f"--{flag}={value!r}: {why}")
-
-
 def validate(cfg: Config) -> None:
-    """Checks values that need no data or model; raises ConfigError.
+    """Checks values that need no data, model or export code; raises ConfigError.
 
     Backbone-dependent checks (known family, minimum size, number of blocks)
-    live in `backbones.validate`.
+    live in `tl_keras.model.families.validate`, the serving settings' in
+    `tl_keras.export.checks.validate`; `tl_keras.run.setup.validate` runs both.
     """
     if not cfg.data:
         raise fail("data", cfg.data, "required: a folder of class subfolders, a CSV/TSV list "
@@ -340,21 +334,6 @@ def validate(cfg: Config) -> None:
         raise fail("translation", cfg.translation, "must be in [0, 1)")
     if not 0 <= cfg.crop_min_area < 1:
         raise fail("crop_min_area", cfg.crop_min_area, "must be in [0, 1) (0: off)")
-
-    # --- serving: export versions, TFLite, parity gate ------------------------
-    from tl_keras import parity, tflite
-
-    if tflite.parse_variants(cfg.tflite) and not cfg.export:
-        raise fail("tflite", cfg.tflite, "TFLite variants are written with the export; "
-                   "drop --noexport")
-    if tflite.parse_variants(cfg.tflite) and cfg.task != "image":
-        raise fail("tflite", cfg.tflite, "TFLite variants are exported for image models only")
-    parity.min_agreement_limits(cfg.parity_min_agreement)
-    parity.max_prob_diff_limits(cfg.parity_max_prob_diff)
-    if cfg.parity_images < 0:
-        raise fail("parity_images", cfg.parity_images, "must be >= 0 (0: all validation images)")
-    if cfg.int8_calibration_images < 1:
-        raise fail("int8_calibration_images", cfg.int8_calibration_images, "must be >= 1")
 
     # Text classification; its other checks are in text_pipeline.validate_text.
     if cfg.task not in ("image", "text"):

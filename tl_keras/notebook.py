@@ -22,7 +22,7 @@ import sys
 import zipfile
 from typing import Optional
 
-from tl_keras import outputs
+from tl_keras.core import outputs
 
 # Figures a training run writes (see `report.write_run_files`), in the order shown.
 FIGURES = {
@@ -77,7 +77,7 @@ def describe_environment() -> None:
     import tensorflow as tf
 
     import tl_keras
-    from tl_keras import precision
+    from tl_keras.core import precision
 
     env = {"tl_keras": tl_keras.__version__, "tensorflow": tf.__version__,
            "keras": keras.__version__, "device": precision.describe_device(),
@@ -176,7 +176,7 @@ def find_class_root(folder: str) -> str:
     sometimes next to a README: while a folder holds exactly one subfolder
     and no images of its own, the classes are further down.
     """
-    from tl_keras.data import IMAGE_EXTENSIONS
+    from tl_keras.data.sources import IMAGE_EXTENSIONS
 
     root = folder
     while True:
@@ -201,7 +201,7 @@ def prepare_images(data: str, extract_dir: str = "images") -> str:
     Returns:
         The folder to train on: `--data` of `tl-keras train`.
     """
-    from tl_keras import data as data_lib
+    from tl_keras.data import sources as sources_lib
 
     if not data:
         raise ValueError("data='': set `data` in the parameters cell to a folder of class "
@@ -212,7 +212,7 @@ def prepare_images(data: str, extract_dir: str = "images") -> str:
     elif not os.path.isdir(data):
         raise ValueError(f"data={data!r}: no such folder or .zip file")
     root = find_class_root(data)
-    classes, files = data_lib.list_class_folder(root, "data")
+    classes, files = sources_lib.list_class_folder(root, "data")
     print(f"{root}: {len(classes)} classes, {sum(len(v) for v in files.values())} images")
     for c in classes:
         print(f"  {c}: {len(files[c])}")
@@ -225,12 +225,12 @@ def prepare_images(data: str, extract_dir: str = "images") -> str:
 
 def show_results(run_dir: str) -> None:
     """Prints the headline figures of a finished run (from its report.json)."""
-    from tl_keras import report as report_lib
+    from tl_keras.report import metrics as metrics_lib
 
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     split = "test" if "test" in report else "val"
-    head = report_lib.headline(report[split])
+    head = metrics_lib.headline(report[split])
     for stage in ("stage1", "stage2"):
         s = report.get(stage, {})
         if s.get("epochs"):
@@ -278,7 +278,7 @@ def show_run(run_dir: str) -> None:
 
 def export_dir(run_dir: str) -> str:
     """The newest exported version of a run (OUT/export/<version>), as TF Serving picks it."""
-    from tl_keras import predict
+    from tl_keras.run import predict
 
     return predict.resolve_model(run_dir, "output_dir")
 
@@ -320,7 +320,7 @@ def classify_images(run_dir: str, images: str = "", upload_dir: str = "uploads")
     the files' encoded bytes (`tl-keras predict`). For each image it prints
     `NAME: predicted: CLASS (SCORE)` and the top-k classes; files that do not
     decode are reported and skipped. For the predictions as values, use
-    `tl_keras.predict.predict_images`.
+    `tl_keras.run.predict.predict_images`.
 
     Args:
         run_dir: the run folder (`output_dir`) or an export folder.
@@ -330,7 +330,7 @@ def classify_images(run_dir: str, images: str = "", upload_dir: str = "uploads")
     """
     from IPython.display import Image
 
-    from tl_keras import predict
+    from tl_keras.run import predict
 
     if not images and in_colab():
         images = _upload_images(upload_dir)

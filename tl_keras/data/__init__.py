@@ -1,0 +1,2 @@
+"""Data in: sources and splits, pre-flight scan, image decoding, tf.data pipelines, augmentation.
+"""

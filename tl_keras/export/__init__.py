@@ -1,0 +1,2 @@
+"""Serving: the SavedModel, TFLite variants and the parity gate between them and Keras.
+"""

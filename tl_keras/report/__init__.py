@@ -1,0 +1,3 @@
+"""Reading a run: metrics, the Markdown report, plots, TensorBoard, multi-label
+thresholds, comparison of runs.
+"""

@@ -1,0 +1,213 @@
+"""The readable run report: `report.md` / `evaluation.md` and their PNGs.
+
+`write_run_files` / `write_evaluation_files` write `report.md` (or
+`evaluation.md`) and the PNGs of `tl_keras.report.plots` next to the JSON.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tl_keras.core import outputs
+from tl_keras.report.metrics import ECE_BINS
+
+# --------------------------------------------------------------------------
+# report.md
+# --------------------------------------------------------------------------
+
+def _f(v, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _md_escape(s) -> str:
+    return str(s).replace("|", "\\|")
+
+
+def evaluation_markdown(ev: dict, title: str, images: Optional[dict] = None) -> str:
+    """The evaluation block of report.md / evaluation.md.
+
+    Args:
+        ev: an `evaluation` result.
+        title: the section heading, e.g. "Test (150 images)".
+        images: {"confusion": file, "mistakes": file} written next to it.
+    """
+    images = images or {}
+    lines = [f"## {title}", ""]
+    if not ev.get("n"):
+        return "\n".join(lines + ["No examples.", ""])
+    topk = next((k for k in ev if k.startswith("top_") and k.endswith("_accuracy")), None)
+    head = [("accuracy" + (" (exact match)" if ev.get("multi_label") else ""), ev["accuracy"])]
+    if topk:
+        head.append((f"top-{topk.split('_')[1]} accuracy", ev[topk]))
+    head += [("macro F1", ev["macro_avg"]["f1"]), ("weighted F1", ev["weighted_avg"]["f1"]),
+             (f"ROC-AUC ({ev['auc']['average']})", ev["roc_auc"]),
+             (f"PR-AUC ({ev['auc']['average']}, average precision)", ev["pr_auc"]),
+             (f"expected calibration error ({ECE_BINS} bins)", ev["ece"])]
+    lines += ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_f(v)} |" for name, v in head]
+    lines += [f"| examples | {ev['n']} |", ""]
+
+    lines += ["### Per class", "",
+              "| class | precision | recall | F1 | support | ROC-AUC | PR-AUC |",
+              "|---|---|---|---|---|---|---|"]
+    for row in ev["per_class"]:
+        auc = ev["auc"]["per_class"].get(row["class"], {})
+        lines.append(f"| {_md_escape(row['class'])} | {_f(row['precision'])} | "
+                     f"{_f(row['recall'])} | {_f(row['f1'])} | {row['support']} | "
+                     f"{_f(auc.get('roc_auc'))} | {_f(auc.get('pr_auc'))} |")
+    for avg in ("macro", "weighted"):
+        a = ev[f"{avg}_avg"]
+        lines.append(f"| *{avg} avg* | {_f(a['precision'])} | {_f(a['recall'])} | "
+                     f"{_f(a['f1'])} | {a['support']} | | |")
+    lines.append("")
+
+    if "confusion_matrix" in ev:
+        names = [r["class"] for r in ev["per_class"]]
+        lines += ["### Confusion matrix", "", "Rows: true class; columns: predicted class.", "",
+                  "| true \\ predicted | " + " | ".join(map(_md_escape, names)) + " |",
+                  "|---" * (len(names) + 1) + "|"]
+        for name, row in zip(names, ev["confusion_matrix"]):
+            lines.append(f"| **{_md_escape(name)}** | " + " | ".join(map(str, row)) + " |")
+        lines.append("")
+        if images.get("confusion"):
+            lines += [f"![confusion matrix]({images['confusion']})", ""]
+        if ev.get("most_confused"):
+            lines += ["Most confused pairs:", ""]
+            lines += [f"- {_md_escape(p['true'])} taken for {_md_escape(p['predicted'])}: "
+                      f"{p['count']} ({p['fraction_of_true']:.0%} of {_md_escape(p['true'])})"
+                      for p in ev["most_confused"]]
+            lines.append("")
+
+    if ev.get("mistakes"):
+        lines += ["### Most confident mistakes", "",
+                  "| # | file | true | predicted | score |", "|---|---|---|---|---|"]
+        for i, m in enumerate(ev["mistakes"], 1):
+            lines.append(f"| {i} | `{_md_escape(m['file'])}` | {_md_escape(m['true'])} | "
+                         f"{_md_escape(m['predicted'])} | {m['score']:.3f} |")
+        lines.append("")
+        if images.get("mistakes"):
+            lines += [f"![most confident mistakes]({images['mistakes']})", ""]
+    else:
+        lines += ["No mistakes.", ""]
+    return "\n".join(lines)
+
+
+def _stage_line(name: str, s: dict) -> str:
+    if not s.get("epochs"):
+        return f"| {name} | 0 | | | | |"
+    return (f"| {name} | {s['epochs']} | {s.get('best_epoch', '')} | "
+            f"{_f(s.get('val_accuracy'), 4)} | {_f(s.get('val_loss'), 4)} | "
+            f"{s.get('seconds', '')} |")
+
+
+def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
+    """report.md of a training run: the stages, the evaluation, the manifest."""
+    lines = ["# tl_keras run report", ""]
+    lines += [f"- backbone: {report.get('backbone', '?')} at {report.get('image_size', '?')} px",
+              f"- classes ({len(report['classes'])}): "
+              + ", ".join(map(_md_escape, report["classes"]))]
+    if report.get("class_counts"):
+        lines.append("- images: " + ", ".join(f"{k} {sum(v)}"
+                                             for k, v in report["class_counts"].items()))
+    lines += [f"- kept: **{report.get('kept', '?')}**", ""]
+    lines += ["## Training", "",
+              "| stage | epochs | best epoch | val accuracy | val loss | seconds |",
+              "|---|---|---|---|---|---|",
+              _stage_line("1: head on cached features", report.get("stage1", {})),
+              _stage_line("2: fine-tune " + ", ".join(report.get("stage2", {}).get("blocks", [])),
+                          report.get("stage2", {})), ""]
+    if images.get("curves"):
+        lines += [f"![learning curves]({images['curves']})", ""]
+    split = "test" if "test" in report else "val" if "val" in report else None
+    if split:
+        ev = report[split]
+        title = (f"Test ({ev['n']} images)" if split == "test" else
+                 f"Validation ({ev['n']} images; no test split, so this is the split that "
+                 "chose the epochs and the stage: an optimistic estimate)")
+        lines.append(evaluation_markdown(ev, title, images))
+    if manifest:
+        v = manifest.get("versions", {})
+        lines += ["## Manifest", "",
+                  f"- data hash: `{manifest.get('data', {}).get('hash', '?')}`",
+                  "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+                  f"- device: {manifest.get('device', {}).get('summary', '?')}",
+                  f"- seed: {manifest.get('seeds', {}).get('seed', '?')}",
+                  "- full manifest: `manifest.json`", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Writing the files of a run
+# --------------------------------------------------------------------------
+
+CURVES_PNG = "learning_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+MISTAKES_PNG = "mistakes.png"
+
+
+def evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> dict:
+    """Writes the confusion-matrix and mistakes PNGs of `ev`; returns their file names."""
+    from tl_keras.report import plots
+
+    images = {}
+    names = [r["class"] for r in ev.get("per_class", [])]
+    if "confusion_matrix" in ev:
+        images["confusion"] = prefix + CONFUSION_PNG
+        plots.confusion_matrix_png(np.asarray(ev["confusion_matrix"]), names,
+                                   os.path.join(out_dir, images["confusion"]))
+    if ev.get("mistakes"):
+        images["mistakes"] = prefix + MISTAKES_PNG
+        plots.mistakes_png(ev["mistakes"], [items[m["index"]] for m in ev["mistakes"]],
+                           os.path.join(out_dir, images["mistakes"]))
+    # A figure this evaluation has no content for must not survive from an
+    # earlier run in the same folder, where it would pass for this one's.
+    for name in (CONFUSION_PNG, MISTAKES_PNG):
+        if prefix + name not in images.values() and os.path.isfile(os.path.join(out_dir,
+                                                                               prefix + name)):
+            os.remove(os.path.join(out_dir, prefix + name))
+    return images
+
+
+def write_run_files(out_dir: str, report: dict, histories: Sequence[dict],
+                    eval_items: Optional[Sequence] = None,
+                    manifest: Optional[dict] = None) -> list[str]:
+    """Writes report.md and the PNGs of a training run into `out_dir`.
+
+    Args:
+        out_dir: the run folder.
+        report: the run's report (as written to report.json).
+        histories: the per-epoch logs of stage 1 and (if it ran) stage 2.
+        eval_items: the items (paths or bytes) of the evaluated split, in
+            order, for the mistakes grid.
+        manifest: the run manifest, summarised at the end of report.md.
+
+    Returns:
+        The names of the files written.
+    """
+    from tl_keras.report import plots
+
+    images = {"curves": CURVES_PNG}
+    best = report.get(report.get("kept", ""), {}).get("best_epoch")
+    plots.learning_curves_png(histories, os.path.join(out_dir, CURVES_PNG), kept_epoch=best)
+    split = "test" if "test" in report else "val" if "val" in report else None
+    if split and eval_items is not None:
+        images.update(evaluation_pngs(out_dir, report[split], eval_items, ""))
+    outputs.atomic_write_text(os.path.join(out_dir, "report.md"),
+                              run_markdown(report, manifest, images))
+    return ["report.md"] + list(images.values())
+
+
+def write_evaluation_files(out_dir: str, result: dict, items: Sequence) -> list[str]:
+    """Writes evaluation.md and its PNGs (prefixed `evaluation_`) for `tl-keras evaluate`.
+
+    Returns:
+        The names of the files written.
+    """
+    ev = result["test"]
+    images = evaluation_pngs(out_dir, ev, items, "evaluation_")
+    text = (f"# tl_keras evaluation\n\n- data: `{result.get('data', '')}`\n\n"
+            + evaluation_markdown(ev, f"Evaluation ({ev['n']} images)", images))
+    outputs.atomic_write_text(os.path.join(out_dir, "evaluation.md"), text)
+    return ["evaluation.md"] + list(images.values())

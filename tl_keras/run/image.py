@@ -1,0 +1,357 @@
+"""The two-stage transfer-learning run, top to bottom.
+
+data -> model -> stage 1 (head on cached features) -> unfreeze top blocks ->
+recompile -> stage 2 (fine-tune) -> keep the better stage -> evaluate ->
+write model, labels, config, report -> export a new version (SavedModel,
+TFLite variants) through the parity gate.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tl_keras.config import Config
+from tl_keras.run.setup import log, validate
+from tl_keras.core import cache as cache_lib
+from tl_keras.core import determinism, outputs, precision
+from tl_keras.data import augment, preflight
+from tl_keras.data import pipeline as data_pipeline
+from tl_keras.data import sources as sources_lib
+from tl_keras.errors import fail
+from tl_keras.export import saved_model as export_lib
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib
+from tl_keras.model import families as families_lib
+from tl_keras.model import model_files as model_files_lib
+from tl_keras.report import markdown as markdown_lib
+from tl_keras.report import metrics as metrics_lib
+from tl_keras.report import tensorboard as tensorboard_logs
+from tl_keras.report import thresholds as multilabel
+from tl_keras.run import manifest as manifest_lib
+from tl_keras.train import activations, features, resume
+from tl_keras.train import stages as train_lib
+from tl_keras.train import strategy as strategy_lib
+
+
+
+def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
+    """Everything that changes cached features or activations."""
+    w = cfg.weights
+    weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
+    return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
+                val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
+                backbone=family.identity or family.name, alpha=cfg.alpha, weights=weights,
+                size=size,
+                preprocess=family.preprocess, policy=policy, seed=cfg.seed,
+                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
+                         cfg.crop_min_area])
+
+
+def _plan_cut(cfg: Config, clf, data):
+    """The cut below the first block stage 2 unfreezes, when stage 2 can train
+    on cached activations within --cache_max_mb; None otherwise (said why)."""
+    if not (cfg.finetune_epochs and cfg.finetune_blocks):
+        return None
+    cut = activations.cut(clf, cfg.finetune_blocks)
+    if cut is None:
+        log("stage 2: no single boundary below the unfrozen blocks; "
+            "it will train through the full model")
+        return None
+    need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
+    need += activations.estimate_bytes(cut, len(data.val), 1)
+    if need > cfg.cache_max_mb * 2 ** 20:
+        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
+            f"> --cache_max_mb={cfg.cache_max_mb}; it will train through the full model")
+        return None
+    return cut
+
+
+def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augmenter, cache,
+                  key_parts: dict) -> tuple[dict, bool]:
+    """Backbone outputs of `views` views of a split, from the cache or one
+    inference pass: pooled features ("f") for stage 1 and, with a cut, the
+    activations below the unfrozen blocks ("a") for stage 2.
+
+    Returns:
+        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
+    """
+    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    key = cache_lib.make_key(what="views", split=split, views=views,
+                             blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
+
+    def compute():
+        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+                                          features.inference_batch_size(cfg.batch_size), views,
+                                          augmenter, seed=cfg.seed, progress=split == "train")
+        return (*out, labels) if cut is not None else (out, labels)
+
+    arrays, hit = cache.get_or_compute(key, names, compute, log)
+    return dict(zip(names, arrays)), hit
+
+
+def train(cfg: Config) -> dict:
+    """Runs the whole two-stage pipeline described by `cfg`.
+
+    Under a distribution strategy (--strategy, see `distribute.py`) every
+    worker runs this; only the chief evaluates and writes the outputs.
+
+    Returns:
+        The report (also written to `OUT/report.json` by the chief).
+    """
+    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
+        from tl_keras.run import text as text_pipeline
+
+        strategy_lib.require_one_device(cfg.strategy, cfg.tpu, "--task=text")
+        return text_pipeline.train(cfg)
+    validate(cfg)
+    # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.
+    dist = strategy_lib.create(cfg.strategy, cfg.tpu, cfg.replica_scaling)
+    log(f"distribution: {dist}")
+    dist.activate()  # models are built and trained in the strategy's scope
+    try:
+        report = _train(cfg, dist)
+    finally:
+        dist.deactivate()
+    dist.barrier()  # the other workers wait until the chief has written the outputs
+    return report
+
+
+def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
+    """The image pipeline; trains in the strategy's scope (see `train`)."""
+    t_start = time.perf_counter()
+    validate(cfg)
+    family = (model_files_lib.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
+                                               cfg.block_prefixes, cfg.preprocess)
+              if model_files_lib.is_model_file(cfg.backbone) else families_lib.get_family(cfg.backbone))
+    size = cfg.image_size or family.default_size
+    families_lib.validate(family, size, cfg.alpha, cfg.weights)
+    out = outputs.ensure_writable_dir(cfg.output_dir)
+    policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
+    jit = train_lib.jit_setting(cfg.jit_compile, log)
+    determinism.apply(cfg.seed, cfg.deterministic)
+    cfg = dist.scale(cfg)  # --batch_size and learning rates per --replica_scaling
+    cache_dir = outputs.ensure_writable_dir(
+        cfg.cache_dir or os.path.join(dist.worker_dir(out), "cache"),
+        "cache_dir" if cfg.cache_dir else "output_dir")
+    cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
+
+    # --- data ----------------------------------------------------------------
+    # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
+    data, scan = preflight.prepare_dataset(
+        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
+        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
+        os.path.join(dist.worker_dir(out), "preflight.json"), log=log,
+        allow_external_paths=cfg.allow_external_paths)
+    classes = data.class_names
+    n_cls = len(classes)
+    multi = data.train.multi_label
+    class_weight = sources_lib.class_weights(data.train, n_cls, cfg.class_weight)
+    if class_weight:
+        log("class weights: " + ", ".join(f"{classes[i]} {w:.3f}" for i, w in class_weight.items()))
+    counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
+    if data.test is not None:
+        counts["test"] = data.test.class_counts(n_cls)
+    sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
+    log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
+
+    # --- resume (issue 7): continue an interrupted run, refuse a changed one ----
+    # Each worker keeps its own state (the chief's is OUT's): resume per worker.
+    state = resume.RunState.open(
+        dist.worker_dir(out), cfg.replace(image_size=size), _cache_key_parts(cfg, family, size, data, policy),
+        {"test": data.test and cache_lib.split_fingerprint(data.test.items, data.test.labels)},
+        log)
+    if state.finished:
+        log(f"{out} holds this run, finished: nothing to do (--restart trains it again)")
+        return state.report()
+
+    # --- model ---------------------------------------------------------------
+    backbone = families_lib.build_backbone(family, cfg.weights, size, cfg.alpha)
+    n_blocks = blocks_lib.num_blocks(backbone, family)
+    if cfg.finetune_blocks > n_blocks:
+        raise fail("finetune_blocks", cfg.finetune_blocks,
+                   f"{family.name} has only {n_blocks} blocks")
+    cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks
+                      or blocks_lib.auto_finetune_blocks(n_blocks))
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
+    image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
+    # Each worker reads, caches and trains on its own part of the data.
+    train_images = data_pipeline.image_dataset(dist.shard(data.train), size, budget=image_cache,
+                                          name="train", order_seed=cfg.seed)
+    val_images = data_pipeline.image_dataset(dist.shard(data.val), size, budget=image_cache,
+                                        name="val")
+    log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
+        f"precision {policy}, device {precision.describe_device()}")
+    for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
+        log(note)
+    key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
+
+    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(),
+                                cfg.tensorboard and dist.is_chief,  # only the chief writes
+                                resume=state.resumed)
+
+    # --- stage 1: the head on cached features ------------------------------
+    # One inference pass per view feeds both stages: pooled features for the
+    # head and, below the blocks stage 2 unfreezes, activations for stage 2.
+    t0 = time.perf_counter()
+    cut = _plan_cut(cfg, clf, data)
+    resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg, cut, len(data.train), len(data.val))
+    tr, hit = _cached_views(cfg, clf, cut, train_images, "train", cfg.cache_views, augmenter,
+                            cache, key_parts)
+    va, _ = _cached_views(cfg, clf, cut, val_images, "val", 1, None, cache, key_parts)
+    t_cache = time.perf_counter() - t0
+    log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
+        f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
+    s1 = train_lib.fit_head(
+        clf.head,
+        tr["f"],
+        sources_lib.targets(tr["y"], n_cls),
+        va["f"],
+        sources_lib.targets(va["y"], n_cls),
+        train_lib.StageSpec(
+            epochs=cfg.head_epochs,
+            learning_rate=cfg.head_learning_rate,
+            weight_decay=cfg.head_weight_decay,
+            batch_size=cfg.batch_size,
+            patience=cfg.patience,
+            label_smoothing=cfg.label_smoothing,
+            multi_label=multi,
+            class_weight=class_weight,
+            jit_compile=jit,
+            seed=cfg.seed,
+        ),
+        callbacks=state.stage_callbacks(1, cfg.head_learning_rate)
+        + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
+        examples_per_epoch=len(data.train),
+    )
+    s1.seconds += t_cache
+    s1 = state.finish_stage(1, s1)
+    log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
+        f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
+    report = {"classes": classes, "class_counts": counts, "backbone": family.name,
+              "image_size": size, "stage1": {**s1.summary(), "caching_seconds": round(t_cache, 2)},
+              "stage2": {"epochs": 0}}
+    report.update({"multi_label": multi, "class_weight": class_weight and {
+                       classes[i]: w for i, w in class_weight.items()},
+                   "preflight": scan["summary"], "image_cache": image_cache.plan})
+    kept = "stage1"
+    histories = [s1.history]
+
+    # --- unfreeze the top blocks, recompile, stage 2 -------------------------
+    if cfg.finetune_epochs and cfg.finetune_blocks:
+        stage1_weights = train_lib.snapshot(clf.model)
+        unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
+        log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
+            f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
+        if cut is not None:
+            log(f"stage 2: training the top on cached activations {cut.shape}")
+            trainer, mode = cut.trainer, "cached_activations"
+            train_data = (tr["a"], sources_lib.targets(tr["y"], n_cls))
+            val_data = (va["a"], sources_lib.targets(va["y"], n_cls))
+        else:
+            trainer, mode = clf.model, "full_model"
+            batch = strategy_lib.local_batch_size(cfg.batch_size)  # this worker's share
+            train_data = data_pipeline.batched(train_images, batch, n_cls, shuffle=True,
+                                          seed=cfg.seed, augment=augmenter)
+            val_data = data_pipeline.batched(val_images, batch, n_cls)
+        # An epoch is one pass over the training images (one cached view of
+        # each, on average), as in stage 1: all the workers' images together,
+        # so every worker takes the same steps (each its share of every batch).
+        n_train = len(data.train)
+        s2 = train_lib.fit_finetune(
+            trainer,
+            train_data,
+            val_data,
+            train_lib.StageSpec(
+                epochs=cfg.finetune_epochs,
+                learning_rate=cfg.finetune_learning_rate,
+                warmup_epochs=cfg.warmup_epochs,
+                patience=cfg.patience,
+                label_smoothing=cfg.label_smoothing,
+                multi_label=multi,
+                class_weight=class_weight,
+                batch_size=cfg.batch_size,
+                jit_compile=jit,
+                seed=cfg.seed,
+            ),
+            initial_epoch=s1.epochs,
+            steps_per_epoch=-(-n_train // cfg.batch_size),
+            callbacks=state.stage_callbacks(2, cfg.finetune_learning_rate)
+            + tensorboard_logs.stage_callbacks(tb, 2, "fine-tuning " + ", ".join(unfrozen)),
+        )
+        s2 = state.finish_stage(2, s2)
+        histories.append(s2.history)
+        report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
+        log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
+            f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
+        if train_lib.stage2_is_better(s1, s2):
+            kept = "stage2"
+        else:
+            train_lib.restore(clf.model, stage1_weights)
+        clf.backbone.trainable = False
+    report["kept"] = kept
+    log(f"kept the weights of {kept}")
+    mirror = cfg.tta and cfg.flip
+    final = clf.inference_model(mirror_average=mirror)
+    report["tta"] = "mirror_average" if mirror else "none"
+    image_cache.cleanup()
+    report["distribution"] = dist.describe(clf.model, cfg)
+    log(f"weights fingerprint {report['distribution']['weights_fingerprint']}")
+    dist.deactivate()  # evaluate, save and export outside the strategy's scope
+    if not dist.is_chief:  # only the chief evaluates and writes outputs
+        # The worker's own report, in its own folder, so that rerunning the
+        # command on this worker finds its run finished.
+        outputs.atomic_write_json(os.path.join(dist.worker_dir(out), "report.json"), report)
+        state.finish()
+        return report
+
+    # --- evaluate (the validation split when there is no test split) ----------
+    eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
+    eval_batch = features.inference_batch_size(cfg.batch_size)
+    thresholds = None
+    if multi:  # per-label thresholds, chosen on validation (issue 3)
+        thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
+                                                          eval_batch)
+        report["thresholds"] = thresholds_doc["thresholds"]
+    report[eval_name] = state.once("evaluation", lambda: metrics_lib.evaluate_split(
+        final, eval_split, classes, size, eval_batch, cfg.top_k, thresholds))
+    log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
+        f"{report[eval_name]['n']} images")
+    if tb is not None:
+        tb.log_evaluation(eval_name, report[eval_name], sum(len(h["loss"]) for h in histories))
+        tb.close()
+
+    # --- write outputs and export ----------------------------------------------
+    resolved = dist.unscale(cfg).replace(  # the flags as given, not scaled per replica
+        image_size=size, alpha=families_lib.resolve_alpha(family, cfg.alpha) or 0.0)
+    with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
+        final.save(tmp)
+    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
+    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    run_manifest = manifest_lib.build(resolved.to_dict(), data,
+                                      {"kept": kept, "precision_policy": policy})
+    outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
+    rejected = None
+    if cfg.export:
+        # A new version (or the newest replaced, --overwrite): SavedModel, then
+        # TFLite, then the parity gate; published only if the gate passes.
+        try:
+            report["export"] = state.once("export", lambda: export_lib.export_run(
+                final, cfg, classes, size, out, data, eval_split, eval_name, run_manifest, log),
+                lambda done: os.path.isdir(done.get("path", "")))
+        except export_lib.ExportRejected as e:
+            report["export"], rejected = e.result, e
+    if multi:
+        published = report.get("export") if rejected is None and cfg.export else None
+        multilabel.write_thresholds(out, thresholds_doc,
+                                    published.get("path", "") if published else "")
+    written = markdown_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
+    log(f"wrote {', '.join(written)} to {out}")
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
+    state.finish()
+    return report

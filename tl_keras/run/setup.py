@@ -1,0 +1,23 @@
+"""What every driver does first: the one log line format and the one validate."""
+
+from __future__ import annotations
+
+from tl_keras import config as config_lib
+from tl_keras.config import Config
+from tl_keras.export import checks as export_checks
+
+
+def log(msg: str) -> None:
+    """Prints one progress line of a run, flushed (runs are often piped to a file)."""
+    print(f"[tl_keras] {msg}", flush=True)
+
+
+def validate(cfg: Config) -> None:
+    """Checks every setting that needs no data or model; raises ConfigError.
+
+    The plain value checks of `tl_keras.config.validate` and the serving
+    settings' (`tl_keras.export.checks.validate`), so a bad --tflite or
+    parity limit fails before any training.
+    """
+    config_lib.validate(cfg)
+    export_checks.validate(cfg)

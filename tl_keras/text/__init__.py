@@ -1,0 +1,2 @@
+"""Text classification with word vectors: sources, vectors, the model, its export.
+"""
