@@ -160,8 +160,14 @@ def main() -> None:
         cfg = Config(data=args.data, test_fraction=0.25, backbone="mobilenet_v2", alpha=ALPHA,
                      image_size=SIZE, weights=args.weights, seed=SEED, export=False,
                      output_dir=os.path.join(work, "out"))
-        data = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction,
-                                     val_fraction=cfg.val_fraction, seed=cfg.seed)
+        data = sources_lib.load_dataset(
+            sources_lib.DataSpec(
+                data=cfg.data,
+                test_fraction=cfg.test_fraction,
+                val_fraction=cfg.val_fraction,
+                seed=cfg.seed,
+            )
+        )
         dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
                 for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}
         for i in range(max(args.repeats, 1)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from conftest import FLOWERS_MINI
 from tl_keras.config import Config
 from tl_keras.data import decode as decode_lib
 from tl_keras.data import preflight
+from tl_keras.data import sources as sources_lib
 from tl_keras.errors import ConfigError
 
 CLASSES = ("daisy", "rose", "tulip")
@@ -55,7 +57,10 @@ def _prepare(messy, tmp_path, **kw):
                 report_path=str(tmp_path / "preflight.json"), progress=False,
                 log=lambda *_: None)
     args.update(kw)
-    return preflight.prepare_dataset(str(root / "train"), **args)
+    fields = {f.name for f in dataclasses.fields(sources_lib.DataSpec)}
+    spec = sources_lib.DataSpec(str(root / "train"),
+                                **{k: v for k, v in args.items() if k in fields})
+    return preflight.prepare_dataset(spec, **{k: v for k, v in args.items() if k not in fields})
 
 
 def test_every_bad_file_is_listed_with_its_reason_and_odd_ones_are_used(messy, tmp_path):
@@ -159,9 +164,12 @@ def test_automatic_splits_keep_byte_identical_copies_on_one_side(tmp_path):
             shutil.copy(p, root / cls)
         for i in range(3):  # three extra copies of one photo per class
             shutil.copy(photos[0], root / cls / f"copy{i}.jpg")
-    ds, report = preflight.prepare_dataset(str(root), val_fraction=0.3, test_fraction=0.3,
-                                           cache_dir=str(tmp_path / "c"), progress=False,
-                                           log=lambda *_: None)
+    ds, report = preflight.prepare_dataset(
+        sources_lib.DataSpec(data=str(root), val_fraction=0.3, test_fraction=0.3),
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+        log=lambda *_: None,
+    )
     assert report["leakage"] == []
     assert len(report["sources"]["train"]["duplicates"]) == 3
     sides = [set(s.keys) for s in (ds.train, ds.val, ds.test)]
@@ -179,9 +187,13 @@ def test_stops_with_one_line_only_when_a_class_is_left_empty(tmp_path):
     odd_images.text_named_jpg(None, root / "broken" / "b")
     report_path = tmp_path / "out" / "preflight.json"
     with pytest.raises(ConfigError) as e:
-        preflight.prepare_dataset(str(root), cache_dir=str(tmp_path / "c"),
-                                  report_path=str(report_path), progress=False,
-                                  log=lambda *_: None)
+        preflight.prepare_dataset(
+            sources_lib.DataSpec(data=str(root)),
+            cache_dir=str(tmp_path / "c"),
+            report_path=str(report_path),
+            progress=False,
+            log=lambda *_: None,
+        )
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"--data={str(root)!r}")

@@ -9,6 +9,7 @@ tiny Keras model (seconds to export) covers versioning and a rejected export.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -42,8 +43,14 @@ from tl_keras.run import setup as setup_lib
 def run_model(trained_run):
     """(Keras model, class names, config, dataset) of the trained run."""
     model, classes, cfg = runs.load_run(str(trained_run))
-    ds = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                               val_fraction=cfg.val_fraction)
+    ds = sources_lib.load_dataset(
+        sources_lib.DataSpec(
+            data=cfg.data,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+        )
+    )
     return model, classes, cfg, ds
 
 
@@ -264,9 +271,12 @@ def tiny():
 
 def _export_tiny(tiny, export_dir, **kw):
     model, classes, size, split = tiny
-    return export_lib.export_version(model, classes, size, str(export_dir), parity_split=split,
+    fields = {f.name for f in dataclasses.fields(export_lib.ExportSpec)}
+    spec = export_lib.ExportSpec(**{k: v for k, v in kw.items() if k in fields})
+    return export_lib.export_version(model, classes, size, str(export_dir), spec,
+                                     parity_split=split,
                                      check_path=str(export_dir.parent / "export_check.json"),
-                                     **kw)
+                                     **{k: v for k, v in kw.items() if k not in fields})
 
 
 def test_exports_get_new_versions_and_overwrite_replaces_the_newest(tiny, tmp_path):

@@ -93,8 +93,14 @@ def test_train_on_the_pretrained_file_keeps_its_weights_and_exports(source_run, 
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
 
     # The SavedModel serves raw JPEG bytes exactly like the Keras model.
-    ds = sources_lib.load_dataset(cfg.data, test_fraction=cfg.test_fraction, seed=cfg.seed,
-                               val_fraction=cfg.val_fraction)
+    ds = sources_lib.load_dataset(
+        sources_lib.DataSpec(
+            data=cfg.data,
+            test_fraction=cfg.test_fraction,
+            seed=cfg.seed,
+            val_fraction=cfg.val_fraction,
+        )
+    )
     raw = [open(p, "rb").read() for p in ds.test.items[:8]]
     served = tf.saved_model.load(str(out / "export" / "1")).signatures["serving_default"](
         image_bytes=tf.constant(raw))

@@ -479,8 +479,10 @@ def test_text_export_versions_and_parity_gate(tmp_path):
     clf = text_model.build_text_classifier(vectorizer, matrix, 2, "pool", 4, 0.5)
     classes = ["neg", "pos"]
     export_dir = tmp_path / "export"
-    first = text_export.export_text_version(clf.model, classes, str(export_dir), top_k=1,
-                                            parity_texts=texts, parity_samples=10,
+    first = text_export.export_text_version(clf.model, classes, str(export_dir),
+                                            export_lib.ExportSpec(top_k=1, parity_images=10,
+                                                                  batch_size=256),
+                                            parity_texts=texts,
                                             check_path=str(tmp_path / "check.json"))
     assert (first["version"], first["published"], first["parity"]["n"]) == (1, True, 10)
     assert first["parity"]["artifacts"]["saved_model"]["top1_agreement"] == 1.0
@@ -501,12 +503,14 @@ def test_text_export_versions_and_parity_gate(tmp_path):
     # A gate that cannot pass: nothing published, the comparison written, no temporary left.
     with pytest.raises(export_lib.ExportRejected, match="parity gate"):
         text_export.export_text_version(clf.model, classes, str(export_dir),
-                                        parity_texts=texts, max_prob_diff={"saved_model": -1.0},
+                                        export_lib.ExportSpec(max_prob_diff={"saved_model": -1.0},
+                                                              batch_size=256),
+                                        parity_texts=texts,
                                         check_path=str(tmp_path / "check.json"))
     assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
     assert json.loads((tmp_path / "check.json").read_text())["published"] is False
-    replaced = text_export.export_text_version(clf.model, classes, str(export_dir),
-                                               overwrite=True)
+    replaced = text_export.export_text_version(
+        clf.model, classes, str(export_dir), export_lib.ExportSpec(overwrite=True, batch_size=256))
     assert replaced["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
 
 

@@ -471,32 +471,27 @@ def _counts(ds: sources_lib.Dataset) -> dict:
     return out
 
 
-def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
-                    val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 42,
-                    tfds_split: str = "train", tfds_data_dir: str = "",
-                    max_pixels: int = 100_000_000, cache_dir: str = "",
-                    drop_leakage: bool = False, report_path: str = "",
-                    progress: bool = True, log=print,
-                    allow_external_paths: bool = False) -> tuple[sources_lib.Dataset, dict]:
+def prepare_dataset(spec: sources_lib.DataSpec, *, max_pixels: int = 100_000_000,
+                    cache_dir: str = "", drop_leakage: bool = False, report_path: str = "",
+                    progress: bool = True, log=print) -> tuple[sources_lib.Dataset, dict]:
     """Loads the run's sources, scans them, splits them and checks the result.
 
     Args:
-        data, val_data, test_data, val_fraction, test_fraction, seed,
-        tfds_split, tfds_data_dir: as in `data.load_dataset`.
+        spec: the sources and hold-out fractions (as `sources.load_dataset`).
         max_pixels: the decompression-bomb limit.
         cache_dir: the scan cache and fixed files.
         drop_leakage: drop cross-split copies from the training side.
         report_path: where to write the report (OUT/preflight.json); it is
             written before any error about the data is raised.
         log: prints one summary line per split and the class counts.
-        allow_external_paths: let list files name images outside their folder.
 
     Returns:
         (the dataset to train on, the report).
     """
     t0 = time.perf_counter()
-    class_names, sources = sources_lib.load_sources(data, val_data, test_data, tfds_split,
-                                                 tfds_data_dir, allow_external_paths)
+    class_names, sources = sources_lib.load_sources(spec.data, spec.val_data, spec.test_data,
+                                                    spec.tfds_split, spec.tfds_data_dir,
+                                                    spec.allow_external_paths)
     scanner = Scanner(max_pixels, cache_dir, progress)
     report: dict = {"max_pixels": int(max_pixels), "sources": {}}
     cleaned, origins = {}, {}
@@ -510,7 +505,8 @@ def prepare_dataset(data: str, val_data: str = "", test_data: str = "",
                 f"{len(r['duplicates'])} duplicate group(s)")
     finally:
         scanner.save()
-    ds = sources_lib.split_sources(class_names, cleaned, val_fraction, test_fraction, seed)
+    ds = sources_lib.split_sources(class_names, cleaned, spec.val_fraction, spec.test_fraction,
+                                   spec.seed)
     # Held-out splits were cut from "train": attribute their files to it.
     for name in ("val", "test"):
         origins.setdefault(name, origins["train"])

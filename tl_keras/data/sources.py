@@ -431,6 +431,31 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int,
     return [np.asarray(sorted(p), dtype=int) for p in parts]
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where a run's images come from and how the missing splits are held out.
+
+    Attributes:
+        data: --data: a folder of class subfolders, a CSV/TSV list or tfds:NAME.
+        val_data / test_data: explicit validation / test sources ("" for none).
+        val_fraction: held out of `data` for validation without `val_data`.
+        test_fraction: held out of `data` for testing without `test_data`.
+        seed: of the stratified hold-outs.
+        tfds_split / tfds_data_dir: the TFDS split and folder.
+        allow_external_paths: let list files name images outside their folder.
+    """
+
+    data: str
+    val_data: str = ""
+    test_data: str = ""
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 42
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    allow_external_paths: bool = False
+
+
 def load_sources(data: str, val_data: str = "", test_data: str = "", tfds_split: str = "train",
                  tfds_data_dir: str = "", allow_external_paths: bool = False
                  ) -> tuple[list[str], dict[str, Split]]:
@@ -476,9 +501,7 @@ def split_sources(class_names: list[str], sources: dict[str, Split], val_fractio
     return Dataset(class_names, train, val, test)
 
 
-def load_dataset(data: str, val_data: str = "", test_data: str = "", val_fraction: float = 0.2,
-                 test_fraction: float = 0.0, seed: int = 42, tfds_split: str = "train",
-                 tfds_data_dir: str = "", allow_external_paths: bool = False) -> Dataset:
+def load_dataset(spec: DataSpec) -> Dataset:
     """Resolves the train/val/test splits of a run (no pre-flight scan).
 
     Without `val_data`, a seeded stratified `val_fraction` of the training
@@ -486,9 +509,10 @@ def load_dataset(data: str, val_data: str = "", test_data: str = "", val_fractio
     is held out for testing. `tl_keras.data.preflight.prepare_dataset` does the
     same with the scan in between.
     """
-    class_names, sources = load_sources(data, val_data, test_data, tfds_split, tfds_data_dir,
-                                        allow_external_paths)
-    ds = split_sources(class_names, sources, val_fraction, test_fraction, seed)
+    class_names, sources = load_sources(spec.data, spec.val_data, spec.test_data,
+                                        spec.tfds_split, spec.tfds_data_dir,
+                                        spec.allow_external_paths)
+    ds = split_sources(class_names, sources, spec.val_fraction, spec.test_fraction, spec.seed)
     check_dataset(ds)
     return ds
 

@@ -179,13 +179,13 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
     for res in artifacts.values():
         # Name each disagreement and say how sure the reference was: a flip
         # on a near tie is quantization noise, a flip on a confident image is a bug.
-        res["disagreements"] = [_describe(items[i], reference[i], class_names)
+        res["disagreements"] = [describe_disagreement(items[i], reference[i], class_names)
                                 for i in res["disagreements"]]
     return {"n": len(split), "images": items, "artifacts": artifacts,
             "passed": not failures, "failures": failures}
 
 
-def _describe(image: str, reference: np.ndarray, class_names: list[str]) -> dict:
+def describe_disagreement(image: str, reference: np.ndarray, class_names: list[str]) -> dict:
     top2 = np.argsort(-reference, kind="stable")[:2]
     margin = float(reference[top2[0]] - reference[top2[1]]) if len(top2) > 1 else 1.0
     return {"image": image, "keras_top1": class_names[int(top2[0])],

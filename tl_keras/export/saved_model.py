@@ -24,8 +24,8 @@ rejected export, and earlier versions are never touched unless asked to.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import json
 import os
 import shutil
 import tempfile
@@ -299,49 +299,37 @@ def gate_and_publish(tmp: str, export_dir: str, overwrite: bool, result: dict,
     return result
 
 
-def export_run(model: keras.Model, cfg, class_names: list[str], image_size: int, out: str,
-               data: sources_lib.Dataset, eval_split: sources_lib.Split, eval_name: str,
-               run_manifest: dict, log: Callable[[str], None] = lambda s: None) -> dict:
-    """`export_version` with a run's settings: OUT/export, the TFLite variants,
-    int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """How a version is exported and gated (the --export, --tflite and --parity_* flags).
 
-    Args:
-        model: the model to export.
-        cfg: the run's `Config` (tflite, parity, top_k, overwrite, seed, ...).
-        class_names, image_size: as `export_version`.
-        out: the run's output folder.
-        data: the run's splits (train for int8 calibration, val for the gate).
-        eval_split, eval_name: where each TFLite variant's accuracy is measured.
-        run_manifest: written to the SavedModel's assets.extra/manifest.json.
-        log: progress messages.
-
-    Returns / Raises: as `export_version`.
+    Attributes:
+        top_k: classes and scores each SavedModel prediction returns.
+        overwrite: replace the newest version instead of adding one.
+        tflite_variants: subset of `tflite.VARIANTS` to write.
+        parity_images: images the gate compares (a seeded sample; 0: all).
+        min_agreement, max_prob_diff: per-artifact limits (see `parity`);
+            None: the flags' defaults.
+        batch_size: prediction batch size.
+        seed: for the parity sample.
     """
-    variants = tflite_lib.parse_variants(cfg.tflite)
-    return export_version(
-        model, class_names, image_size, os.path.join(out, "export"), top_k=cfg.top_k,
-        overwrite=cfg.overwrite, tflite_variants=variants,
-        calibration_images=(tflite_lib.representative_images(
-            data.train, image_size, cfg.int8_calibration_images, cfg.seed)
-            if "int8" in variants else None),
-        parity_split=data.val, parity_images=cfg.parity_images,
-        eval_split=eval_split, eval_name=eval_name,
-        min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
-        max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
-        check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
-        seed=cfg.seed, extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
-        log=log)
+
+    top_k: int = 3
+    overwrite: bool = False
+    tflite_variants: tuple = ()
+    parity_images: int = 100
+    min_agreement: Optional[dict] = None
+    max_prob_diff: Optional[dict] = None
+    batch_size: int = 32
+    seed: int = 0
 
 
 def export_version(model: keras.Model, class_names: list[str], image_size: int,
-                   export_dir: str, *, top_k: int = 3, overwrite: bool = False,
-                   tflite_variants: tuple | list = (),
+                   export_dir: str, spec: ExportSpec = ExportSpec(), *,
                    calibration_images: Optional[np.ndarray] = None,
-                   parity_split: Optional[sources_lib.Split] = None, parity_images: int = 100,
+                   parity_split: Optional[sources_lib.Split] = None,
                    eval_split: Optional[sources_lib.Split] = None, eval_name: str = "test",
-                   min_agreement: Optional[dict] = None, max_prob_diff: Optional[dict] = None,
-                   check_path: Optional[str] = None, batch_size: int = 32, seed: int = 0,
-                   extra_files: Optional[dict] = None,
+                   check_path: Optional[str] = None, extra_files: Optional[dict] = None,
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports a new version: SavedModel + TFLite variants, parity-gated, renamed into place.
 
@@ -350,18 +338,14 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
         class_names: the training classes, in class-id order.
         image_size: the model's input size.
         export_dir: OUT/export; versions are numbered folders inside.
-        top_k: classes and scores each SavedModel prediction returns.
-        overwrite: replace the newest version instead of adding one.
-        tflite_variants: subset of `tflite.VARIANTS` to write.
+        spec: top-k, overwrite, TFLite variants, parity sample and limits.
         calibration_images: uint8 [N, S, S, 3] training images, for int8.
         parity_split: images the gate compares (a seeded sample of
-            `parity_images` of them; 0: all). None: no gate.
+            `spec.parity_images` of them). None: no gate.
         eval_split: labelled images on which each TFLite variant's accuracy
             is measured with tf.lite.Interpreter (reported, not gated).
         eval_name: what `eval_split` is called in the result ("test"/"val").
-        min_agreement, max_prob_diff: per-artifact limits (see `parity`).
         check_path: where the gate's comparison is written (OUT/export_check.json).
-        seed: for the parity sample.
         extra_files: {file name: text} written to `assets.extra/` (e.g. the
             run manifest), which TF Serving keeps but does not load.
         log: progress messages.
@@ -375,8 +359,9 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
             replaced; the comparison is in `check_path` and the exception's
             `result`.
     """
-    min_agreement = min_agreement or parity.min_agreement_limits()
-    max_prob_diff = max_prob_diff or parity.max_prob_diff_limits()
+    top_k, tflite_variants, batch_size = spec.top_k, spec.tflite_variants, spec.batch_size
+    min_agreement = spec.min_agreement or parity.min_agreement_limits()
+    max_prob_diff = spec.max_prob_diff or parity.max_prob_diff_limits()
     os.makedirs(export_dir, exist_ok=True)
     # Hidden, non-numeric name in the same folder: TF Serving ignores it and
     # the final rename is atomic.
@@ -406,7 +391,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
 
         check = None
         if parity_split is not None:
-            sample = _sample(parity_split, parity_images, seed)
+            sample = _sample(parity_split, spec.parity_images, spec.seed)
             check = parity.run_gate(model, SavedModelClassifier(tmp), lites, sample, image_size,
                                     class_names, min_agreement, max_prob_diff, batch_size)
             result["parity"] = {
@@ -415,7 +400,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
                                                         "passed")}
                               for name, a in check["artifacts"].items()}}
         lites.clear()
-        return gate_and_publish(tmp, export_dir, overwrite, result, check, check_path, log)
+        return gate_and_publish(tmp, export_dir, spec.overwrite, result, check, check_path, log)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

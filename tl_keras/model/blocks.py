@@ -56,7 +56,9 @@ def layer_graph(model: keras.Model) -> tuple[list, list[list[int]]]:
     index = {id(op): i for i, op in enumerate(ops)}
     parents: list[list[int]] = [[] for _ in ops]
     for i, op in enumerate(ops):
-        for node in op._inbound_nodes:  # Keras 3 Functional graph internals.
+        # Keras 3 exposes no public parent links between a Functional model's
+        # operations; `_inbound_nodes` is the graph Keras itself walks.
+        for node in op._inbound_nodes:
             for parent in node.parent_nodes:
                 j = index.get(id(parent.operation))
                 # Layers reused in another graph have nodes there too.

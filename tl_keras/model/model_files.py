@@ -152,6 +152,8 @@ def find_cut(model: keras.Model, cut_layer: str = "", path: str = "") -> str:
                        "a feature map (batch, h, w, c) or a vector (batch, d)")
         return cut_layer
     ops, parents = layer_graph(model)
+    # Keras 3 has no public API from a Functional output tensor to the layer
+    # that made it; `_keras_history` is how Keras itself finds it.
     out_op = model.outputs[0]._keras_history.operation
     i = next(k for k, op in enumerate(ops) if op is out_op)
     dropped = 0

@@ -12,7 +12,6 @@ import os
 import time
 
 from tl_keras.config import Config
-from tl_keras.run.setup import log, validate
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs, precision
 from tl_keras.data import augment, preflight
@@ -28,11 +27,12 @@ from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.report import tensorboard as tensorboard_logs
 from tl_keras.report import thresholds as multilabel
+from tl_keras.run import artifacts
 from tl_keras.run import manifest as manifest_lib
+from tl_keras.run.setup import data_spec, log, validate
 from tl_keras.train import activations, features, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
-
 
 
 def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
@@ -48,12 +48,13 @@ def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
                          cfg.crop_min_area])
 
 
-def _plan_cut(cfg: Config, clf, data):
-    """The cut below the first block stage 2 unfreezes, when stage 2 can train
-    on cached activations within --cache_max_mb; None otherwise (said why)."""
-    if not (cfg.finetune_epochs and cfg.finetune_blocks):
+def _plan_cut(cfg: Config, blocks: int, clf, data):
+    """The cut below the first of the `blocks` blocks stage 2 unfreezes, when
+    stage 2 can train on cached activations within --cache_max_mb; None
+    otherwise (said why)."""
+    if not (cfg.finetune_epochs and blocks):
         return None
-    cut = activations.cut(clf, cfg.finetune_blocks)
+    cut = activations.cut(clf, blocks)
     if cut is None:
         log("stage 2: no single boundary below the unfrozen blocks; "
             "it will train through the full model")
@@ -67,8 +68,8 @@ def _plan_cut(cfg: Config, clf, data):
     return cut
 
 
-def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augmenter, cache,
-                  key_parts: dict) -> tuple[dict, bool]:
+def _cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
+                  augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
     """Backbone outputs of `views` views of a split, from the cache or one
     inference pass: pooled features ("f") for stage 1 and, with a cut, the
     activations below the unfrozen blocks ("a") for stage 2.
@@ -78,7 +79,7 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
     """
     names = ("a", "f", "y") if cut is not None else ("f", "y")
     key = cache_lib.make_key(what="views", split=split, views=views,
-                             blocks=cfg.finetune_blocks if cut is not None else 0, **key_parts)
+                             blocks=blocks if cut is not None else 0, **key_parts)
 
     def compute():
         out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
@@ -93,13 +94,13 @@ def _cached_views(cfg: Config, clf, cut, images, split: str, views: int, augment
 def train(cfg: Config) -> dict:
     """Runs the whole two-stage pipeline described by `cfg`.
 
-    Under a distribution strategy (--strategy, see `distribute.py`) every
-    worker runs this; only the chief evaluates and writes the outputs.
+    Under a distribution strategy (--strategy, see `tl_keras.train.strategy`)
+    every worker runs this; only the chief evaluates and writes the outputs.
 
     Returns:
         The report (also written to `OUT/report.json` by the chief).
     """
-    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/text_pipeline.py
+    if cfg.task == "text":  # the same two stages on word vectors: tl_keras/run/text.py
         from tl_keras.run import text as text_pipeline
 
         strategy_lib.require_one_device(cfg.strategy, cfg.tpu, "--task=text")
@@ -108,11 +109,8 @@ def train(cfg: Config) -> dict:
     # Before anything runs TensorFlow: multi-worker and TPU strategies need it first.
     dist = strategy_lib.create(cfg.strategy, cfg.tpu, cfg.replica_scaling)
     log(f"distribution: {dist}")
-    dist.activate()  # models are built and trained in the strategy's scope
-    try:
+    with dist.scope():  # models are built and trained in the strategy's scope
         report = _train(cfg, dist)
-    finally:
-        dist.deactivate()
     dist.barrier()  # the other workers wait until the chief has written the outputs
     return report
 
@@ -120,17 +118,19 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     """The image pipeline; trains in the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
-    validate(cfg)
     family = (model_files_lib.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
-                                               cfg.block_prefixes, cfg.preprocess)
-              if model_files_lib.is_model_file(cfg.backbone) else families_lib.get_family(cfg.backbone))
+                                                     cfg.block_prefixes, cfg.preprocess)
+              if model_files_lib.is_model_file(cfg.backbone)
+              else families_lib.get_family(cfg.backbone))
     size = cfg.image_size or family.default_size
     families_lib.validate(family, size, cfg.alpha, cfg.weights)
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile, log)
     determinism.apply(cfg.seed, cfg.deterministic)
-    cfg = dist.scale(cfg)  # --batch_size and learning rates per --replica_scaling
+    # The batch size and learning rates training uses (--replica_scaling);
+    # `cfg` keeps the flags as given, which config.json records.
+    scaled = dist.scale(cfg)
     cache_dir = outputs.ensure_writable_dir(
         cfg.cache_dir or os.path.join(dist.worker_dir(out), "cache"),
         "cache_dir" if cfg.cache_dir else "output_dir")
@@ -139,10 +139,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- data ----------------------------------------------------------------
     # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
     data, scan = preflight.prepare_dataset(
-        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
-        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(dist.worker_dir(out), "preflight.json"), log=log,
-        allow_external_paths=cfg.allow_external_paths)
+        data_spec(cfg), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
+        drop_leakage=cfg.drop_leakage,
+        report_path=os.path.join(dist.worker_dir(out), "preflight.json"), log=log)
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label
@@ -158,7 +157,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- resume (issue 7): continue an interrupted run, refuse a changed one ----
     # Each worker keeps its own state (the chief's is OUT's): resume per worker.
     state = resume.RunState.open(
-        dist.worker_dir(out), cfg.replace(image_size=size), _cache_key_parts(cfg, family, size, data, policy),
+        dist.worker_dir(out), scaled.replace(image_size=size),
+        _cache_key_parts(cfg, family, size, data, policy),
         {"test": data.test and cache_lib.split_fingerprint(data.test.items, data.test.labels)},
         log)
     if state.finished:
@@ -171,24 +171,23 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     if cfg.finetune_blocks > n_blocks:
         raise fail("finetune_blocks", cfg.finetune_blocks,
                    f"{family.name} has only {n_blocks} blocks")
-    cfg = cfg.replace(finetune_blocks=cfg.finetune_blocks
-                      or blocks_lib.auto_finetune_blocks(n_blocks))
+    blocks = cfg.finetune_blocks or blocks_lib.auto_finetune_blocks(n_blocks)  # stage 2 unfreezes
     clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
     augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
                                         cfg.translation, cfg.crop_min_area)
     image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
     # Each worker reads, caches and trains on its own part of the data.
     train_images = data_pipeline.image_dataset(dist.shard(data.train), size, budget=image_cache,
-                                          name="train", order_seed=cfg.seed)
+                                               name="train", order_seed=cfg.seed)
     val_images = data_pipeline.image_dataset(dist.shard(data.val), size, budget=image_cache,
-                                        name="val")
+                                             name="val")
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
     for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
         log(note)
     key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
-    tb = tensorboard_logs.start(out, cfg.replace(image_size=size).to_dict(),
+    tb = tensorboard_logs.start(out, scaled.replace(image_size=size, finetune_blocks=blocks).to_dict(),
                                 cfg.tensorboard and dist.is_chief,  # only the chief writes
                                 resume=state.resumed)
 
@@ -196,36 +195,21 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # One inference pass per view feeds both stages: pooled features for the
     # head and, below the blocks stage 2 unfreezes, activations for stage 2.
     t0 = time.perf_counter()
-    cut = _plan_cut(cfg, clf, data)
-    resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg, cut, len(data.train), len(data.val))
-    tr, hit = _cached_views(cfg, clf, cut, train_images, "train", cfg.cache_views, augmenter,
-                            cache, key_parts)
-    va, _ = _cached_views(cfg, clf, cut, val_images, "val", 1, None, cache, key_parts)
+    cut = _plan_cut(cfg, blocks, clf, data)
+    resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
+                            len(data.train), len(data.val))
+    tr, hit = _cached_views(scaled, blocks, clf, cut, train_images, "train", cfg.cache_views,
+                            augmenter, cache, key_parts)
+    va, _ = _cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache, key_parts)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    s1 = train_lib.fit_head(
-        clf.head,
-        tr["f"],
-        sources_lib.targets(tr["y"], n_cls),
-        va["f"],
-        sources_lib.targets(va["y"], n_cls),
-        train_lib.StageSpec(
-            epochs=cfg.head_epochs,
-            learning_rate=cfg.head_learning_rate,
-            weight_decay=cfg.head_weight_decay,
-            batch_size=cfg.batch_size,
-            patience=cfg.patience,
-            label_smoothing=cfg.label_smoothing,
-            multi_label=multi,
-            class_weight=class_weight,
-            jit_compile=jit,
-            seed=cfg.seed,
-        ),
-        callbacks=state.stage_callbacks(1, cfg.head_learning_rate)
-        + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
-        examples_per_epoch=len(data.train),
-    )
+    head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
+    s1 = train_lib.fit_head(clf.head, tr["f"], sources_lib.targets(tr["y"], n_cls), va["f"],
+                            sources_lib.targets(va["y"], n_cls), head_spec,
+                            callbacks=state.stage_callbacks(1, scaled.head_learning_rate)
+                            + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
+                            examples_per_epoch=len(data.train))
     s1.seconds += t_cache
     s1 = state.finish_stage(1, s1)
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
@@ -240,11 +224,11 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     histories = [s1.history]
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
-    if cfg.finetune_epochs and cfg.finetune_blocks:
+    if cfg.finetune_epochs and blocks:
         stage1_weights = train_lib.snapshot(clf.model)
-        unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, family, cfg.finetune_blocks)
+        unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, family, blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
-            f"(BatchNorm frozen) at peak lr {cfg.finetune_learning_rate}")
+            f"(BatchNorm frozen) at peak lr {scaled.finetune_learning_rate}")
         if cut is not None:
             log(f"stage 2: training the top on cached activations {cut.shape}")
             trainer, mode = cut.trainer, "cached_activations"
@@ -252,35 +236,19 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
             val_data = (va["a"], sources_lib.targets(va["y"], n_cls))
         else:
             trainer, mode = clf.model, "full_model"
-            batch = strategy_lib.local_batch_size(cfg.batch_size)  # this worker's share
+            batch = strategy_lib.local_batch_size(scaled.batch_size)  # this worker's share
             train_data = data_pipeline.batched(train_images, batch, n_cls, shuffle=True,
-                                          seed=cfg.seed, augment=augmenter)
+                                               seed=cfg.seed, augment=augmenter)
             val_data = data_pipeline.batched(val_images, batch, n_cls)
         # An epoch is one pass over the training images (one cached view of
         # each, on average), as in stage 1: all the workers' images together,
         # so every worker takes the same steps (each its share of every batch).
         n_train = len(data.train)
         s2 = train_lib.fit_finetune(
-            trainer,
-            train_data,
-            val_data,
-            train_lib.StageSpec(
-                epochs=cfg.finetune_epochs,
-                learning_rate=cfg.finetune_learning_rate,
-                warmup_epochs=cfg.warmup_epochs,
-                patience=cfg.patience,
-                label_smoothing=cfg.label_smoothing,
-                multi_label=multi,
-                class_weight=class_weight,
-                batch_size=cfg.batch_size,
-                jit_compile=jit,
-                seed=cfg.seed,
-            ),
-            initial_epoch=s1.epochs,
-            steps_per_epoch=-(-n_train // cfg.batch_size),
-            callbacks=state.stage_callbacks(2, cfg.finetune_learning_rate)
-            + tensorboard_logs.stage_callbacks(tb, 2, "fine-tuning " + ", ".join(unfrozen)),
-        )
+            trainer, train_data, val_data, finetune_spec, initial_epoch=s1.epochs,
+            steps_per_epoch=-(-n_train // scaled.batch_size),
+            callbacks=state.stage_callbacks(2, scaled.finetune_learning_rate)
+            + tensorboard_logs.stage_callbacks(tb, 2, "fine-tuning " + ", ".join(unfrozen)))
         s2 = state.finish_stage(2, s2)
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
@@ -297,7 +265,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
     image_cache.cleanup()
-    report["distribution"] = dist.describe(clf.model, cfg)
+    report["distribution"] = dist.describe(clf.model, scaled)
     log(f"weights fingerprint {report['distribution']['weights_fingerprint']}")
     dist.deactivate()  # evaluate, save and export outside the strategy's scope
     if not dist.is_chief:  # only the chief evaluates and writes outputs
@@ -309,7 +277,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
 
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
-    eval_batch = features.inference_batch_size(cfg.batch_size)
+    eval_batch = features.inference_batch_size(scaled.batch_size)
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3)
         thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
@@ -324,12 +292,10 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         tb.close()
 
     # --- write outputs and export ----------------------------------------------
-    resolved = dist.unscale(cfg).replace(  # the flags as given, not scaled per replica
-        image_size=size, alpha=families_lib.resolve_alpha(family, cfg.alpha) or 0.0)
-    with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
-        final.save(tmp)
-    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
-    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    resolved = cfg.replace(  # the flags as given (not scaled per replica), auto values resolved
+        image_size=size, alpha=families_lib.resolve_alpha(family, cfg.alpha) or 0.0,
+        finetune_blocks=blocks)
+    artifacts.write_model_files(out, final, classes, resolved)
     run_manifest = manifest_lib.build(resolved.to_dict(), data,
                                       {"kept": kept, "precision_policy": policy})
     outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
@@ -338,8 +304,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         # A new version (or the newest replaced, --overwrite): SavedModel, then
         # TFLite, then the parity gate; published only if the gate passes.
         try:
-            report["export"] = state.once("export", lambda: export_lib.export_run(
-                final, cfg, classes, size, out, data, eval_split, eval_name, run_manifest, log),
+            report["export"] = state.once("export", lambda: artifacts.export_run(
+                final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
+                eval_split, eval_name, run_manifest, log),
                 lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
@@ -355,3 +322,17 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         raise rejected
     state.finish()
     return report
+
+
+def _stage_specs(scaled: Config, multi_label: bool, class_weight, jit
+                 ) -> tuple[train_lib.StageSpec, train_lib.StageSpec]:
+    """The two stages' training settings, from the (replica-scaled) flags."""
+    common = dict(batch_size=scaled.batch_size, patience=scaled.patience,
+                  label_smoothing=scaled.label_smoothing, multi_label=multi_label,
+                  class_weight=class_weight, jit_compile=jit, seed=scaled.seed)
+    head = train_lib.StageSpec(epochs=scaled.head_epochs, learning_rate=scaled.head_learning_rate,
+                               weight_decay=scaled.head_weight_decay, **common)
+    finetune = train_lib.StageSpec(epochs=scaled.finetune_epochs,
+                                   learning_rate=scaled.finetune_learning_rate,
+                                   warmup_epochs=scaled.warmup_epochs, **common)
+    return head, finetune

@@ -28,7 +28,8 @@ import time
 import keras
 
 from tl_keras.config import Config
-from tl_keras.run.setup import log, validate
+from tl_keras.run import artifacts
+from tl_keras.run.setup import data_spec, log, validate
 from tl_keras.core import determinism, outputs, precision
 from tl_keras.data import augment, preflight
 from tl_keras.data import pipeline as data_pipeline
@@ -164,10 +165,8 @@ def pretrain(cfg: Config) -> dict:
 
     # --- data: scanned as for train; decoded once, then cached ------------------
     data, scan = preflight.prepare_dataset(
-        cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction, cfg.test_fraction, cfg.seed,
-        cfg.tfds_split, cfg.tfds_data_dir, cfg.max_pixels, cache_dir, cfg.drop_leakage,
-        os.path.join(out, "preflight.json"), log=log,
-        allow_external_paths=cfg.allow_external_paths)
+        data_spec(cfg), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
+        drop_leakage=cfg.drop_leakage, report_path=os.path.join(out, "preflight.json"), log=log)
     if data.train.multi_label:
         raise fail("data", cfg.data, "pretrain needs one class per image (multi-label data "
                    "cannot train its softmax classifier)")
@@ -233,13 +232,9 @@ def pretrain(cfg: Config) -> dict:
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(image_size=size,
                            alpha=families_lib.resolve_alpha(family, cfg.alpha) or 0.0)
-    model_path = os.path.join(out, MODEL_FILE)
-    with outputs.atomic_path(model_path) as tmp:
-        model.save(tmp)
+    model_path = artifacts.write_model_files(out, model, classes, resolved, MODEL_FILE)
     blocks = write_block_map(model_files_lib.block_map_path(model_path), body, family, cut, size)
     report["blocks"] = [b["name"] for b in blocks["blocks"]]
-    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
-    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
     run_manifest = manifest_lib.build(resolved.to_dict(), data, {"precision_policy": policy})
     outputs.atomic_write_json(os.path.join(out, "manifest.json"), run_manifest)
     rejected = None
@@ -247,7 +242,7 @@ def pretrain(cfg: Config) -> dict:
         # The source classifier is a classifier of task A: exported exactly
         # like a train run (new version, TFLite variants, parity gate).
         try:
-            report["export"] = export_lib.export_run(model, cfg, classes, size, out, data,
+            report["export"] = artifacts.export_run(model, cfg, classes, size, out, data,
                                                      eval_split, eval_name, run_manifest, log)
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e

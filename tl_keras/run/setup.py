@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tl_keras import config as config_lib
 from tl_keras.config import Config
+from tl_keras.data import sources as sources_lib
 from tl_keras.export import checks as export_checks
 
 
@@ -21,3 +22,12 @@ def validate(cfg: Config) -> None:
     """
     config_lib.validate(cfg)
     export_checks.validate(cfg)
+
+
+def data_spec(cfg: Config) -> sources_lib.DataSpec:
+    """The data sources and hold-outs of a run's flags."""
+    return sources_lib.DataSpec(
+        data=cfg.data, val_data=cfg.val_data, test_data=cfg.test_data,
+        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        tfds_split=cfg.tfds_split, tfds_data_dir=cfg.tfds_data_dir,
+        allow_external_paths=cfg.allow_external_paths)

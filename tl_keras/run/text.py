@@ -19,12 +19,12 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras.config import Config
+from tl_keras.run import artifacts
 from tl_keras.run.setup import log, validate
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.errors import fail
-from tl_keras.export import parity
 from tl_keras.export import saved_model as export_lib
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.text import export as text_export
@@ -239,10 +239,7 @@ def train(cfg: Config) -> dict:
 
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(embedding_dim=dim)
-    with outputs.atomic_path(os.path.join(out, "model.keras")) as tmp:
-        clf.model.save(tmp)
-    outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
-    outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
+    artifacts.write_model_files(out, clf.model, classes, resolved)
     rejected = None
     if cfg.export:
         # As for images: a new version (or the newest replaced, --overwrite),
@@ -251,13 +248,9 @@ def train(cfg: Config) -> dict:
         # resumed run does not export again.
         try:
             report["export"] = state.once("export", lambda: text_export.export_text_version(
-                clf.model, classes, os.path.join(out, "export"), top_k=cfg.top_k,
-                overwrite=cfg.overwrite, parity_texts=data.val.items,
-                parity_samples=cfg.parity_images,
-                min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
-                max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
-                check_path=os.path.join(out, "export_check.json"), batch_size=cfg.batch_size,
-                seed=cfg.seed, log=log), lambda done: os.path.isdir(done.get("path", "")))
+                clf.model, classes, os.path.join(out, "export"), artifacts.export_spec(cfg),
+                parity_texts=data.val.items, check_path=os.path.join(out, "export_check.json"),
+                log=log), lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     report["seconds"] = round(time.perf_counter() - t_start, 2)

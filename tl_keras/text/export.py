@@ -125,19 +125,16 @@ def run_text_gate(model: keras.Model, saved_model_path: str, texts: Sequence[str
     if not res["class_names_match"]:
         failures.append("saved_model: its top-1 class names do not follow the training classes")
         res["passed"] = False
-    res["disagreements"] = [parity._describe(texts[i], reference[i], class_names)
+    res["disagreements"] = [parity.describe_disagreement(texts[i], reference[i], class_names)
                             for i in res["disagreements"]]
     return {"n": len(texts), "texts": texts, "artifacts": {"saved_model": res},
             "passed": not failures, "failures": failures}
 
 
-def export_text_version(model: keras.Model, class_names: list[str], export_dir: str, *,
-                        top_k: int = 3, overwrite: bool = False,
-                        parity_texts: Optional[Sequence[str]] = None, parity_samples: int = 100,
-                        min_agreement: Optional[dict] = None,
-                        max_prob_diff: Optional[dict] = None, check_path: Optional[str] = None,
-                        batch_size: int = 256, seed: int = 0,
-                        extra_files: Optional[dict] = None,
+def export_text_version(model: keras.Model, class_names: list[str], export_dir: str,
+                        spec: export_lib.ExportSpec = export_lib.ExportSpec(batch_size=256), *,
+                        parity_texts: Optional[Sequence[str]] = None,
+                        check_path: Optional[str] = None, extra_files: Optional[dict] = None,
                         log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports a new version of a text model: SavedModel, parity-gated, renamed into place.
 
@@ -145,14 +142,12 @@ def export_text_version(model: keras.Model, class_names: list[str], export_dir: 
         model: the trained string model (texts [N] -> probabilities [N, C]).
         class_names: the training classes, in class-id order.
         export_dir: OUT/export; versions are numbered folders inside.
-        top_k: classes and scores each prediction returns.
-        overwrite: replace the newest version instead of adding one.
+        spec: top-k, overwrite, parity sample size and limits (only
+            "saved_model" applies), batch size, seed (`tflite_variants` does
+            not apply to text models).
         parity_texts: texts the gate compares (a seeded sample of
-            `parity_samples` of them; 0: all). None: no gate.
-        min_agreement, max_prob_diff: per-artifact limits (see `parity`);
-            only "saved_model" applies.
+            `spec.parity_images` of them; 0: all). None: no gate.
         check_path: where the gate's comparison is written (OUT/export_check.json).
-        seed: for the parity sample.
         extra_files: {file name: text} written to `assets.extra/`.
 
     Returns:
@@ -162,8 +157,9 @@ def export_text_version(model: keras.Model, class_names: list[str], export_dir: 
         export.ExportRejected: the gate failed; no version folder was created
             or replaced.
     """
-    min_agreement = min_agreement or parity.min_agreement_limits()
-    max_prob_diff = max_prob_diff or parity.max_prob_diff_limits()
+    top_k, batch_size = spec.top_k, spec.batch_size
+    min_agreement = spec.min_agreement or parity.min_agreement_limits()
+    max_prob_diff = spec.max_prob_diff or parity.max_prob_diff_limits()
     os.makedirs(export_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-export-")
     try:
@@ -173,8 +169,8 @@ def export_text_version(model: keras.Model, class_names: list[str], export_dir: 
         check = None
         if parity_texts is not None:
             texts = list(parity_texts)
-            if 0 < parity_samples < len(texts):
-                idx = np.random.default_rng(seed).permutation(len(texts))[:parity_samples]
+            if 0 < spec.parity_images < len(texts):
+                idx = np.random.default_rng(spec.seed).permutation(len(texts))[:spec.parity_images]
                 texts = [texts[i] for i in sorted(idx.tolist())]
             check = run_text_gate(model, tmp, texts, class_names, min_agreement,
                                   max_prob_diff, batch_size)
@@ -183,7 +179,7 @@ def export_text_version(model: keras.Model, class_names: list[str], export_dir: 
                 "artifacts": {name: {k: a[k] for k in ("top1_agreement", "max_prob_diff",
                                                         "passed")}
                               for name, a in check["artifacts"].items()}}
-        return export_lib.gate_and_publish(tmp, export_dir, overwrite, result, check,
+        return export_lib.gate_and_publish(tmp, export_dir, spec.overwrite, result, check,
                                            check_path, log)
     finally:
         if os.path.isdir(tmp):

@@ -42,6 +42,8 @@ class Cut:
 
 
 def _producers(tensors) -> list:
+    # `_keras_history` (the operation that made a symbolic tensor) has no
+    # public equivalent in Keras 3; Keras's own graph code reads it.
     if not isinstance(tensors, (list, tuple)):
         tensors = [tensors]
     return [t for t in tensors if hasattr(t, "_keras_history")]

@@ -1,7 +1,7 @@
 """Fit, evaluate and predict under any tf.distribute strategy.
 
-* `fit` / `evaluate` / `predict` / `predict_on_batch` are what train.py,
-  features.py and evaluate.py call instead of the Keras methods. Under the
+* `fit` / `evaluate` / `predict` / `predict_on_batch` are what train/stages.py,
+  train/features.py and report/metrics.py call instead of the Keras methods. Under the
   default strategy they are the Keras methods, called with the arguments
   given (a single-device run is exactly what it is without this module),
   except `fit(..., own_loop=True)`, which the head's fit uses: the loop
@@ -75,6 +75,8 @@ def _gather_rows(indices: tf.data.Dataset, arrays: tuple) -> tf.data.Dataset:
 def _keras_batches(x, y, batch: int, shuffle: bool) -> tf.data.Dataset:
     """One epoch of (x, y) batches of arrays, made by Keras's own array
     pipeline, the one `model.fit(x, y, shuffle=...)` reads: the same order."""
+    # Private module: Keras has no public API for the batches model.fit makes
+    # from arrays, and only they give the same shuffled order as model.fit.
     from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
     return ArrayDataAdapter(x, y, batch_size=batch, shuffle=shuffle).get_tf_dataset()
@@ -465,7 +467,9 @@ def _loop_fit(model, x, y, batch_size, epochs, initial_epoch, validation_data, c
     cbs.on_train_begin()
     logs = {}
     batches = None
-    # A resumed fit (resume.StageCheckpoint) sets where it goes on, as for model.fit.
+    # A resumed fit (resume.StageCheckpoint) sets where it goes on, as for
+    # model.fit: `_initial_epoch` is the only way Keras's BackupAndRestore has
+    # to tell a fit loop its starting epoch (no public API).
     for epoch in range(model._initial_epoch or initial_epoch, epochs):
         if batches is None or train.fresh_each_epoch:
             batches = iter(train.dataset)

@@ -420,7 +420,8 @@ class StageCheckpoint(keras.callbacks.BackupAndRestore):
         self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
         done = int(meta["epoch"])
         complete = bool(meta.get("complete"))
-        # The fit loop starts at model._initial_epoch (how BackupAndRestore resumes).
+        # The fit loop starts at model._initial_epoch: how Keras's own
+        # BackupAndRestore resumes, with no public API for it.
         self.model._initial_epoch = self.params["epochs"] if complete else done
         self.history = {k: list(v) for k, v in meta.get("history", {}).items()}
         self.seconds_before = self._seconds = float(meta.get("seconds", 0.0))
@@ -522,7 +523,7 @@ _MODEL_COPIES = 6
 _SMALL_FILES = 32 * 2 ** 20
 
 
-def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, cut, n_train: int,
+def check_disk_space(out: str, cache_folder: str, clf, views: int, cut, n_train: int,
                      n_val: int) -> None:
     """Stops before any training when OUT (or the cache folder) lacks the space the run needs.
 
@@ -535,7 +536,7 @@ def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, cut, n_train
         out: the output folder.
         cache_folder: the feature/activation cache folder.
         clf: the built `model.Classifier`.
-        cfg: the run's config.
+        views: cached views of each training image (--cache_views).
         cut: the `activations.Cut` whose activations stage 2 caches, or None.
         n_train / n_val: examples in the training and validation splits.
     """
@@ -544,9 +545,9 @@ def check_disk_space(out: str, cache_folder: str, clf, cfg: Config, cut, n_train
     weights = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in clf.model.weights)
     need_out = _MODEL_COPIES * weights + _SMALL_FILES
     dim = int(clf.features.output_shape[-1])
-    need_cache = 4 * dim * (n_train * cfg.cache_views + n_val)
+    need_cache = 4 * dim * (n_train * views + n_val)
     if cut is not None:
-        need_cache += (activations.estimate_bytes(cut, n_train, cfg.cache_views)
+        need_cache += (activations.estimate_bytes(cut, n_train, views)
                        + activations.estimate_bytes(cut, n_val, 1))
     if os.path.isdir(cache_folder):
         have = sum(e.stat().st_size for e in os.scandir(cache_folder) if e.is_file())

@@ -16,6 +16,7 @@ The training loop that runs under every strategy is `tl_keras.train.loop`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -164,7 +165,6 @@ class Distribution:
     is_chief: bool
     scaling: str = "none"
     # (batch_size, head_learning_rate, finetune_learning_rate) before `scale`.
-    _given: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
     _active: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @classmethod
@@ -186,10 +186,6 @@ class Distribution:
         return cls(strategy, kind, int(strategy.num_replicas_in_sync), workers, index, task,
                    chief, scaling)
 
-    def scope(self):
-        """The strategy's scope: models, optimizers and metrics must be made inside it."""
-        return self.strategy.scope()
-
     def activate(self) -> None:
         """Enters the strategy's scope until `deactivate` (a `with scope()` that
         can end before the block does: training runs inside the scope, saving and
@@ -203,6 +199,19 @@ class Distribution:
         if self._active:
             tf.distribute.experimental_set_strategy(None)
             self._active = False
+
+    @contextlib.contextmanager
+    def scope(self):
+        """`activate` for the block, `deactivate` after it (also on errors).
+
+        The block may call `deactivate` itself to leave the scope early (to
+        save and export with plain variables); leaving twice is harmless.
+        """
+        self.activate()
+        try:
+            yield self
+        finally:
+            self.deactivate()
 
     def worker_dir(self, out: str) -> str:
         """Where this worker keeps its own files (caches, resume state).
@@ -240,7 +249,6 @@ class Distribution:
         --batch_size is the global batch, split evenly over the replicas.
         """
         n = self.num_replicas
-        self._given = (cfg.batch_size, cfg.head_learning_rate, cfg.finetune_learning_rate)
         if self.scaling == "none" or n == 1:
             if cfg.batch_size % n:
                 raise fail("batch_size", cfg.batch_size,
@@ -250,13 +258,6 @@ class Distribution:
         return cfg.replace(batch_size=cfg.batch_size * n,
                            head_learning_rate=cfg.head_learning_rate * factor,
                            finetune_learning_rate=cfg.finetune_learning_rate * factor)
-
-    def unscale(self, cfg):
-        """The Config with the batch size and learning rates as given before `scale`."""
-        if self._given is None:
-            return cfg
-        return cfg.replace(batch_size=self._given[0], head_learning_rate=self._given[1],
-                           finetune_learning_rate=self._given[2])
 
     def barrier(self) -> None:
         """Waits until every worker gets here (a no-op with one worker)."""
