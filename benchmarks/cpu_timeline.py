@@ -90,8 +90,8 @@ def one_run(data: str, autotune: bool, recipe: bool = False) -> dict:
 
             keras.Model.fit = mark(keras.Model.fit, "stage1_start", "stage1_end")
             ds = sources_lib.load_dataset(
-                sources_lib.DataSpec(data=data, test_fraction=0.25, val_fraction=0.2, seed=42)
-            )
+                                          sources_lib.DataSpec(data=data, test_fraction=0.25,
+                                                               val_fraction=0.2, seed=42))
             dirs = {k: vs_recipe.materialize(getattr(ds, k), ds.class_names,
                                              os.path.join(work, k))
                     for k in ("train", "val", "test")}

@@ -161,13 +161,10 @@ def main() -> None:
                      image_size=SIZE, weights=args.weights, seed=SEED, export=False,
                      output_dir=os.path.join(work, "out"))
         data = sources_lib.load_dataset(
-            sources_lib.DataSpec(
-                data=cfg.data,
-                test_fraction=cfg.test_fraction,
-                val_fraction=cfg.val_fraction,
-                seed=cfg.seed,
-            )
-        )
+                                        sources_lib.DataSpec(data=cfg.data,
+                                                             test_fraction=cfg.test_fraction,
+                                                             val_fraction=cfg.val_fraction,
+                                                             seed=cfg.seed))
         dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
                 for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}
         for i in range(max(args.repeats, 1)):

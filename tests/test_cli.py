@@ -68,13 +68,10 @@ def test_evaluate_command_reproduces_the_test_block(trained_run, tmp_path):
 
     cfg = json.loads((trained_run / "config.json").read_text())
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=cfg["data"],
-            test_fraction=cfg["test_fraction"],
-            seed=cfg["seed"],
-            val_fraction=cfg["val_fraction"],
-        )
-    )
+                                  sources_lib.DataSpec(data=cfg["data"],
+                                                       test_fraction=cfg["test_fraction"],
+                                                       seed=cfg["seed"],
+                                                       val_fraction=cfg["val_fraction"]))
     for path, label in zip(ds.test.items, ds.test.labels):
         dst = tmp_path / "test" / ds.class_names[label]
         dst.mkdir(parents=True, exist_ok=True)

@@ -38,12 +38,9 @@ def test_class_folders_may_nest_and_explicit_splits_keep_the_training_classes(tm
         shutil.copy(_photos(cls, 1, start=10)[0], tmp_path / "val" / cls)
     (tmp_path / "train" / "rose" / "notes.txt").write_text("not listed: no image extension")
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=str(tmp_path / "train"),
-            val_data=str(tmp_path / "val"),
-            test_data=str(tmp_path / "val"),
-        )
-    )
+                                  sources_lib.DataSpec(data=str(tmp_path / "train"),
+                                                       val_data=str(tmp_path / "val"),
+                                                       test_data=str(tmp_path / "val")))
     assert ds.class_names == ["daisy", "rose"]
     assert ds.train.class_counts(2) == [4, 4]
     assert any("/a/b/" in p for p in ds.train.items)
@@ -52,25 +49,25 @@ def test_class_folders_may_nest_and_explicit_splits_keep_the_training_classes(tm
     shutil.copy(_photos("tulip", 1)[0], tmp_path / "val" / "tulip")
     with pytest.raises(ConfigError, match="'tulip' does not occur in the training data"):
         sources_lib.load_dataset(
-            sources_lib.DataSpec(data=str(tmp_path / "train"), val_data=str(tmp_path / "val"))
-        )
+                                 sources_lib.DataSpec(data=str(tmp_path / "train"),
+                                                      val_data=str(tmp_path / "val")))
 
 
 def test_one_folder_gets_a_seeded_stratified_train_val_test_split():
     a = sources_lib.load_dataset(
-        sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
-    )
+                                 sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2,
+                                                      test_fraction=0.25, seed=7))
     assert a.test.class_counts(5) == [5] * 5
     assert a.val.class_counts(5) == [3] * 5  # 20% of the 15 left
     assert a.train.class_counts(5) == [12] * 5
     parts = [set(a.train.items), set(a.val.items), set(a.test.items)]
     assert sum(map(len, parts)) == len(set.union(*parts)) == 100
     b = sources_lib.load_dataset(
-        sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=7)
-    )
+                                 sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2,
+                                                      test_fraction=0.25, seed=7))
     c = sources_lib.load_dataset(
-        sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2, test_fraction=0.25, seed=8)
-    )
+                                 sources_lib.DataSpec(data=str(FLOWERS_MINI), val_fraction=0.2,
+                                                      test_fraction=0.25, seed=8))
     assert a.test.items == b.test.items and a.val.items == b.val.items
     assert a.test.items != c.test.items
 
@@ -192,13 +189,10 @@ def test_tfds_split_expressions_and_detected_feature_names(tmp_path):
                     yield f"{c}/{p.name}", {"picture": str(p), "kind": c, "caption": p.name}
 
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data="tfds:tl_keras_tiny_flowers",
-            val_data="tfds:tl_keras_tiny_flowers:train[80%:]",
-            tfds_split="train[:80%]",
-            tfds_data_dir=str(tmp_path),
-        )
-    )
+                                  sources_lib.DataSpec(data="tfds:tl_keras_tiny_flowers",
+                                                       val_data="tfds:tl_keras_tiny_flowers:train[80%:]",
+                                                       tfds_split="train[:80%]",
+                                                       tfds_data_dir=str(tmp_path)))
     assert ds.class_names == ["daisy", "rose"]
     assert len(ds.train) == 16 and len(ds.val) == 4
     assert isinstance(ds.train.items[0], bytes)
@@ -252,8 +246,8 @@ def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
     try:
         with pytest.raises(ConfigError) as e:
             sources_lib.load_dataset(
-                sources_lib.DataSpec(data="tfds:tl_keras_unreachable", tfds_data_dir=str(tmp_path))
-            )
+                                     sources_lib.DataSpec(data="tfds:tl_keras_unreachable",
+                                                          tfds_data_dir=str(tmp_path)))
     finally:
         server.shutdown()
     msg = str(e.value)

@@ -161,24 +161,12 @@ def test_the_loop_gives_callbacks_what_model_fit_gives(tmp_path, monkeypatch):
             inp = keras.Input((6,))
             model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
             seen = _Seen()
-            result = train_lib.fit_head(
-                model,
-                x[:48],
-                y[:48],
-                x[48:],
-                y[48:],
-                train_lib.StageSpec(
-                    epochs=4,
-                    learning_rate=0.05,
-                    weight_decay=0.0,
-                    batch_size=16,
-                    patience=1,
-                    label_smoothing=0.1,
-                    class_weight={0: 2.0, 1: 0.5, 2: 1.0},
-                ),
-                callbacks=[seen],
-                verbose=0,
-            )
+            result = train_lib.fit_head(model, x[:48], y[:48], x[48:], y[48:],
+                                        train_lib.StageSpec(epochs=4, learning_rate=0.05,
+                                                            weight_decay=0.0, batch_size=16,
+                                                            patience=1, label_smoothing=0.1,
+                                                            class_weight={0: 2.0, 1: 0.5, 2: 1.0}),
+                                        callbacks=[seen], verbose=0)
         runs[name] = (seen, result, [w.numpy() for w in model.weights])
     assert not strategy_lib.uses_custom_loop(tf.distribute.get_strategy())
     assert strategy_lib.uses_custom_loop(tf.distribute.OneDeviceStrategy("/cpu:0"))

@@ -15,13 +15,9 @@ from tl_keras.run import evaluate as runs
 def test_saved_model_matches_keras_on_original_jpeg_bytes(trained_run):
     model, classes, cfg = runs.load_run(str(trained_run))
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=cfg.data,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
-        )
-    )
+                                  sources_lib.DataSpec(data=cfg.data,
+                                                       test_fraction=cfg.test_fraction,
+                                                       seed=cfg.seed, val_fraction=cfg.val_fraction))
     paths = ds.test.items[:12]
     raw = [open(p, "rb").read() for p in paths]
     loaded = tf.saved_model.load(str(trained_run / "export" / "1"))

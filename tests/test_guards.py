@@ -38,24 +38,11 @@ def test_guard_stops_at_the_first_bad_step_and_restores_the_last_good_epoch():
     poison, seen = _PoisonAtEpoch(2), []
     guard = guards.NonFiniteLossGuard(1, "head_learning_rate", 0.5, on_diverge=seen.append)
     with pytest.raises(guards.Diverged) as e:
-        train_lib.fit_head(
-            head,
-            x,
-            y,
-            x,
-            y,
-            train_lib.StageSpec(
-                epochs=10,
-                learning_rate=0.5,
-                weight_decay=0,
-                batch_size=16,
-                patience=0,
-                label_smoothing=0.0,
-                jit_compile=False,
-            ),
-            verbose=0,
-            callbacks=[guard, poison],
-        )
+        train_lib.fit_head(head, x, y, x, y,
+                           train_lib.StageSpec(epochs=10, learning_rate=0.5, weight_decay=0,
+                                               batch_size=16, patience=0, label_smoothing=0.0,
+                                               jit_compile=False), verbose=0,
+                           callbacks=[guard, poison])
     err = e.value
     assert (err.stage, err.epoch, err.step) == (1, 3, 1) and seen == [err]
     msg = str(err)

@@ -165,11 +165,10 @@ def test_automatic_splits_keep_byte_identical_copies_on_one_side(tmp_path):
         for i in range(3):  # three extra copies of one photo per class
             shutil.copy(photos[0], root / cls / f"copy{i}.jpg")
     ds, report = preflight.prepare_dataset(
-        sources_lib.DataSpec(data=str(root), val_fraction=0.3, test_fraction=0.3),
-        cache_dir=str(tmp_path / "c"),
-        progress=False,
-        log=lambda *_: None,
-    )
+                                           sources_lib.DataSpec(data=str(root), val_fraction=0.3,
+                                                                test_fraction=0.3),
+                                           cache_dir=str(tmp_path / "c"), progress=False,
+                                           log=lambda *_: None)
     assert report["leakage"] == []
     assert len(report["sources"]["train"]["duplicates"]) == 3
     sides = [set(s.keys) for s in (ds.train, ds.val, ds.test)]
@@ -187,13 +186,9 @@ def test_stops_with_one_line_only_when_a_class_is_left_empty(tmp_path):
     odd_images.text_named_jpg(None, root / "broken" / "b")
     report_path = tmp_path / "out" / "preflight.json"
     with pytest.raises(ConfigError) as e:
-        preflight.prepare_dataset(
-            sources_lib.DataSpec(data=str(root)),
-            cache_dir=str(tmp_path / "c"),
-            report_path=str(report_path),
-            progress=False,
-            log=lambda *_: None,
-        )
+        preflight.prepare_dataset(sources_lib.DataSpec(data=str(root)),
+                                  cache_dir=str(tmp_path / "c"), report_path=str(report_path),
+                                  progress=False, log=lambda *_: None)
     msg = str(e.value)
     assert "\n" not in msg
     assert msg.startswith(f"--data={str(root)!r}")

@@ -296,13 +296,10 @@ def test_manifest_in_run_folder_and_saved_model(trained_run):
     assert m["device"]["summary"] and m["seeds"]["seed"] == m["config"]["seed"]
     cfg = m["config"]
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=cfg["data"],
-            test_fraction=cfg["test_fraction"],
-            seed=cfg["seed"],
-            val_fraction=cfg["val_fraction"],
-        )
-    )
+                                  sources_lib.DataSpec(data=cfg["data"],
+                                                       test_fraction=cfg["test_fraction"],
+                                                       seed=cfg["seed"],
+                                                       val_fraction=cfg["val_fraction"]))
     assert m["data"] == manifest.data_manifest(ds)  # reproducible from the data alone
     assert m["data"]["splits"]["test"]["class_counts"] == {c: 6 for c in ds.class_names}
 

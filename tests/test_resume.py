@@ -80,24 +80,12 @@ def _fit(head, folder, *extra, epochs=10, patience=3, every_seconds=0.0):
     counter = _EpochCounter()
     # One batch per epoch: the gradient does not depend on the shuffle order,
     # so a resumed fit must reproduce the uninterrupted one exactly.
-    result = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x,
-        y_val,
-        train_lib.StageSpec(
-            epochs=epochs,
-            learning_rate=0.05,
-            weight_decay=1e-3,
-            batch_size=64,
-            patience=patience,
-            label_smoothing=0.0,
-            jit_compile=False,
-        ),
-        verbose=0,
-        callbacks=[ckpt, counter, *extra],
-    )
+    result = train_lib.fit_head(head, x, y, x, y_val,
+                                train_lib.StageSpec(epochs=epochs, learning_rate=0.05,
+                                                    weight_decay=1e-3, batch_size=64,
+                                                    patience=patience, label_smoothing=0.0,
+                                                    jit_compile=False), verbose=0,
+                                callbacks=[ckpt, counter, *extra])
     return result, ckpt, counter
 
 

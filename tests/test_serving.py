@@ -44,13 +44,9 @@ def run_model(trained_run):
     """(Keras model, class names, config, dataset) of the trained run."""
     model, classes, cfg = runs.load_run(str(trained_run))
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=cfg.data,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
-        )
-    )
+                                  sources_lib.DataSpec(data=cfg.data,
+                                                       test_fraction=cfg.test_fraction,
+                                                       seed=cfg.seed, val_fraction=cfg.val_fraction))
     return model, classes, cfg, ds
 
 

@@ -94,13 +94,9 @@ def test_train_on_the_pretrained_file_keeps_its_weights_and_exports(source_run, 
 
     # The SavedModel serves raw JPEG bytes exactly like the Keras model.
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(
-            data=cfg.data,
-            test_fraction=cfg.test_fraction,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
-        )
-    )
+                                  sources_lib.DataSpec(data=cfg.data,
+                                                       test_fraction=cfg.test_fraction,
+                                                       seed=cfg.seed, val_fraction=cfg.val_fraction))
     raw = [open(p, "rb").read() for p in ds.test.items[:8]]
     served = tf.saved_model.load(str(out / "export" / "1")).signatures["serving_default"](
         image_bytes=tf.constant(raw))

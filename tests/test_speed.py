@@ -50,23 +50,10 @@ def test_xla_failure_falls_back_to_plain_tensorflow(capsys):
     head = keras.Model(inp, out)
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     y = np.eye(2, dtype="float32")[np.arange(32) % 2]
-    result = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x,
-        y,
-        train_lib.StageSpec(
-            epochs=2,
-            learning_rate=1e-2,
-            weight_decay=0,
-            batch_size=8,
-            patience=0,
-            label_smoothing=0.0,
-            jit_compile=True,
-        ),
-        verbose=0,
-    )
+    result = train_lib.fit_head(head, x, y, x, y,
+                                train_lib.StageSpec(epochs=2, learning_rate=1e-2, weight_decay=0,
+                                                    batch_size=8, patience=0, label_smoothing=0.0,
+                                                    jit_compile=True), verbose=0)
     assert result.epochs == 2
     assert "continuing without --jit_compile" in capsys.readouterr().out
     assert head.jit_compile is False
@@ -78,23 +65,10 @@ def test_jit_compile_works_on_cpu_for_a_plain_head():
     head = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(inp))
     x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
     y = np.eye(2, dtype="float32")[np.arange(16) % 2]
-    r = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x,
-        y,
-        train_lib.StageSpec(
-            epochs=1,
-            learning_rate=1e-2,
-            weight_decay=0,
-            batch_size=8,
-            patience=0,
-            label_smoothing=0.0,
-            jit_compile=True,
-        ),
-        verbose=0,
-    )
+    r = train_lib.fit_head(head, x, y, x, y,
+                           train_lib.StageSpec(epochs=1, learning_rate=1e-2, weight_decay=0,
+                                               batch_size=8, patience=0, label_smoothing=0.0,
+                                               jit_compile=True), verbose=0)
     assert head.jit_compile is True and r.epochs == 1
 
 
@@ -179,23 +153,10 @@ def test_an_epoch_of_the_head_is_one_pass_over_the_images_not_over_every_view():
     x = rng.normal(size=(images * views, 6)).astype("float32")
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, images * views)]
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
-    r = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x[:16],
-        y[:16],
-        train_lib.StageSpec(
-            epochs=3,
-            learning_rate=1e-2,
-            weight_decay=0.0,
-            batch_size=bs,
-            patience=10,
-            label_smoothing=0.0,
-        ),
-        examples_per_epoch=images,
-        verbose=0,
-    )
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16],
+                           train_lib.StageSpec(epochs=3, learning_rate=1e-2, weight_decay=0.0,
+                                               batch_size=bs, patience=10, label_smoothing=0.0),
+                           examples_per_epoch=images, verbose=0)
     assert r.epochs == 3
     # 5 steps per epoch (40 images / 8), run 5 to a compiled call, never past an epoch.
     assert int(head.optimizer.iterations.numpy()) == 3 * images // bs
@@ -225,23 +186,10 @@ def test_a_head_epoch_of_a_prime_number_of_steps_still_runs_many_steps_per_call(
         def on_train_batch_end(self, batch, logs=None):
             calls.append(batch)
 
-    r = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x[:16],
-        y[:16],
-        train_lib.StageSpec(
-            epochs=2,
-            learning_rate=1e-2,
-            weight_decay=0.0,
-            batch_size=4,
-            patience=10,
-            label_smoothing=0.0,
-        ),
-        verbose=0,
-        callbacks=[Calls()],
-    )
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16],
+                           train_lib.StageSpec(epochs=2, learning_rate=1e-2, weight_decay=0.0,
+                                               batch_size=4, patience=10, label_smoothing=0.0),
+                           verbose=0, callbacks=[Calls()])
     assert r.epochs == 2 and head.steps_per_execution == 64
     assert int(head.optimizer.iterations.numpy()) == 2 * 67
     assert calls == [63, 66, 63, 66]  # the index of each call's last step, per epoch
@@ -332,22 +280,10 @@ def test_the_training_step_is_traced_once():
     traced = []
     call = head.call
     head.call = lambda *a, **k: (traced.append(k.get("training")), call(*a, **k))[1]
-    r = train_lib.fit_head(
-        head,
-        x,
-        y,
-        x[:16],
-        y[:16],
-        train_lib.StageSpec(
-            epochs=3,
-            learning_rate=1e-2,
-            weight_decay=0.0,
-            batch_size=16,
-            patience=10,
-            label_smoothing=0.0,
-        ),
-        verbose=0,
-    )
+    r = train_lib.fit_head(head, x, y, x[:16], y[:16],
+                           train_lib.StageSpec(epochs=3, learning_rate=1e-2, weight_decay=0.0,
+                                               batch_size=16, patience=10, label_smoothing=0.0),
+                           verbose=0)
     assert r.epochs == 3 and traced.count(True) == 1
 
     # fit_finetune's model.fit
@@ -356,22 +292,10 @@ def test_the_training_step_is_traced_once():
     step = model.train_step
     steps = []
     model.train_step = lambda data: (steps.append(1), step(data))[1]
-    train_lib.fit_finetune(
-        model,
-        (x, y),
-        (x[:16], y[:16]),
-        train_lib.StageSpec(
-            epochs=2,
-            learning_rate=1e-3,
-            warmup_epochs=0,
-            patience=10,
-            label_smoothing=0.0,
-            batch_size=16,
-        ),
-        initial_epoch=0,
-        steps_per_epoch=4,
-        verbose=0,
-    )
+    train_lib.fit_finetune(model, (x, y), (x[:16], y[:16]),
+                           train_lib.StageSpec(epochs=2, learning_rate=1e-3, warmup_epochs=0,
+                                               patience=10, label_smoothing=0.0, batch_size=16),
+                           initial_epoch=0, steps_per_epoch=4, verbose=0)
     assert len(steps) == 1
 
 
@@ -393,25 +317,11 @@ def test_the_heads_own_loop_trains_exactly_as_model_fit(monkeypatch):
         head = keras.Sequential([keras.Input((8,)), keras.layers.Dropout(0.3),
                                  keras.layers.Dense(3, activation="softmax",
                                                     kernel_regularizer=keras.regularizers.L2(0.01))])
-        r = train_lib.fit_head(
-            head,
-            x,
-            y,
-            vx,
-            vy,
-            train_lib.StageSpec(
-                epochs=12,
-                learning_rate=0.05,
-                weight_decay=1e-3,
-                batch_size=16,
-                patience=3,
-                label_smoothing=0.1,
-                class_weight={0: 2.0, 1: 0.5, 2: 1.0},
-                seed=4,
-            ),
-            verbose=0,
-            examples_per_epoch=60,
-        )
+        r = train_lib.fit_head(head, x, y, vx, vy,
+                               train_lib.StageSpec(epochs=12, learning_rate=0.05, weight_decay=1e-3,
+                                                   batch_size=16, patience=3, label_smoothing=0.1,
+                                                   class_weight={0: 2.0, 1: 0.5, 2: 1.0}, seed=4),
+                               verbose=0, examples_per_epoch=60)
         return r, [w.numpy() for w in head.weights], head
 
     own, w_own, head = run()
@@ -466,22 +376,10 @@ def test_cached_validation_logs_what_keras_validation_logs_and_early_stopping_re
     # Through fit_head: early stopping sees val_loss, stops, and keeps the best epoch.
     head = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
     noise = np.eye(3, dtype="float32")[rng.integers(0, 3, 37)]  # labels unrelated to x
-    r = train_lib.fit_head(
-        head,
-        x,
-        y,
-        vx,
-        noise,
-        train_lib.StageSpec(
-            epochs=60,
-            learning_rate=0.3,
-            weight_decay=0.0,
-            batch_size=16,
-            patience=2,
-            label_smoothing=0.0,
-        ),
-        verbose=0,
-    )
+    r = train_lib.fit_head(head, x, y, vx, noise,
+                           train_lib.StageSpec(epochs=60, learning_rate=0.3, weight_decay=0.0,
+                                               batch_size=16, patience=2, label_smoothing=0.0),
+                           verbose=0)
     assert r.epochs < 60 and r.best_epoch == min(range(r.epochs), key=lambda e: r.history[
         "val_loss"][e]) + 1
     assert r.val_loss == pytest.approx(min(r.history["val_loss"]), rel=1e-5)

@@ -285,39 +285,20 @@ def test_stage1_leaves_embeddings_untouched_and_stage2_changes_them():
     matrix, _ = vectors_lib.embedding_matrix(vocab, wv, 50, 0, ids)
     clf = text_model.build_text_classifier(vectorizer, matrix, 2, "cnn", 16, 0.5)
     conv0 = clf.ids_model.get_layer("encoder_conv_3").kernel.numpy()
-    train_lib.fit_head(
-        clf.ids_model,
-        ids[:250],
-        y[:250],
-        ids[250:],
-        y[250:],
-        train_lib.StageSpec(
-            epochs=1,
-            learning_rate=1e-3,
-            weight_decay=1e-4,
-            batch_size=32,
-            patience=0,
-            label_smoothing=0.1,
-        ),
-        verbose=0,
-    )
+    train_lib.fit_head(clf.ids_model, ids[:250], y[:250], ids[250:], y[250:],
+                       train_lib.StageSpec(epochs=1, learning_rate=1e-3, weight_decay=1e-4,
+                                           batch_size=32, patience=0, label_smoothing=0.1),
+                       verbose=0)
     np.testing.assert_array_equal(clf.embedding.embeddings.numpy(), matrix)
     assert not np.allclose(clf.ids_model.get_layer("encoder_conv_3").kernel.numpy(), conv0)
 
     clf.embedding.trainable = True
     ds = tf.data.Dataset.from_tensor_slices((ids[:250], y[:250])).batch(32)
     val = tf.data.Dataset.from_tensor_slices((ids[250:], y[250:])).batch(32)
-    train_lib.fit_finetune(
-        clf.ids_model,
-        ds,
-        val,
-        train_lib.StageSpec(
-            epochs=1, learning_rate=1e-3, warmup_epochs=0, patience=0, label_smoothing=0.1
-        ),
-        initial_epoch=1,
-        steps_per_epoch=8,
-        verbose=0,
-    )
+    train_lib.fit_finetune(clf.ids_model, ds, val,
+                           train_lib.StageSpec(epochs=1, learning_rate=1e-3, warmup_epochs=0,
+                                               patience=0, label_smoothing=0.1), initial_epoch=1,
+                           steps_per_epoch=8, verbose=0)
     after = clf.embedding.embeddings.numpy()
     seen = np.unique(ids[:250][ids[:250] > 1])
     assert np.abs(after[seen] - matrix[seen]).max() > 1e-4
@@ -504,13 +485,12 @@ def test_text_export_versions_and_parity_gate(tmp_path):
     with pytest.raises(export_lib.ExportRejected, match="parity gate"):
         text_export.export_text_version(clf.model, classes, str(export_dir),
                                         export_lib.ExportSpec(max_prob_diff={"saved_model": -1.0},
-                                                              batch_size=256),
-                                        parity_texts=texts,
+                                                              batch_size=256), parity_texts=texts,
                                         check_path=str(tmp_path / "check.json"))
     assert sorted(p.name for p in export_dir.iterdir()) == ["1", "2"]
     assert json.loads((tmp_path / "check.json").read_text())["published"] is False
-    replaced = text_export.export_text_version(
-        clf.model, classes, str(export_dir), export_lib.ExportSpec(overwrite=True, batch_size=256))
+    replaced = text_export.export_text_version(clf.model, classes, str(export_dir),
+                                               export_lib.ExportSpec(overwrite=True, batch_size=256))
     assert replaced["version"] == 2 and export_lib.versions(str(export_dir)) == [1, 2]
 
 

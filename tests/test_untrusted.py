@@ -133,8 +133,8 @@ def test_list_file_naming_images_elsewhere_is_refused_unless_allowed(tmp_path, c
     from tl_keras.data import sources as sources_lib
 
     ds = sources_lib.load_dataset(
-        sources_lib.DataSpec(data=str(lst), val_fraction=0.2, allow_external_paths=True)
-    )
+                                  sources_lib.DataSpec(data=str(lst), val_fraction=0.2,
+                                                       allow_external_paths=True))
     items = sorted(ds.train.items + ds.val.items)
     assert items == sorted([str(inside)] + [str(p) for ps in photos.values() for p in ps[1:]])
     code, last, err = _cli("evaluate", [f"--model={run}", f"--data={lst}",

@@ -167,22 +167,13 @@ def train(cfg: Config) -> dict:
     tr_y, va_y = _one_hot(data.train.labels, n_cls), _one_hot(data.val.labels, n_cls)
     log("stage 1: " + ("embeddings frozen" if pretrained else "embeddings trained")
         + f", encoder and head at lr {cfg.head_learning_rate}")
-    s1 = train_lib.fit_head(
-        clf.ids_model,
-        train_ids,
-        tr_y,
-        val_ids,
-        va_y,
-        train_lib.StageSpec(
-            epochs=cfg.head_epochs,
-            learning_rate=cfg.head_learning_rate,
-            weight_decay=cfg.head_weight_decay,
-            batch_size=cfg.batch_size,
-            patience=cfg.patience,
-            label_smoothing=cfg.label_smoothing,
-        ),
-        callbacks=state.stage_callbacks(1, cfg.head_learning_rate),
-    )
+    s1 = train_lib.fit_head(clf.ids_model, train_ids, tr_y, val_ids, va_y,
+                            train_lib.StageSpec(epochs=cfg.head_epochs,
+                                                learning_rate=cfg.head_learning_rate,
+                                                weight_decay=cfg.head_weight_decay,
+                                                batch_size=cfg.batch_size, patience=cfg.patience,
+                                                label_smoothing=cfg.label_smoothing),
+                            callbacks=state.stage_callbacks(1, cfg.head_learning_rate))
     s1 = state.finish_stage(1, s1)
     log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
         f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
@@ -204,21 +195,14 @@ def train(cfg: Config) -> dict:
         val_ds = data_pipeline.steady(
             tf.data.Dataset.from_tensor_slices((val_ids, va_y)).batch(cfg.batch_size))
         steps = -(-len(train_ids) // cfg.batch_size)
-        s2 = train_lib.fit_finetune(
-            clf.ids_model,
-            train_ds,
-            val_ds,
-            train_lib.StageSpec(
-                epochs=cfg.finetune_epochs,
-                learning_rate=cfg.finetune_learning_rate,
-                warmup_epochs=cfg.warmup_epochs,
-                patience=cfg.patience,
-                label_smoothing=cfg.label_smoothing,
-            ),
-            initial_epoch=s1.epochs,
-            steps_per_epoch=steps,
-            callbacks=state.stage_callbacks(2, cfg.finetune_learning_rate),
-        )
+        s2 = train_lib.fit_finetune(clf.ids_model, train_ds, val_ds,
+                                    train_lib.StageSpec(epochs=cfg.finetune_epochs,
+                                                        learning_rate=cfg.finetune_learning_rate,
+                                                        warmup_epochs=cfg.warmup_epochs,
+                                                        patience=cfg.patience,
+                                                        label_smoothing=cfg.label_smoothing),
+                                    initial_epoch=s1.epochs, steps_per_epoch=steps,
+                                    callbacks=state.stage_callbacks(2, cfg.finetune_learning_rate))
         s2 = state.finish_stage(2, s2)
         report["stage2"] = s2.summary()
         log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
