@@ -29,7 +29,7 @@ from tl_keras.report import tensorboard as tensorboard_logs
 from tl_keras.report import thresholds as multilabel
 from tl_keras.run import artifacts
 from tl_keras.run import manifest as manifest_lib
-from tl_keras.run.setup import data_spec, log, validate
+from tl_keras.run.setup import data_spec, log, log_stage, validate
 from tl_keras.train import activations, features, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
@@ -212,8 +212,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                             examples_per_epoch=len(data.train))
     s1.seconds += t_cache
     s1 = state.finish_stage(1, s1)
-    log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
-        f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
+    log_stage(1, s1)
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
               "image_size": size, "stage1": {**s1.summary(), "caching_seconds": round(t_cache, 2)},
               "stage2": {"epochs": 0}}
@@ -252,12 +251,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         s2 = state.finish_stage(2, s2)
         histories.append(s2.history)
         report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": mode}
-        log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
-            f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
-        if train_lib.stage2_is_better(s1, s2):
-            kept = "stage2"
-        else:
-            train_lib.restore(clf.model, stage1_weights)
+        log_stage(2, s2)
+        kept = train_lib.keep_better(clf.model, s1, s2, stage1_weights)
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")

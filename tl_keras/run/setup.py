@@ -13,6 +13,12 @@ def log(msg: str) -> None:
     print(f"[tl_keras] {msg}", flush=True)
 
 
+def log_stage(stage: int, result) -> None:
+    """Logs how a stage ended: its validation accuracy, epochs, best epoch and time."""
+    log(f"stage {stage}: val_accuracy {result.val_accuracy:.4f} after {result.epochs} epochs "
+        f"(best {result.best_epoch}), {result.seconds:.1f}s")
+
+
 def validate(cfg: Config) -> None:
     """Checks every setting that needs no data or model; raises ConfigError.
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tl_keras.config import Config
 from tl_keras.run import artifacts
-from tl_keras.run.setup import log, validate
+from tl_keras.run.setup import log, log_stage, validate
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs
 from tl_keras.data import pipeline as data_pipeline
@@ -175,8 +175,7 @@ def train(cfg: Config) -> dict:
                                                 label_smoothing=cfg.label_smoothing),
                             callbacks=state.stage_callbacks(1, cfg.head_learning_rate))
     s1 = state.finish_stage(1, s1)
-    log(f"stage 1: val_accuracy {s1.val_accuracy:.4f} after {s1.epochs} epochs "
-        f"(best {s1.best_epoch}), {s1.seconds:.1f}s")
+    log_stage(1, s1)
     report = {"task": "text", "classes": classes, "class_counts": counts,
               "encoder": cfg.encoder, "vocabulary": len(vocabulary),
               "sequence_length": cfg.sequence_length, "embeddings": embeddings,
@@ -205,12 +204,8 @@ def train(cfg: Config) -> dict:
                                     callbacks=state.stage_callbacks(2, cfg.finetune_learning_rate))
         s2 = state.finish_stage(2, s2)
         report["stage2"] = s2.summary()
-        log(f"stage 2: val_accuracy {s2.val_accuracy:.4f} after {s2.epochs} epochs "
-            f"(best {s2.best_epoch}), {s2.seconds:.1f}s")
-        if train_lib.stage2_is_better(s1, s2):
-            kept = "stage2"
-        else:
-            train_lib.restore(clf.ids_model, stage1_weights)
+        log_stage(2, s2)
+        kept = train_lib.keep_better(clf.ids_model, s1, s2, stage1_weights)
     report["kept"] = kept
     log(f"kept the weights of {kept}")
 

@@ -65,6 +65,16 @@ def stage2_is_better(s1: StageResult, s2: StageResult) -> bool:
     return (s2.val_accuracy, -s2.val_loss) >= (s1.val_accuracy, -s1.val_loss)
 
 
+def keep_better(model: keras.Model, s1: StageResult, s2: StageResult,
+                stage1_weights: list[np.ndarray]) -> str:
+    """Keeps stage 2's weights when it validates better (`stage2_is_better`),
+    else puts stage 1's back into `model`; returns "stage1" or "stage2"."""
+    if stage2_is_better(s1, s2):
+        return "stage2"
+    restore(model, stage1_weights)
+    return "stage1"
+
+
 def _loss(multi_label: bool, label_smoothing: float):
     if multi_label:
         return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
