@@ -177,7 +177,8 @@ def test_a_perfect_evaluation_leaves_no_stale_mistakes_png(tmp_path):
     ev = metrics_lib.evaluation(probs, np.array([0, 1, 2]), CLASSES)
     written = markdown_lib.write_evaluation_files(str(tmp_path), {"data": "d", "test": ev},
                                                 ["unused"] * 3)
-    assert written == ["evaluation.md", "evaluation_confusion_matrix.png"]
+    assert written == ["evaluation.md", "evaluation_confusion_matrix.png",
+                       "evaluation_reliability.png"]
     assert not (tmp_path / "evaluation_mistakes.png").exists()
     assert "No mistakes." in (tmp_path / "evaluation.md").read_text()
 
@@ -191,7 +192,8 @@ def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
                          "seconds": 1.0}, "stage2": {"epochs": 0}, "kept": "stage1", "val": ev}
     photo = str(sorted((FLOWERS_MINI / "tulip").glob("*.jpg"))[0])
     written = markdown_lib.write_run_files(str(tmp_path), report, [hist], [photo] * 8)
-    assert written == ["report.md", "learning_curves.png", "confusion_matrix.png", "mistakes.png"]
+    assert written == ["report.md", "learning_curves.png", "confusion_matrix.png", "mistakes.png",
+                       "reliability.png"]
     md = (tmp_path / "report.md").read_text()
     assert "## Validation (8 images; no test split" in md and "optimistic" in md
     assert "| a | 0.667 | 0.667 | 0.667 | 3 |" in md
@@ -246,6 +248,17 @@ def test_train_writes_report_md_pngs_and_extended_report_json(trained_run):
     if wrong:
         assert (trained_run / "mistakes.png").is_file()
         _png(trained_run / "mistakes.png")
+    # Calibrated probabilities: a temperature fitted on validation, the test ECE
+    # before it beside the calibrated one, and the reliability diagram.
+    cal = report["calibration"]
+    assert cal["temperature"] > 0 and cal["val_nll"] <= cal["val_nll_uncalibrated"]
+    assert 0 <= test["ece_uncalibrated"] < 1 and test["calibration_uncalibrated"]
+    assert "expected calibration error, uncalibrated" in md and "reliability.png" in md
+    _png(trained_run / "reliability.png")
+    from tl_keras.model import model_files
+
+    saved = model_files.load_model(str(trained_run / "model.keras"))
+    assert saved.get_layer("calibrated").temperature == pytest.approx(cal["temperature"])
 
 
 def _events(folder):

@@ -121,6 +121,10 @@ class Config:
     # Average the predictions of each image and its mirror (only with --flip,
     # whose augmentation says a mirror is a valid image).
     tta: bool = True
+    # Calibrate the kept model's probabilities with a temperature fitted on the
+    # validation predictions (report/calibration.py): the saved model, the
+    # SavedModel and TFLite return calibrated probabilities; the argmax is unchanged.
+    calibrate: bool = True
     top_k: int = 3
     export: bool = True
 

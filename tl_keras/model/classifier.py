@@ -17,7 +17,7 @@ import dataclasses
 import keras
 
 from tl_keras.model.families import Family
-from tl_keras.model.layers import MirrorMean, MirrorStack, Preprocess
+from tl_keras.model.layers import MirrorMean, MirrorStack, Preprocess, Temperature
 
 FEATURES_LAYER = "features"
 HEAD_LAYER = "head"
@@ -92,6 +92,16 @@ def build_classifier(backbone: keras.Model, family: Family, num_classes: int,
     feat_in = keras.Input((feats.shape[-1],), name="pooled_features")
     head = keras.Model(feat_in, dense(drop(feat_in)), name="head")
     return Classifier(model, backbone, family, feature_model, head)
+
+
+def calibrated(model: keras.Model, temperature, multi_label: bool = False) -> keras.Model:
+    """`model` with a `Temperature` layer on its probabilities (same input, one graph).
+
+    The layer is added to the model's own graph, not around a nested copy, so
+    the backbone stays where `find_backbone` looks for it.
+    """
+    probs = Temperature(temperature, multi_label, name="calibrated")(model.output)
+    return keras.Model(model.input, probs, name=model.name)
 
 
 def find_backbone(model: keras.Model) -> keras.Model:

@@ -129,3 +129,42 @@ class LocalResponseNormalization(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "radius": self.radius, "bias": self.bias,
                 "alpha": self.alpha, "beta": self.beta}
+
+
+@keras.saving.register_keras_serializable(package="tl_keras")
+class Temperature(keras.layers.Layer):
+    """Calibrates probabilities with a temperature (Guo et al., 2017).
+
+    Single-label: softmax(log(p) / T), the softmax of the logits divided by T
+    (log(p) differs from the logits by a constant per row, which the softmax
+    ignores). Multi-label: sigmoid(logit(p_c) / T_c), one temperature per
+    label. T > 1 softens over-confident probabilities; the ranking of the
+    classes (the argmax) never changes. `tl_keras.report.calibration` fits T
+    and applies the same formula to arrays.
+
+    Args:
+        temperature: T (single-label), or one T per label (multi-label).
+        multi_label: sigmoid outputs, calibrated label by label.
+    """
+
+    def __init__(self, temperature=1.0, multi_label: bool = False, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.temperature = ([float(t) for t in temperature] if multi_label
+                            else float(temperature))
+        self.multi_label = bool(multi_label)
+
+    def call(self, probs):
+        # The same clipping as calibration.apply_temperature (float32).
+        p = ops.clip(ops.cast(probs, "float32"), 1e-7, 1.0 - 1e-7)
+        t = ops.convert_to_tensor(self.temperature, dtype="float32")
+        if self.multi_label:
+            return ops.sigmoid((ops.log(p) - ops.log1p(-p)) / t)
+        return ops.softmax(ops.log(p) / t, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature,
+                "multi_label": self.multi_label}

@@ -44,7 +44,10 @@ def evaluation_markdown(ev: dict, title: str, images: Optional[dict] = None) -> 
     head += [("macro F1", ev["macro_avg"]["f1"]), ("weighted F1", ev["weighted_avg"]["f1"]),
              (f"ROC-AUC ({ev['auc']['average']})", ev["roc_auc"]),
              (f"PR-AUC ({ev['auc']['average']}, average precision)", ev["pr_auc"]),
-             (f"expected calibration error ({ECE_BINS} bins)", ev["ece"])]
+             (f"expected calibration error ({ECE_BINS} bins)"
+              + (", calibrated" if "ece_uncalibrated" in ev else ""), ev["ece"])]
+    if "ece_uncalibrated" in ev:
+        head.append(("expected calibration error, uncalibrated", ev["ece_uncalibrated"]))
     lines += ["| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_f(v)} |" for name, v in head]
     lines += [f"| examples | {ev['n']} |", ""]
@@ -73,6 +76,11 @@ def evaluation_markdown(ev: dict, title: str, images: Optional[dict] = None) -> 
         lines.append("")
         if images.get("confusion"):
             lines += [f"![confusion matrix]({images['confusion']})", ""]
+    if images.get("reliability"):
+        lines += ["### Calibration", "",
+                  "Accuracy against confidence in equal-width bins: a calibrated model's bars "
+                  "follow the diagonal.", "", f"![reliability diagram]({images['reliability']})",
+                  ""]
         if ev.get("most_confused"):
             lines += ["Most confused pairs:", ""]
             lines += [f"- {_md_escape(p['true'])} taken for {_md_escape(p['predicted'])}: "
@@ -145,6 +153,7 @@ def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
 CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_PNG = "mistakes.png"
+RELIABILITY_PNG = "reliability.png"
 
 
 def evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> dict:
@@ -161,9 +170,13 @@ def evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> dic
         images["mistakes"] = prefix + MISTAKES_PNG
         plots.mistakes_png(ev["mistakes"], [items[m["index"]] for m in ev["mistakes"]],
                            os.path.join(out_dir, images["mistakes"]))
+    if ev.get("calibration"):
+        images["reliability"] = prefix + RELIABILITY_PNG
+        plots.reliability_png(ev["calibration"], ev.get("calibration_uncalibrated"),
+                              os.path.join(out_dir, images["reliability"]))
     # A figure this evaluation has no content for must not survive from an
     # earlier run in the same folder, where it would pass for this one's.
-    for name in (CONFUSION_PNG, MISTAKES_PNG):
+    for name in (CONFUSION_PNG, MISTAKES_PNG, RELIABILITY_PNG):
         if prefix + name not in images.values() and os.path.isfile(os.path.join(out_dir,
                                                                                prefix + name)):
             os.remove(os.path.join(out_dir, prefix + name))

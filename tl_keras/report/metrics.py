@@ -247,14 +247,20 @@ def headline(ev: dict) -> dict:
 
 def evaluate_split(model, split, class_names: Sequence[str], image_size: int,
                    batch_size: int = 64, top_k: int = 3, thresholds=None) -> dict:
-    """Predicts a `Split` with `model` and returns its `evaluation`.
+    """Predicts a `Split` with `model` and returns its `evaluation` (see `evaluate_probs`)."""
+    return evaluate_probs(predict(model, split, image_size, batch_size), split, class_names,
+                          top_k, thresholds)
+
+
+def evaluate_probs(probs: np.ndarray, split, class_names: Sequence[str], top_k: int = 3,
+                   thresholds=None) -> dict:
+    """The `evaluation` of a split's predicted probabilities.
 
     Args:
         thresholds: multi-label runs: one decision threshold per label (chosen
             on validation, `tl_keras.report.thresholds`); the evaluation then
             also holds `per_label_metrics` and the thresholds used.
     """
-    probs = predict(model, split, image_size, batch_size)
     decide = {} if thresholds is None else {"threshold": np.asarray(thresholds, np.float32)}
     ev = evaluation(probs, split.labels, class_names, top_k,
                     describe_items(split.items, split.source), **decide)

@@ -155,6 +155,39 @@ def confusion_matrix_png(cm: np.ndarray, class_names: Sequence[str], path: str) 
     return _save(fig, path)
 
 
+def reliability_png(bins: Sequence[dict], uncalibrated: Optional[Sequence[dict]],
+                    path: str) -> str:
+    """Reliability diagram: accuracy against mean confidence per confidence bin.
+
+    Args:
+        bins: the evaluation's "calibration" bins (`metrics.expected_calibration_error`).
+        uncalibrated: the same bins before calibration, drawn beside them; or None.
+        path: the PNG to write.
+
+    Returns:
+        `path`.
+    """
+    fig = _new_figure((5.2, 4.6))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for series, label, color in ((uncalibrated, "uncalibrated", "#d62728"),
+                                 (bins, "calibrated" if uncalibrated else "model", "#1f77b4")):
+        if not series:
+            continue
+        conf = [b["confidence"] for b in series]
+        acc = [b["accuracy"] for b in series]
+        sizes = [max(8.0, 400.0 * b["count"] / sum(x["count"] for x in series)) for b in series]
+        ax.plot(conf, acc, color=color, linewidth=1.2, alpha=0.8)
+        ax.scatter(conf, acc, s=sizes, color=color, alpha=0.7, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title("reliability (marker area: images in bin)")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
 def _thumbnail(item, size: int = 256) -> Optional[np.ndarray]:
     """An RGB thumbnail of a file path or encoded bytes; None if it cannot be read."""
     from PIL import Image

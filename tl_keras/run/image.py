@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from tl_keras.config import Config
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs, precision
@@ -23,6 +25,7 @@ from tl_keras.model import blocks as blocks_lib
 from tl_keras.model import classifier as model_lib
 from tl_keras.model import families as families_lib
 from tl_keras.model import model_files as model_files_lib
+from tl_keras.report import calibration
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.report import tensorboard as tensorboard_logs
@@ -273,13 +276,23 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
     eval_batch = features.inference_batch_size(scaled.batch_size)
+    uncalibrated, temperature = final, None
+    if cfg.calibrate:  # a temperature fitted on the validation predictions
+        val_probs = metrics_lib.predict(final, data.val, size, eval_batch)
+        temperature = calibration.fit_temperature(val_probs, data.val.labels, multi)
+        final = model_lib.calibrated(final, temperature, multi)
+        report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature, multi)
+        log(f"calibration: temperature {_temperature_text(temperature)}, validation NLL "
+            f"{report['calibration']['val_nll_uncalibrated']:.4f} -> "
+            f"{report['calibration']['val_nll']:.4f}")
     thresholds = None
-    if multi:  # per-label thresholds, chosen on validation (issue 3)
+    if multi:  # per-label thresholds, chosen on validation (issue 3), calibrated
         thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
                                                           eval_batch)
         report["thresholds"] = thresholds_doc["thresholds"]
-    report[eval_name] = state.once("evaluation", lambda: metrics_lib.evaluate_split(
-        final, eval_split, classes, size, eval_batch, cfg.top_k, thresholds))
+    report[eval_name] = state.once("evaluation", lambda: _evaluate(
+        uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
+        thresholds))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -317,6 +330,33 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         raise rejected
     state.finish()
     return report
+
+
+def _temperature_text(temperature) -> str:
+    if isinstance(temperature, list):
+        return "per label " + ", ".join(f"{t:.3f}" for t in temperature)
+    return f"{temperature:.3f}"
+
+
+def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, batch: int,
+              top_k: int, thresholds) -> dict:
+    """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
+
+    One prediction pass: the calibrated probabilities are the temperature's
+    formula applied to the uncalibrated ones (what the exported model's
+    `Temperature` layer computes).
+    """
+    raw = metrics_lib.predict(model, split, size, batch)
+    if temperature is None:
+        return metrics_lib.evaluate_probs(raw, split, classes, top_k, thresholds)
+    ev = metrics_lib.evaluate_probs(
+        calibration.apply_temperature(raw, temperature, multi_label), split, classes, top_k,
+        thresholds)
+    before = metrics_lib.evaluation(raw, split.labels, classes, top_k, threshold=(
+        np.asarray(thresholds, np.float32) if thresholds is not None else 0.5))
+    ev["ece_uncalibrated"] = before["ece"]
+    ev["calibration_uncalibrated"] = before["calibration"]
+    return ev
 
 
 def _stage_specs(scaled: Config, multi_label: bool, class_weight, jit
