@@ -412,6 +412,9 @@ def test_model_keras_reloads_in_safe_mode_with_the_same_predictions(text_run):
     model, classes, _ = runs.load_run(str(out))
     probs = model(tf.constant(["A gorgeous, moving film.", "Dull, lifeless and far too long."]))
     assert probs.shape == (2, 2)
+    # The saved model carries the validation-fitted temperature (calibrated outputs).
+    assert model.get_layer("calibrated").temperature == pytest.approx(
+        report["calibration"]["temperature"])
 
 
 def test_embeddings_of_the_kept_stage(text_run):

@@ -26,6 +26,8 @@ from tl_keras.core import determinism, outputs
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.errors import fail
 from tl_keras.export import saved_model as export_lib
+from tl_keras.model import classifier
+from tl_keras.report import calibration
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.text import export as text_export
 from tl_keras.text import model as text_model
@@ -209,16 +211,27 @@ def train(cfg: Config) -> dict:
     report["kept"] = kept
     log(f"kept the weights of {kept}")
 
+    # --- calibrate (a temperature fitted on the validation predictions) -------
+    final = clf.model
+    if cfg.calibrate:
+        val_probs = text_model.predict_texts(clf.model, data.val.items, cfg.batch_size)
+        temperature = calibration.fit_temperature(val_probs, data.val.labels)
+        final = classifier.calibrated(clf.model, temperature)
+        report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature)
+        log(f"calibration: temperature {temperature:.3f}, validation NLL "
+            f"{report['calibration']['val_nll_uncalibrated']:.4f} -> "
+            f"{report['calibration']['val_nll']:.4f}")
+
     # --- evaluate (the string model: what is saved and served) ---------------
     if data.test is not None:
         report["test"] = state.once("evaluation", lambda: metrics_lib.metrics(
-            text_model.predict_texts(clf.model, data.test.items, cfg.batch_size),
+            text_model.predict_texts(final, data.test.items, cfg.batch_size),
             data.test.labels, cfg.top_k))
         log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} texts")
 
     # --- write outputs and export ----------------------------------------------
     resolved = cfg.replace(embedding_dim=dim)
-    artifacts.write_model_files(out, clf.model, classes, resolved)
+    artifacts.write_model_files(out, final, classes, resolved)
     rejected = None
     if cfg.export:
         # As for images: a new version (or the newest replaced, --overwrite),
@@ -227,7 +240,7 @@ def train(cfg: Config) -> dict:
         # resumed run does not export again.
         try:
             report["export"] = state.once("export", lambda: text_export.export_text_version(
-                clf.model, classes, os.path.join(out, "export"), artifacts.export_spec(cfg),
+                final, classes, os.path.join(out, "export"), artifacts.export_spec(cfg),
                 parity_texts=data.val.items, check_path=os.path.join(out, "export_check.json"),
                 log=log), lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
