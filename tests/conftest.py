@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
 
 # Small real runs (64 px, the real MobileNetV2-0.35 weights, stage 2 through the full model
 # with augmentation in tf.data) seeded and deterministic: the determinism test compares two
-# of them, the resume test kills and reruns one and compares it with them.
+# of them. (The resume test has its own settings and uninterrupted run: see test_resume.py.)
 SMALL_RUN_ARGS = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
                   "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
                   "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
