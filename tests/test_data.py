@@ -239,8 +239,61 @@ def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
     assert msg.startswith("--data='tfds:tl_keras_unreachable': could not download TFDS dataset "
                           "'tl_keras_unreachable'") and "\n" not in msg
     assert "--data=DIR" in msg and "--tfds_data_dir" in msg
+    assert "RetryError" in msg and "503" in msg, msg  # the failure itself, in its own words
     assert len(requests) == 1 + sources_lib.TFDS_DOWNLOAD_RETRIES
     assert downloader.MAX_RETRIES == before  # TFDS's own setting is back
+
+
+def test_tfds_failures_that_are_not_an_unknown_name_or_the_network_say_what_they_are(tmp_path):
+    # A known dataset whose builder fails is not "unknown"; a manual-download
+    # dataset whose folder is empty speaks of downloads but is no network
+    # failure. Each message keeps TFDS's own words, on one line.
+    import tensorflow_datasets as tfds
+
+    class TlKerasConfigured(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="small")]
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),
+                "label": tfds.features.ClassLabel(names=["daisy", "rose"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield from ()
+
+    class TlKerasManual(TlKerasConfigured):
+        BUILDER_CONFIGS = []
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "Download flowers.tgz into the manual folder."
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(dl_manager.manual_dir / "flowers.tgz")}
+
+        def _generate_examples(self, path):
+            yield from ()
+
+    with pytest.raises(ConfigError) as e:
+        sources_lib.load_dataset("tfds:tl_keras_configured/nope", tfds_data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("--data='tfds:tl_keras_configured/nope': could not open TFDS dataset "
+                          "'tl_keras_configured/nope': ValueError: ") and "\n" not in msg
+    assert "BuilderConfig nope not found" in msg and "unknown TFDS dataset" not in msg
+
+    with pytest.raises(ConfigError) as e:
+        sources_lib.load_dataset("tfds:tl_keras_manual", tfds_data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("--data='tfds:tl_keras_manual': could not load: AssertionError: Manual "
+                          "directory ") and "\n" not in msg
+    assert "Download flowers.tgz into the manual folder." in msg
+    assert "no network" not in msg and "could not download" not in msg
+
+    # The unknown name is still said so.
+    with pytest.raises(ConfigError, match=r"^--data='tfds:no_such_dataset_xyz': unknown TFDS "
+                                          r"dataset: Dataset no_such_dataset_xyz not found"):
+        sources_lib.load_source("tfds:no_such_dataset_xyz", "data", tfds_data_dir=str(tmp_path))
 
 
 # --------------------------------------------------------------------------
