@@ -310,6 +310,22 @@ def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
         assert lite["bytes"] > 0 and lite["test"]["n"] == len(split) and "macro_f1" in lite["test"]
 
 
+def test_predict_reads_the_export_only_never_the_run_files(tiny, tmp_path):
+    # `predict --model=OUT` serves OUT's newest export version; a broken
+    # config.json or a report.json that is not an object next to it is none
+    # of its business (evaluate and compare, which read them, fail in one
+    # line: tests/test_report.py).
+    run = tmp_path / "run"
+    _export_tiny(tiny, run / "export")
+    (run / "config.json").write_text('{"image_size": 32,')
+    (run / "report.json").write_text("[1, 2]")
+    photo = tiny[3].items[0]
+    result = predict_lib.predict_images(str(run), photo, top_k=1)
+    assert result["model"] == str(run / "export" / "1") and not result["skipped"]
+    assert [p["image"] for p in result["predictions"]] == [photo]
+    assert result["predictions"][0]["classes"][0] in tiny[1]
+
+
 def test_serving_flags_are_validated_before_training():
     base = config_lib.Config(data="x")
     cases = {
