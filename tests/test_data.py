@@ -392,7 +392,7 @@ def test_flip_is_an_exact_mirror_and_zoom_keeps_the_centre():
     np.testing.assert_allclose(z[:, 20, 20], img[:, 20, 20], atol=1e-3)
 
 
-def test_training_epochs_see_new_augmented_images_and_validation_never_does():
+def test_training_epochs_see_new_augmented_images_and_unaugmented_batches_stay_clean():
     split = _mini_split(2)
     size = 64
     cached = data_pipeline.image_dataset(split, size)
@@ -414,11 +414,57 @@ def test_training_epochs_see_new_augmented_images_and_validation_never_does():
     rerun = np.concatenate([x.numpy() for x, _ in data_pipeline.batched(
         data_pipeline.image_dataset(split, size), 5, 5, augment=aug_b)])
     np.testing.assert_allclose(rerun, epoch1, atol=1e-3)
-    # Validation/test batches (no augmenter): exactly the decoded pixels, every pass.
+    # Batches without an augmenter (what the pipeline gives validation: see the
+    # next test): exactly the decoded pixels, every pass.
     val = data_pipeline.batched(cached, 5, 5)
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in val]),
                                       clean.astype(np.float32))
+
+
+def test_the_training_run_augments_training_images_only(tmp_path, monkeypatch):
+    # A real run (32 px, both stages, stage 2 through the full model on the
+    # image pipeline), watched where augmentation can enter: the views cached
+    # for stage 1 (`features.extract`) and stage 2's batches (`batched`). The
+    # training images get the run's augmenter; validation never does.
+    from conftest import WEIGHTS_MNV2_035
+
+    from tl_keras.config import Config
+    from tl_keras.run import image as pipeline
+    from tl_keras.train import features
+
+    names, calls = {}, []
+    image_dataset, extract, batched = (data_pipeline.image_dataset, features.extract,
+                                       data_pipeline.batched)
+
+    def named_dataset(split, size, *args, **kwargs):
+        ds = image_dataset(split, size, *args, **kwargs)
+        names[id(ds)] = kwargs.get("name", "split")
+        return ds
+
+    def watched_extract(model, images, batch_size, views=1, augmenter=None, **kwargs):
+        calls.append(("extract", names.get(id(images)), augmenter))
+        return extract(model, images, batch_size, views, augmenter, **kwargs)
+
+    def watched_batched(ds, batch_size, num_classes, *args, augment=None, **kwargs):
+        calls.append(("batched", names.get(id(ds)), augment))
+        return batched(ds, batch_size, num_classes, *args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(data_pipeline, "image_dataset", named_dataset)
+    monkeypatch.setattr(features, "extract", watched_extract)
+    monkeypatch.setattr(data_pipeline, "batched", watched_batched)
+    cfg = Config(data=str(FLOWERS_MINI), test_fraction=0.3, backbone="mobilenet_v2", alpha=0.35,
+                 weights=str(WEIGHTS_MNV2_035), image_size=32, head_epochs=1,
+                 finetune_epochs=1, finetune_blocks=1, cache_views=2, cache_max_mb=0,
+                 batch_size=32, tensorboard=False, export=False,
+                 output_dir=str(tmp_path / "out"))
+    report = pipeline.train(cfg)
+    assert report["stage2"]["mode"] == "full_model"
+    augmented = {(where, name) for where, name, aug in calls if aug is not None}
+    plain = {(where, name) for where, name, aug in calls if aug is None}
+    assert augmented == {("extract", "train"), ("batched", "train")}, calls
+    assert plain == {("extract", "val"), ("batched", "val")}, calls
+    assert all(isinstance(aug, augment.Augment) for _, _, aug in calls if aug is not None)
 
 
 def test_random_resized_crop_stays_inside_the_image_and_is_identity_at_inference():
