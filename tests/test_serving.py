@@ -2,8 +2,12 @@
 safe versioned exports and `tl-keras predict`.
 
 The trained run (`trained_run`, real MobileNetV2-0.35 weights on real photos)
-provides the SavedModel; one more CLI run adds all four TFLite variants; a
-tiny Keras model (seconds to export) covers versioning and a rejected export.
+provides the SavedModel; one more CLI run (the shared flowers/ at 160 px) adds
+all four TFLite variants through the parity gate at its default limits; a tiny
+Keras model (seconds to export) covers versioning and a rejected export.
+REST requests are checked against `tf_serving_rest.py`, a Python copy of TF
+Serving's JSON rules, and against a real `tensorflow_model_server` where one is
+on PATH.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_serving_rest as rest
-from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
+from conftest import FLOWERS, FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
 from tensorflow_serving.apis import prediction_log_pb2
 from tl_keras.model.layers import Preprocess
 
@@ -354,18 +358,20 @@ def test_serving_flags_are_validated_before_training():
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tflite_run(tmp_path_factory):
-    """A short real run (MobileNetV2-0.35 weights, 96 px) exporting every TFLite variant."""
+def tflite_run(tmp_path_factory, data_dir):
+    """A real run exporting every TFLite variant through the parity gate at its defaults.
+
+    The shared flowers/ (1000 photos) at 160 px, head only: a model whose
+    level is known (test accuracy 0.80 on 300 images; the data's README: about
+    0.83 for a linear probe at 160 px), checked on 100 validation images, so
+    that one near-tie is one point of agreement, not seven as on 15.
+    """
     out = tmp_path_factory.mktemp("tflite") / "out"
     proc = run_cli(
-        "train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
-        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=96", "--head_epochs=10",
+        "train", f"--data={FLOWERS}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=160",
         "--finetune_epochs=0", "--cache_views=1", "--tflite=float,dynamic,float16,int8",
-        "--int8_calibration_images=40", f"--output_dir={out}",
-        # 15 validation images and a weak 96 px model: one flipped near-tie is
-        # already 7 points of agreement, so the quantized limits are loosened
-        # here (partial overrides: the other artifacts keep their defaults).
-        "--parity_min_agreement=float16=0.8,dynamic=0.7,int8=0.6")
+        "--int8_calibration_images=40", f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out
 
@@ -376,23 +382,30 @@ def test_tflite_variants_are_exported_measured_and_gated(tflite_run):
     version = tflite_run / "export" / "1"
     assert exp["version"] == 1 and exp["parity"]["passed"]
     keras_acc = report["test"]["accuracy"]
+    # Measured 0.80 (seed 42; the same on every rerun).
+    assert report["test"]["n"] == 300 and keras_acc == pytest.approx(0.80, abs=0.05)
     assert exp["keras"]["test"]["accuracy"] == pytest.approx(keras_acc)
     for v in tflite_lib.VARIANTS:
         assert (version / tflite_lib.file_name(v)).stat().st_size == exp["tflite"][v]["bytes"]
         acc = exp["tflite"][v]["test"]["accuracy"]
-        assert exp["tflite"][v]["test"]["n"] == report["test"]["n"] == 30
-        # 30 test images: float-weight variants are the model; quantized ones
-        # may flip a couple of uncertain images.
-        assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.1), (v, acc, keras_acc)
+        assert exp["tflite"][v]["test"]["n"] == 300
+        # Float-weight variants are the model; quantized ones flip a near-tie
+        # here and there: measured within one image of 300 (0.0033).
+        assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.02), (v, acc, keras_acc)
     check = json.loads((tflite_run / "export_check.json").read_text())
     arts = check["artifacts"]
-    assert arts["int8"]["min_agreement"] == 0.6 and arts["float"]["min_agreement"] == 0.98
+    assert check["n"] == 100
+    # The gate's own defaults (config.Config), none loosened.
+    assert parity.min_agreement_limits() == {k: arts[k]["min_agreement"] for k in arts}
+    assert arts["int8"]["min_agreement"] == 0.85 and arts["float"]["min_agreement"] == 0.98
     assert set(arts) == {"saved_model", *tflite_lib.VARIANTS}
     assert arts["float"]["max_prob_diff"] < 1e-4 and arts["float"]["top1_agreement"] == 1.0
     assert arts["saved_model"]["max_prob_diff"] <= 1e-4
-    # Quantization is visible, and bounded.
+    # Quantization is visible, and bounded. Measured agreement: float16 1.00,
+    # dynamic 0.99, int8 0.96 (the limits: 0.90, 0.85, 0.85).
     for v in ("dynamic", "float16", "int8"):
         assert 0 < arts[v]["max_prob_diff"] <= arts[v]["max_allowed_prob_diff"]
+        assert arts[v]["top1_agreement"] >= 0.93, (v, arts[v]["top1_agreement"])
     # The int8 file takes raw uint8 pixels: its input quantization is the identity.
     lite = tflite_lib.TFLiteClassifier(str(version / "model_int8.tflite"))
     det = lite.interpreter.get_input_details()[0]
