@@ -15,8 +15,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import keras
 import numpy as np
@@ -101,18 +106,42 @@ def test_saved_model_cli_lists_both_signatures_with_names_and_dtypes(export1):
                 (sig, out, block)
 
 
-def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
-    model, classes, cfg, ds = run_model
-    path, loaded, sigs = export1
-    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
-    want = _keras_probs(model, raw, cfg.image_size)
-    bodies = [
+def _b64_bodies(raw: list[bytes]) -> list[dict]:
+    """The four ways to send encoded images to `serving_default` over REST."""
+    return [
         {"instances": [_b64(r) for r in raw]},                                   # row, plain
         {"instances": [{"image_bytes": _b64(r)} for r in raw]},                  # row, named
         {"signature_name": "serving_default", "inputs": {"image_bytes": [_b64(r) for r in raw]}},
         {"inputs": [_b64(r) for r in raw]},                                      # columnar, plain
     ]
-    for body in bodies:
+
+
+def _pixel_bodies(pixels: np.ndarray, png: bytes) -> dict[str, dict]:
+    """The same odd-sized photo as uint8 pixels, float pixels and PNG bytes."""
+    return {
+        "uint8_columnar": {"signature_name": "serve_images_uint8",
+                           "inputs": {"images": [pixels.tolist()]}},
+        "float_row": {"signature_name": "serve_images", "instances": [pixels.tolist()]},
+        "bytes": {"instances": [_b64(png)]},
+    }
+
+
+def _odd_photo(ds) -> tuple[np.ndarray, bytes]:
+    photo = decode_lib.decode_image(tf.io.read_file(ds.test.items[0])).numpy()
+    pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
+    return pixels, tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
+
+
+# TF Serving refuses fractional numbers for an integer input before running anything.
+_FRACTIONAL_UINT8 = {"signature_name": "serve_images_uint8", "instances": [[[[0.5, 1, 2]]]]}
+
+
+def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
+    model, classes, cfg, ds = run_model
+    path, loaded, sigs = export1
+    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
+    want = _keras_probs(model, raw, cfg.image_size)
+    for body in _b64_bodies(raw):
         request, fmt = rest.json_to_request(json.dumps(body), sigs)
         out = rest.run_request(loaded, request, sigs)
         np.testing.assert_allclose(out["probabilities"], want, atol=1e-5)
@@ -128,24 +157,14 @@ def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
 
 def test_rest_pixel_requests_any_size_uint8_and_float(export1, run_model):
     path, loaded, sigs = export1
-    photo = decode_lib.decode_image(tf.io.read_file(run_model[3].test.items[0])).numpy()
-    pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
-    png = tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
     results = {}
-    for name, body in {
-        "uint8_columnar": {"signature_name": "serve_images_uint8",
-                           "inputs": {"images": [pixels.tolist()]}},
-        "float_row": {"signature_name": "serve_images", "instances": [pixels.tolist()]},
-        "bytes": {"instances": [_b64(png)]},
-    }.items():
+    for name, body in _pixel_bodies(*_odd_photo(run_model[3])).items():
         request, _ = rest.json_to_request(json.dumps(body), sigs)
         results[name] = rest.run_request(loaded, request, sigs)["probabilities"]
     np.testing.assert_allclose(results["uint8_columnar"], results["float_row"], atol=1e-6)
     np.testing.assert_allclose(results["uint8_columnar"], results["bytes"], atol=1e-6)
-    # TF Serving refuses fractional numbers for an integer input before running anything.
     with pytest.raises(rest.RequestError):
-        rest.json_to_request(json.dumps({"signature_name": "serve_images_uint8",
-                                         "instances": [[[[0.5, 1, 2]]]]}), sigs)
+        rest.json_to_request(json.dumps(_FRACTIONAL_UINT8), sigs)
 
 
 def test_undecodable_bytes_fail_that_request_with_invalid_argument(run_model, export1):
@@ -164,6 +183,114 @@ def test_undecodable_bytes_fail_that_request_with_invalid_argument(run_model, ex
     # An empty columnar batch is answered with empty outputs.
     request, _ = rest.json_to_request(json.dumps({"inputs": []}), sigs)
     assert rest.run_request(loaded, request, sigs)["probabilities"].shape == (0, 5)
+
+
+# --------------------------------------------------------------------------
+# The same requests against a real tensorflow_model_server, where one is installed
+# --------------------------------------------------------------------------
+
+_SERVER_START_S = 180  # loading the model and replaying its warmup records
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a GET (no body) or POST to `url`."""
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def model_server(trained_run, tmp_path_factory):
+    """The REST predict URL of a real TF Serving process serving the run's export."""
+    binary = shutil.which("tensorflow_model_server")
+    if binary is None:
+        pytest.skip("tensorflow_model_server not on PATH: REST handling is checked against "
+                    "tests/tf_serving_rest.py (a Python copy of TF Serving's JSON rules) only")
+    log_path = tmp_path_factory.mktemp("model_server") / "server.log"
+    rest_port, grpc_port = _free_port(), _free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [binary, f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             "--rest_api_timeout_in_ms=60000", "--model_name=flowers",
+             f"--model_base_path={(trained_run / 'export').resolve()}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    model_url = f"http://127.0.0.1:{rest_port}/v1/models/flowers"
+    try:
+        deadline = time.monotonic() + _SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"tensorflow_model_server exited with status {server.returncode}:\n"
+                            + log_path.read_text(errors="replace")[-3000:], pytrace=False)
+            try:
+                _, status = _http(model_url, timeout=5)
+                states = [v.get("state") for v in status.get("model_version_status", [])]
+                if "AVAILABLE" in states:
+                    break
+            except (OSError, ValueError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                pytest.fail(f"tensorflow_model_server not serving after {_SERVER_START_S} s:\n"
+                            + log_path.read_text(errors="replace")[-3000:], pytrace=False)
+            time.sleep(0.5)
+        yield model_url + ":predict"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _assert_same_json(got, want, where="response"):
+    """Equal JSON, numbers to 1e-5 (the server's float formatting, another process)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for k in want:
+            _assert_same_json(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same_json(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, abs=1e-5), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+def test_a_real_model_server_answers_the_rest_requests_as_the_python_copy_does(
+        model_server, run_model, export1):
+    # The requests of the tests above, sent to tensorflow_model_server over
+    # HTTP: each answer equals what tf_serving_rest.py makes of the same body.
+    path, loaded, sigs = export1
+    ds = run_model[3]
+    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
+    for body in [*_b64_bodies(raw), *_pixel_bodies(*_odd_photo(ds)).values()]:
+        request, fmt = rest.json_to_request(json.dumps(body), sigs)
+        want = json.loads(rest.outputs_to_json(rest.run_request(loaded, request, sigs), fmt))
+        status, got = _http(model_server, body)
+        assert status == 200, (status, got)
+        _assert_same_json(got, want)
+    # Refused before running (fractional uint8), or by the graph (bytes that do
+    # not decode): HTTP 400 with an error, as the copy's RequestError and
+    # InvalidArgumentError say; and the next request is served normally.
+    good = raw[0]
+    for body in (_FRACTIONAL_UINT8, {"instances": [_b64(good), _b64(b"not an image")]}):
+        status, got = _http(model_server, body)
+        assert status == 400 and "error" in got, (status, got)
+    status, got = _http(model_server, {"instances": [_b64(good)]})
+    assert status == 200 and len(got["predictions"]) == 1
 
 
 def test_warmup_records_are_prediction_logs_every_signature_accepts(export1):
