@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 WEIGHTS_MNV2_035 = DATA / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 FLOWERS_MINI = DATA / "flowers_mini"
+FLOWERS = DATA / "flowers"
 
 
 def run_cli(*args: str, timeout: int = 900, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -47,7 +48,7 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
 
 # Small real runs (64 px, the real MobileNetV2-0.35 weights, stage 2 through the full model
 # with augmentation in tf.data) seeded and deterministic: the determinism test compares two
-# of them, the resume test kills and reruns one and compares it with them.
+# of them. (The resume test has its own settings and uninterrupted run: see test_resume.py.)
 SMALL_RUN_ARGS = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
                   "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
                   "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
@@ -69,3 +70,32 @@ def deterministic_runs(tmp_path_factory, data_dir) -> tuple[Path, Path]:
         stdout, stderr = p.communicate(timeout=900)
         assert p.returncode == 0, stderr[-3000:] + stdout[-2000:]
     return outs
+
+
+def heldout_flowers(class_names: list[str], per_class: int):
+    """`per_class` photos of each class from flowers/ that flowers_mini does not hold.
+
+    flowers/ and flowers_mini share 20 photos (same bytes, same names); the
+    others are unseen by a model trained on flowers_mini, and many enough to
+    measure its accuracy far more finely than its 30 test images can.
+
+    Returns:
+        A `Split` (labels index `class_names`), the first photos by name.
+    """
+    import hashlib
+
+    import numpy as np
+
+    from tl_keras.data import sources as sources_lib
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    seen = {digest(p) for p in FLOWERS_MINI.rglob("*") if p.is_file()}
+    items, labels = [], []
+    for i, name in enumerate(class_names):
+        photos = [p for p in sorted((FLOWERS / name).iterdir()) if digest(p) not in seen]
+        assert len(photos) >= per_class, (name, len(photos))
+        items += [str(p) for p in photos[:per_class]]
+        labels += [i] * per_class
+    return sources_lib.Split(items, np.asarray(labels, dtype=np.int64), "flowers, held out")

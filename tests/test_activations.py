@@ -65,3 +65,36 @@ def test_no_cut_when_every_block_is_unfrozen():
     n = blocks_lib.num_blocks(clf.backbone, clf.family)
     assert activations.cut(clf, n) is None
     assert activations.cut(clf, n - 1) is not None
+
+
+def test_no_cut_says_why_and_stage_2_logs_that_reason(monkeypatch, capsys):
+    import types
+
+    from tl_keras.config import Config
+    from tl_keras.run import image as pipeline
+
+    clf = _clf()
+    n = blocks_lib.num_blocks(clf.backbone, clf.family)
+    cut, why = activations.find_cut(clf, n)
+    assert cut is None
+    assert why == f"the top {n} blocks are all {n} of the backbone: nothing frozen below them to cache"
+    # A split Keras refuses (here made to refuse): its own error is the reason,
+    # and stage 2 says so before training through the full model, instead of
+    # blaming the block boundary.
+    refusal = "Graph disconnected: cannot find the input of layer 'block_16_expand'"
+
+    def model(*args, name=None, **kwargs):
+        if name == "backbone_top":
+            raise ValueError(refusal)
+        return keras.Model(*args, name=name, **kwargs)
+
+    monkeypatch.setattr(activations, "keras", types.SimpleNamespace(Model=model,
+                                                                     Input=keras.Input))
+    cfg = Config(data="d", finetune_epochs=1, finetune_blocks=2)
+    assert pipeline._plan_cut(cfg, clf, data=None) is None
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == ("[tl_keras] stage 2: no cached activations (Keras could not split the "
+                    f"backbone below the top 2 blocks: ValueError: {refusal}); it will train "
+                    "through the full model")
+    monkeypatch.undo()
+    assert activations.find_cut(clf, 2)[0] is not None  # the same split, not refused

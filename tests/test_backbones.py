@@ -20,8 +20,12 @@ from tl_keras.model.families import FAMILIES, build_backbone, get_family
 from tl_keras.errors import ConfigError
 from tl_keras.model import families as families_lib
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WEIGHTS = DATA / "weights"
+
+
+@pytest.fixture(scope="module")
+def weights_dir(data_dir) -> Path:
+    """The shared weight files; a missing data folder fails (conftest.data_dir), never skips."""
+    return data_dir / "weights"
 
 # The CLI names the brief asks for; a missing or extra family fails.
 EXPECTED_NAMES = (
@@ -280,14 +284,13 @@ def test_get_family_is_case_insensitive():
     assert get_family(" ResNet50 ") is FAMILIES["resnet50"]
 
 
-@pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"no weights under {WEIGHTS}")
 @pytest.mark.parametrize("name,alpha,file", [
     ("mobilenet_v2", 0.35, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"),
     ("mobilenet", 0.25, "mobilenet_2_5_224_tf_no_top.h5"),
 ])
-def test_weights_from_path(name, alpha, file):
+def test_weights_from_path(name, alpha, file, weights_dir):
     fam = get_family(name)
-    path = WEIGHTS / file
+    path = weights_dir / file
     assert path.is_file(), path
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
@@ -305,14 +308,64 @@ def test_weights_from_path(name, alpha, file):
     keras.backend.clear_session()
 
 
-def test_weights_path_errors():
+def test_weights_path_errors(weights_dir):
     fam = get_family("mobilenet_v2")
     with pytest.raises(ConfigError, match="--weights"):
         build_backbone(fam, "/nonexistent/weights.h5", 96, 0.35)
-    if WEIGHTS.is_dir():
-        # The 0.35 file does not fit an alpha 1.0 graph: a one-line ConfigError.
-        with pytest.raises(ConfigError, match="--weights"):
-            build_backbone(fam, str(WEIGHTS / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"), 96, 1.0)
+    # The 0.35 file does not fit an alpha 1.0 graph: a one-line ConfigError
+    # that blames the file and keeps Keras's own words.
+    path = str(weights_dir / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
+    with pytest.raises(ConfigError) as e:
+        build_backbone(fam, path, 96, 1.0)
+    msg = str(e.value)
+    assert msg.startswith(f"--weights={path!r}: could not load these weights into mobilenet_v2 "
+                          "at --image_size=96 and --alpha=1: ValueError: ") and "\n" not in msg
+    assert "Shape mismatch" in msg, msg
+    keras.backend.clear_session()
+
+
+def test_a_build_that_fails_without_weights_blames_the_backbone_not_the_weights():
+    # InceptionV3 takes 75 px at least (validate() refuses less before any
+    # build; here the build itself is asked): the architecture fails, with
+    # or without weights, so --weights is not the cause.
+    for weights in ("none", "imagenet"):
+        with pytest.raises(ConfigError) as e:
+            build_backbone(get_family("inception_v3"), weights, 40)
+        assert str(e.value) == ("--backbone='inception_v3': could not be built at "
+                                "--image_size=40: ValueError: Input size must be at least "
+                                "75x75; Received: input_shape=(40, 40, 3)")
+    keras.backend.clear_session()
+
+
+def test_imagenet_weights_that_cannot_be_fetched_name_the_real_cause(monkeypatch):
+    import urllib.error
+
+    from keras.src.utils import file_utils
+
+    def unreachable(fname, origin, **kwargs):  # what Keras raises offline
+        try:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        except urllib.error.URLError as e:
+            raise Exception(f"URL fetch failure on {origin}: None -- {e.reason}")
+
+    def unwritable(fname, origin, **kwargs):  # a download that is not the network's fault
+        raise PermissionError(13, "Permission denied", "/home/user/.keras/models")
+
+    fam = get_family("mobilenet_v2")
+    monkeypatch.setattr(file_utils, "get_file", unreachable)
+    with pytest.raises(ConfigError) as e:
+        build_backbone(fam, "imagenet", 96, 0.35)
+    msg = str(e.value)
+    assert msg.startswith("--weights='imagenet': could not download the ImageNet weights of "
+                          "mobilenet_v2 (Exception: URL fetch failure on https://")
+    assert "Temporary failure in name resolution" in msg and "--weights=PATH" in msg
+    # An error that merely mentions "[Errno ...]" is not taken for a network failure.
+    monkeypatch.setattr(file_utils, "get_file", unwritable)
+    with pytest.raises(ConfigError) as e:
+        build_backbone(fam, "imagenet", 96, 0.35)
+    assert str(e.value) == ("--weights='imagenet': could not load these weights into "
+                            "mobilenet_v2 at --image_size=96 and --alpha=0.35: PermissionError: "
+                            "[Errno 13] Permission denied: '/home/user/.keras/models'")
     keras.backend.clear_session()
 
 

@@ -254,8 +254,61 @@ def test_a_tfds_download_that_fails_is_one_line_after_a_few_retries(tmp_path):
     assert msg.startswith("--data='tfds:tl_keras_unreachable': could not download TFDS dataset "
                           "'tl_keras_unreachable'") and "\n" not in msg
     assert "--data=DIR" in msg and "--tfds_data_dir" in msg
+    assert "RetryError" in msg and "503" in msg, msg  # the failure itself, in its own words
     assert len(requests) == 1 + sources_lib.TFDS_DOWNLOAD_RETRIES
     assert downloader.MAX_RETRIES == before  # TFDS's own setting is back
+
+
+def test_tfds_failures_that_are_not_an_unknown_name_or_the_network_say_what_they_are(tmp_path):
+    # A known dataset whose builder fails is not "unknown"; a manual-download
+    # dataset whose folder is empty speaks of downloads but is no network
+    # failure. Each message keeps TFDS's own words, on one line.
+    import tensorflow_datasets as tfds
+
+    class TlKerasConfigured(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="small")]
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(),
+                "label": tfds.features.ClassLabel(names=["daisy", "rose"])}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            yield from ()
+
+    class TlKerasManual(TlKerasConfigured):
+        BUILDER_CONFIGS = []
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "Download flowers.tgz into the manual folder."
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(dl_manager.manual_dir / "flowers.tgz")}
+
+        def _generate_examples(self, path):
+            yield from ()
+
+    with pytest.raises(ConfigError) as e:
+        sources_lib.load_dataset("tfds:tl_keras_configured/nope", tfds_data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("--data='tfds:tl_keras_configured/nope': could not open TFDS dataset "
+                          "'tl_keras_configured/nope': ValueError: ") and "\n" not in msg
+    assert "BuilderConfig nope not found" in msg and "unknown TFDS dataset" not in msg
+
+    with pytest.raises(ConfigError) as e:
+        sources_lib.load_dataset("tfds:tl_keras_manual", tfds_data_dir=str(tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("--data='tfds:tl_keras_manual': could not load: AssertionError: Manual "
+                          "directory ") and "\n" not in msg
+    assert "Download flowers.tgz into the manual folder." in msg
+    assert "no network" not in msg and "could not download" not in msg
+
+    # The unknown name is still said so.
+    with pytest.raises(ConfigError, match=r"^--data='tfds:no_such_dataset_xyz': unknown TFDS "
+                                          r"dataset: Dataset no_such_dataset_xyz not found"):
+        sources_lib.load_source("tfds:no_such_dataset_xyz", "data", tfds_data_dir=str(tmp_path))
 
 
 # --------------------------------------------------------------------------
@@ -354,7 +407,7 @@ def test_flip_is_an_exact_mirror_and_zoom_keeps_the_centre():
     np.testing.assert_allclose(z[:, 20, 20], img[:, 20, 20], atol=1e-3)
 
 
-def test_training_epochs_see_new_augmented_images_and_validation_never_does():
+def test_training_epochs_see_new_augmented_images_and_unaugmented_batches_stay_clean():
     split = _mini_split(2)
     size = 64
     cached = data_pipeline.image_dataset(split, size)
@@ -376,11 +429,57 @@ def test_training_epochs_see_new_augmented_images_and_validation_never_does():
     rerun = np.concatenate([x.numpy() for x, _ in data_pipeline.batched(
         data_pipeline.image_dataset(split, size), 5, 5, augment=aug_b)])
     np.testing.assert_allclose(rerun, epoch1, atol=1e-3)
-    # Validation/test batches (no augmenter): exactly the decoded pixels, every pass.
+    # Batches without an augmenter (what the pipeline gives validation: see the
+    # next test): exactly the decoded pixels, every pass.
     val = data_pipeline.batched(cached, 5, 5)
     for _ in range(2):
         np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in val]),
                                       clean.astype(np.float32))
+
+
+def test_the_training_run_augments_training_images_only(tmp_path, monkeypatch):
+    # A real run (32 px, both stages, stage 2 through the full model on the
+    # image pipeline), watched where augmentation can enter: the views cached
+    # for stage 1 (`features.extract`) and stage 2's batches (`batched`). The
+    # training images get the run's augmenter; validation never does.
+    from conftest import WEIGHTS_MNV2_035
+
+    from tl_keras.config import Config
+    from tl_keras.run import image as pipeline
+    from tl_keras.train import features
+
+    names, calls = {}, []
+    image_dataset, extract, batched = (data_pipeline.image_dataset, features.extract,
+                                       data_pipeline.batched)
+
+    def named_dataset(split, size, *args, **kwargs):
+        ds = image_dataset(split, size, *args, **kwargs)
+        names[id(ds)] = kwargs.get("name", "split")
+        return ds
+
+    def watched_extract(model, images, batch_size, views=1, augmenter=None, **kwargs):
+        calls.append(("extract", names.get(id(images)), augmenter))
+        return extract(model, images, batch_size, views, augmenter, **kwargs)
+
+    def watched_batched(ds, batch_size, num_classes, *args, augment=None, **kwargs):
+        calls.append(("batched", names.get(id(ds)), augment))
+        return batched(ds, batch_size, num_classes, *args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(data_pipeline, "image_dataset", named_dataset)
+    monkeypatch.setattr(features, "extract", watched_extract)
+    monkeypatch.setattr(data_pipeline, "batched", watched_batched)
+    cfg = Config(data=str(FLOWERS_MINI), test_fraction=0.3, backbone="mobilenet_v2", alpha=0.35,
+                 weights=str(WEIGHTS_MNV2_035), image_size=32, head_epochs=1,
+                 finetune_epochs=1, finetune_blocks=1, cache_views=2, cache_max_mb=0,
+                 batch_size=32, tensorboard=False, export=False,
+                 output_dir=str(tmp_path / "out"))
+    report = pipeline.train(cfg)
+    assert report["stage2"]["mode"] == "full_model"
+    augmented = {(where, name) for where, name, aug in calls if aug is not None}
+    plain = {(where, name) for where, name, aug in calls if aug is None}
+    assert augmented == {("extract", "train"), ("batched", "train")}, calls
+    assert plain == {("extract", "val"), ("batched", "val")}, calls
+    assert all(isinstance(aug, augment.Augment) for _, _, aug in calls if aug is not None)
 
 
 def test_random_resized_crop_stays_inside_the_image_and_is_identity_at_inference():

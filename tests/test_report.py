@@ -359,3 +359,83 @@ def test_compare_prints_runs_side_by_side(trained_run, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("tl-keras: error: run ")
     assert "Traceback" not in proc.stderr
+
+
+def _cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    """`tl-keras ARGS` run by `cli.run` in this process: (exit code, stdout, stderr)."""
+    from tl_keras import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(["tl-keras", *args])
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def _one_line_error(code, err) -> str:
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tl-keras: error: "), err
+    return lines[0][len("tl-keras: error: "):]
+
+
+def test_broken_run_files_are_one_line_errors_in_evaluate_and_compare(tmp_path, capsys):
+    # evaluate: config.json is read before the model, so a placeholder model
+    # file will do; the error names the run, the file and the parser's words.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"placeholder")
+    (run / "labels.txt").write_text("daisy\nrose\n")
+    for text, why in [
+        ('{"image_size": 96,', "config.json is not valid JSON: JSONDecodeError: Expecting "
+                               "property name enclosed in double quotes: line 1 column 19 "
+                               "(char 18)"),
+        ('["image_size", 96]', "config.json holds an array, not a JSON object"),
+    ]:
+        (run / "config.json").write_text(text)
+        code, _, err = _cli_in_process(capsys, "evaluate", f"--model={run}",
+                                       f"--data={FLOWERS_MINI}")
+        assert _one_line_error(code, err) == f"--model={str(run)!r}: {why}"
+
+    # compare: a report that is not an object, a config that is not JSON.
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "report.json").write_text(json.dumps({"test": {"accuracy": 0.5, "n": 2}}))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name, text, why in [
+        ("report.json", '"finished"', "report.json holds a string, not a JSON object"),
+        ("report.json", "[0.5]", "report.json holds an array, not a JSON object"),
+        ("config.json", "{oops}", "config.json is not valid JSON: JSONDecodeError: Expecting "
+                                  "property name enclosed in double quotes: line 1 column 2 "
+                                  "(char 1)"),
+    ]:
+        (bad / "report.json").write_text("{}")
+        (bad / name).write_text(text)
+        code, _, err = _cli_in_process(capsys, "compare", str(good), str(bad))
+        assert _one_line_error(code, err) == f"run {str(bad)!r}: {why}"
+    # An object whose figures have other shapes (hand-edited, older) shows "-".
+    (bad / "config.json").write_text("{}")
+    (bad / "report.json").write_text(json.dumps({"stage1": None, "test": 5, "classes": 3,
+                                                 "stage2": {"epochs": [1]}}))
+    code, out, err = _cli_in_process(capsys, "compare", str(good), str(bad))
+    assert code == 0 and "Traceback" not in err, err
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line}
+    assert rows["accuracy"] == ["0.5000", "-"] and rows["classes"] == ["-", "-"]
+
+
+def test_a_broken_thresholds_file_is_one_line(tmp_path):
+    from tl_keras.errors import ConfigError
+    from tl_keras.report import thresholds as multilabel
+
+    (tmp_path / multilabel.THRESHOLDS_FILE).write_text('{"thresholds": {"a": 0.4,}}')
+    with pytest.raises(ConfigError) as e:
+        multilabel.read_thresholds(str(tmp_path), ["a", "b"])
+    assert str(e.value) == (f"--model={str(tmp_path)!r}: thresholds.json is not valid JSON: "
+                            "JSONDecodeError: Expecting property name enclosed in double quotes: "
+                            "line 1 column 26 (char 25)")
+    (tmp_path / multilabel.THRESHOLDS_FILE).write_text('{"thresholds": {"a": "high"}}')
+    with pytest.raises(ConfigError, match=r"thresholds.json: could not convert string to float: "
+                                          r"'high'$"):
+        multilabel.read_thresholds(str(tmp_path), ["a", "b"])
+    (tmp_path / multilabel.THRESHOLDS_FILE).write_text('{"thresholds": {"a": 0.4}}')
+    assert multilabel.read_thresholds(str(tmp_path), ["a", "b"]) == [0.4, 0.5]

@@ -2,8 +2,12 @@
 safe versioned exports and `tl-keras predict`.
 
 The trained run (`trained_run`, real MobileNetV2-0.35 weights on real photos)
-provides the SavedModel; one more CLI run adds all four TFLite variants; a
-tiny Keras model (seconds to export) covers versioning and a rejected export.
+provides the SavedModel; one more CLI run (the shared flowers/ at 160 px) adds
+all four TFLite variants through the parity gate at its default limits; a tiny
+Keras model (seconds to export) covers versioning and a rejected export.
+REST requests are checked against `tf_serving_rest.py`, a Python copy of TF
+Serving's JSON rules, and against a real `tensorflow_model_server` where one is
+on PATH.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ import base64
 import dataclasses
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_serving_rest as rest
-from conftest import FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
+from conftest import FLOWERS, FLOWERS_MINI, WEIGHTS_MNV2_035, run_cli
 from tensorflow_serving.apis import prediction_log_pb2
 from tl_keras.model.layers import Preprocess
 
@@ -100,18 +109,42 @@ def test_saved_model_cli_lists_both_signatures_with_names_and_dtypes(export1):
                 (sig, out, block)
 
 
-def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
-    model, classes, cfg, ds = run_model
-    path, loaded, sigs = export1
-    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
-    want = _keras_probs(model, raw, cfg.image_size)
-    bodies = [
+def _b64_bodies(raw: list[bytes]) -> list[dict]:
+    """The four ways to send encoded images to `serving_default` over REST."""
+    return [
         {"instances": [_b64(r) for r in raw]},                                   # row, plain
         {"instances": [{"image_bytes": _b64(r)} for r in raw]},                  # row, named
         {"signature_name": "serving_default", "inputs": {"image_bytes": [_b64(r) for r in raw]}},
         {"inputs": [_b64(r) for r in raw]},                                      # columnar, plain
     ]
-    for body in bodies:
+
+
+def _pixel_bodies(pixels: np.ndarray, png: bytes) -> dict[str, dict]:
+    """The same odd-sized photo as uint8 pixels, float pixels and PNG bytes."""
+    return {
+        "uint8_columnar": {"signature_name": "serve_images_uint8",
+                           "inputs": {"images": [pixels.tolist()]}},
+        "float_row": {"signature_name": "serve_images", "instances": [pixels.tolist()]},
+        "bytes": {"instances": [_b64(png)]},
+    }
+
+
+def _odd_photo(ds) -> tuple[np.ndarray, bytes]:
+    photo = decode_lib.decode_image(tf.io.read_file(ds.test.items[0])).numpy()
+    pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
+    return pixels, tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
+
+
+# TF Serving refuses fractional numbers for an integer input before running anything.
+_FRACTIONAL_UINT8 = {"signature_name": "serve_images_uint8", "instances": [[[[0.5, 1, 2]]]]}
+
+
+def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
+    model, classes, cfg, ds = run_model
+    path, loaded, sigs = export1
+    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
+    want = _keras_probs(model, raw, cfg.image_size)
+    for body in _b64_bodies(raw):
         request, fmt = rest.json_to_request(json.dumps(body), sigs)
         out = rest.run_request(loaded, request, sigs)
         np.testing.assert_allclose(out["probabilities"], want, atol=1e-5)
@@ -127,24 +160,14 @@ def test_rest_row_and_columnar_b64_requests_match_keras(run_model, export1):
 
 def test_rest_pixel_requests_any_size_uint8_and_float(export1, run_model):
     path, loaded, sigs = export1
-    photo = decode_lib.decode_image(tf.io.read_file(run_model[3].test.items[0])).numpy()
-    pixels = photo[::3, ::2][:70, :90]   # an odd, non-square size
-    png = tf.io.encode_png(pixels).numpy()  # lossless: decodes to the same pixels
     results = {}
-    for name, body in {
-        "uint8_columnar": {"signature_name": "serve_images_uint8",
-                           "inputs": {"images": [pixels.tolist()]}},
-        "float_row": {"signature_name": "serve_images", "instances": [pixels.tolist()]},
-        "bytes": {"instances": [_b64(png)]},
-    }.items():
+    for name, body in _pixel_bodies(*_odd_photo(run_model[3])).items():
         request, _ = rest.json_to_request(json.dumps(body), sigs)
         results[name] = rest.run_request(loaded, request, sigs)["probabilities"]
     np.testing.assert_allclose(results["uint8_columnar"], results["float_row"], atol=1e-6)
     np.testing.assert_allclose(results["uint8_columnar"], results["bytes"], atol=1e-6)
-    # TF Serving refuses fractional numbers for an integer input before running anything.
     with pytest.raises(rest.RequestError):
-        rest.json_to_request(json.dumps({"signature_name": "serve_images_uint8",
-                                         "instances": [[[[0.5, 1, 2]]]]}), sigs)
+        rest.json_to_request(json.dumps(_FRACTIONAL_UINT8), sigs)
 
 
 def test_undecodable_bytes_fail_that_request_with_invalid_argument(run_model, export1):
@@ -163,6 +186,114 @@ def test_undecodable_bytes_fail_that_request_with_invalid_argument(run_model, ex
     # An empty columnar batch is answered with empty outputs.
     request, _ = rest.json_to_request(json.dumps({"inputs": []}), sigs)
     assert rest.run_request(loaded, request, sigs)["probabilities"].shape == (0, 5)
+
+
+# --------------------------------------------------------------------------
+# The same requests against a real tensorflow_model_server, where one is installed
+# --------------------------------------------------------------------------
+
+_SERVER_START_S = 180  # loading the model and replaying its warmup records
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a GET (no body) or POST to `url`."""
+    data = None if body is None else json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(url, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def model_server(trained_run, tmp_path_factory):
+    """The REST predict URL of a real TF Serving process serving the run's export."""
+    binary = shutil.which("tensorflow_model_server")
+    if binary is None:
+        pytest.skip("tensorflow_model_server not on PATH: REST handling is checked against "
+                    "tests/tf_serving_rest.py (a Python copy of TF Serving's JSON rules) only")
+    log_path = tmp_path_factory.mktemp("model_server") / "server.log"
+    rest_port, grpc_port = _free_port(), _free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [binary, f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+             "--rest_api_timeout_in_ms=60000", "--model_name=flowers",
+             f"--model_base_path={(trained_run / 'export').resolve()}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    model_url = f"http://127.0.0.1:{rest_port}/v1/models/flowers"
+    try:
+        deadline = time.monotonic() + _SERVER_START_S
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"tensorflow_model_server exited with status {server.returncode}:\n"
+                            + log_path.read_text(errors="replace")[-3000:], pytrace=False)
+            try:
+                _, status = _http(model_url, timeout=5)
+                states = [v.get("state") for v in status.get("model_version_status", [])]
+                if "AVAILABLE" in states:
+                    break
+            except (OSError, ValueError):
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                pytest.fail(f"tensorflow_model_server not serving after {_SERVER_START_S} s:\n"
+                            + log_path.read_text(errors="replace")[-3000:], pytrace=False)
+            time.sleep(0.5)
+        yield model_url + ":predict"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _assert_same_json(got, want, where="response"):
+    """Equal JSON, numbers to 1e-5 (the server's float formatting, another process)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for k in want:
+            _assert_same_json(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want)):
+            _assert_same_json(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, abs=1e-5), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
+def test_a_real_model_server_answers_the_rest_requests_as_the_python_copy_does(
+        model_server, run_model, export1):
+    # The requests of the tests above, sent to tensorflow_model_server over
+    # HTTP: each answer equals what tf_serving_rest.py makes of the same body.
+    path, loaded, sigs = export1
+    ds = run_model[3]
+    raw = [open(p, "rb").read() for p in ds.test.items[:4]]
+    for body in [*_b64_bodies(raw), *_pixel_bodies(*_odd_photo(ds)).values()]:
+        request, fmt = rest.json_to_request(json.dumps(body), sigs)
+        want = json.loads(rest.outputs_to_json(rest.run_request(loaded, request, sigs), fmt))
+        status, got = _http(model_server, body)
+        assert status == 200, (status, got)
+        _assert_same_json(got, want)
+    # Refused before running (fractional uint8), or by the graph (bytes that do
+    # not decode): HTTP 400 with an error, as the copy's RequestError and
+    # InvalidArgumentError say; and the next request is served normally.
+    good = raw[0]
+    for body in (_FRACTIONAL_UINT8, {"instances": [_b64(good), _b64(b"not an image")]}):
+        status, got = _http(model_server, body)
+        assert status == 400 and "error" in got, (status, got)
+    status, got = _http(model_server, {"instances": [_b64(good)]})
+    assert status == 200 and len(got["predictions"]) == 1
 
 
 def test_warmup_records_are_prediction_logs_every_signature_accepts(export1):
@@ -316,6 +447,22 @@ def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
         assert lite["bytes"] > 0 and lite["test"]["n"] == len(split) and "macro_f1" in lite["test"]
 
 
+def test_predict_reads_the_export_only_never_the_run_files(tiny, tmp_path):
+    # `predict --model=OUT` serves OUT's newest export version; a broken
+    # config.json or a report.json that is not an object next to it is none
+    # of its business (evaluate and compare, which read them, fail in one
+    # line: tests/test_report.py).
+    run = tmp_path / "run"
+    _export_tiny(tiny, run / "export")
+    (run / "config.json").write_text('{"image_size": 32,')
+    (run / "report.json").write_text("[1, 2]")
+    photo = tiny[3].items[0]
+    result = predict_lib.predict_images(str(run), photo, top_k=1)
+    assert result["model"] == str(run / "export" / "1") and not result["skipped"]
+    assert [p["image"] for p in result["predictions"]] == [photo]
+    assert result["predictions"][0]["classes"][0] in tiny[1]
+
+
 def test_serving_flags_are_validated_before_training():
     base = config_lib.Config(data="x")
     cases = {
@@ -344,18 +491,20 @@ def test_serving_flags_are_validated_before_training():
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tflite_run(tmp_path_factory):
-    """A short real run (MobileNetV2-0.35 weights, 96 px) exporting every TFLite variant."""
+def tflite_run(tmp_path_factory, data_dir):
+    """A real run exporting every TFLite variant through the parity gate at its defaults.
+
+    The shared flowers/ (1000 photos) at 160 px, head only: a model whose
+    level is known (test accuracy 0.80 on 300 images; the data's README: about
+    0.83 for a linear probe at 160 px), checked on 100 validation images, so
+    that one near-tie is one point of agreement, not seven as on 15.
+    """
     out = tmp_path_factory.mktemp("tflite") / "out"
     proc = run_cli(
-        "train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
-        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=96", "--head_epochs=10",
+        "train", f"--data={FLOWERS}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+        "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=160",
         "--finetune_epochs=0", "--cache_views=1", "--tflite=float,dynamic,float16,int8",
-        "--int8_calibration_images=40", f"--output_dir={out}",
-        # 15 validation images and a weak 96 px model: one flipped near-tie is
-        # already 7 points of agreement, so the quantized limits are loosened
-        # here (partial overrides: the other artifacts keep their defaults).
-        "--parity_min_agreement=float16=0.8,dynamic=0.7,int8=0.6")
+        "--int8_calibration_images=40", f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     return out
 
@@ -366,23 +515,30 @@ def test_tflite_variants_are_exported_measured_and_gated(tflite_run):
     version = tflite_run / "export" / "1"
     assert exp["version"] == 1 and exp["parity"]["passed"]
     keras_acc = report["test"]["accuracy"]
+    # Measured 0.80 (seed 42; the same on every rerun).
+    assert report["test"]["n"] == 300 and keras_acc == pytest.approx(0.80, abs=0.05)
     assert exp["keras"]["test"]["accuracy"] == pytest.approx(keras_acc)
     for v in tflite_lib.VARIANTS:
         assert (version / tflite_lib.file_name(v)).stat().st_size == exp["tflite"][v]["bytes"]
         acc = exp["tflite"][v]["test"]["accuracy"]
-        assert exp["tflite"][v]["test"]["n"] == report["test"]["n"] == 30
-        # 30 test images: float-weight variants are the model; quantized ones
-        # may flip a couple of uncertain images.
-        assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.1), (v, acc, keras_acc)
+        assert exp["tflite"][v]["test"]["n"] == 300
+        # Float-weight variants are the model; quantized ones flip a near-tie
+        # here and there: measured within one image of 300 (0.0033).
+        assert abs(acc - keras_acc) <= (0.0 if v == "float" else 0.02), (v, acc, keras_acc)
     check = json.loads((tflite_run / "export_check.json").read_text())
     arts = check["artifacts"]
-    assert arts["int8"]["min_agreement"] == 0.6 and arts["float"]["min_agreement"] == 0.98
+    assert check["n"] == 100
+    # The gate's own defaults (config.Config), none loosened.
+    assert parity.min_agreement_limits() == {k: arts[k]["min_agreement"] for k in arts}
+    assert arts["int8"]["min_agreement"] == 0.85 and arts["float"]["min_agreement"] == 0.98
     assert set(arts) == {"saved_model", *tflite_lib.VARIANTS}
     assert arts["float"]["max_prob_diff"] < 1e-4 and arts["float"]["top1_agreement"] == 1.0
     assert arts["saved_model"]["max_prob_diff"] <= 1e-4
-    # Quantization is visible, and bounded.
+    # Quantization is visible, and bounded. Measured agreement: float16 1.00,
+    # dynamic 0.99, int8 0.96 (the limits: 0.90, 0.85, 0.85).
     for v in ("dynamic", "float16", "int8"):
         assert 0 < arts[v]["max_prob_diff"] <= arts[v]["max_allowed_prob_diff"]
+        assert arts[v]["top1_agreement"] >= 0.93, (v, arts[v]["top1_agreement"])
     # The int8 file takes raw uint8 pixels: its input quantization is the identity.
     lite = tflite_lib.TFLiteClassifier(str(version / "model_int8.tflite"))
     det = lite.interpreter.get_input_details()[0]

@@ -69,7 +69,8 @@ BAD_STRINGS = {
 UNCHECKED_STRINGS = {
     "tfds_split": "only read with --data=tfds:NAME, which needs TFDS data",
     "tfds_data_dir": "only read with --data=tfds:NAME; any folder is a valid place",
-    "images": "only read by `tl-keras predict` (tests/test_predict.py)",
+    "images": "only read by `tl-keras predict` (its errors: test_serving.py, "
+              "test_predict_errors_name_the_flag)",
     "tpu": "any name may be a TPU; the conflicting pair tpu+strategy below checks the flag",
 }
 

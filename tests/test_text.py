@@ -395,9 +395,13 @@ def test_cli_text_run_writes_the_contract_and_beats_chance(text_run):
     assert f"token coverage {emb['token_coverage']:.1%}" in stdout
     assert report["stage1"]["epochs"] >= 1 and report["stage2"]["epochs"] >= 1
     assert report["kept"] in ("stage1", "stage2")
-    # 2 balanced classes, 300 test sentences: chance is 0.5 (sd 0.029).
+    # 2 balanced classes, 300 test sentences (sd of the estimate about 0.026).
+    # Measured with these settings: 0.707 (seed 42, the same on every rerun);
+    # training seeds 1-5 gave 0.673-0.707, other seeded samples of the corpus
+    # 0.657-0.730. Chance is 0.5; the README of the shared data reports about
+    # 0.73-0.75 for this model with all 8530 training sentences.
     assert report["test"]["n"] == 300
-    assert report["test"]["accuracy"] >= 0.6, report["test"]
+    assert report["test"]["accuracy"] == pytest.approx(0.707, abs=0.05), report["test"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["task"] == "text" and cfg["embedding_dim"] == 50
 

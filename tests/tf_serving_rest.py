@@ -1,4 +1,7 @@
-"""TF Serving's REST predict path, reproduced for tests (no model server on this machine).
+"""TF Serving's REST predict path, reproduced for tests that run without a model server.
+
+(Where `tensorflow_model_server` is on PATH, test_serving.py also sends the
+same requests to a real one and compares its answers with this copy's.)
 
 TF Serving turns a JSON body into a PredictRequest (util/json_tensor.cc,
 FillPredictRequestFromJson) using the SignatureDef stored in saved_model.pb,

@@ -14,7 +14,7 @@ import re
 import shutil
 import tempfile
 
-from tl_keras.errors import fail
+from tl_keras.errors import fail, one_line
 
 # Temporaries are named TMP_PREFIX + writer's pid + "." + ..., next to their target.
 TMP_PREFIX = ".tmp"
@@ -58,6 +58,30 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object a run file holds (report.json, config.json, ...).
+
+    Raises:
+        ValueError: one line naming the file and the cause, the parser's own
+            message kept: unreadable, not JSON, or JSON but not an object.
+    """
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {name}: {one_line(e, 200)}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON: {one_line(e, 200)}") from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(obj), "a number")
+        raise ValueError(f"{name} holds {kind}, not a JSON object") from None
+    return obj
 
 
 def _json_default(o):

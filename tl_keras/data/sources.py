@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tl_keras.core import untrusted as untrusted_lib
-from tl_keras.errors import fail
+from tl_keras.errors import fail, network_failure, one_line
 
 # Listed from class folders. Formats TensorFlow cannot decode (TIFF) are still
 # listed: the pre-flight scan converts them or reports why it cannot.
@@ -264,8 +264,10 @@ def tfds_builder(spec: str, flag: str, default_split: str, data_dir: str):
     name, _, split = spec[len("tfds:"):].partition(":")
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
-    except Exception as e:  # noqa: BLE001
+    except tfds.core.registered.DatasetNotFoundError as e:
         raise fail(flag, spec, f"unknown TFDS dataset: {' '.join(str(e).split())[:200]}") from None
+    except Exception as e:  # noqa: BLE001 - a known dataset whose builder fails: say how
+        raise fail(flag, spec, f"could not open TFDS dataset {name!r}: {one_line(e)}") from None
     return builder, split or default_split
 
 
@@ -291,24 +293,27 @@ def _tfds_download_retries(n: int):
 def tfds_prepare(builder, split: str, spec: str, flag: str, local_hint: str, decoders=None):
     """Downloads and prepares a TFDS builder's data and returns the split's dataset.
 
-    A failed download (no network) is one line naming the dataset and how to
-    point at local data instead (`local_hint`, e.g. "--data=DIR at a local
-    folder of class subfolders", or --tfds_data_dir at a prepared copy),
-    after `TFDS_DOWNLOAD_RETRIES` retries.
+    A failed download (a network error, told by its type) is one line naming
+    the dataset, the error and how to point at local data instead
+    (`local_hint`, e.g. "--data=DIR at a local folder of class subfolders",
+    or --tfds_data_dir at a prepared copy), after `TFDS_DOWNLOAD_RETRIES`
+    retries; any other failure is one line with its own message.
     """
     try:
         with _tfds_download_retries(TFDS_DOWNLOAD_RETRIES):
             builder.download_and_prepare()
         return builder.as_dataset(split=split, decoders=decoders)
     except Exception as e:  # noqa: BLE001
-        msg = " ".join(str(e).split())
-        if any(s in msg.lower() for s in ("connection", "resolve", "urlopen", "network", "download",
-                                          "name or service", "http")):
+        # A network failure by the exception's type (anywhere in its chain),
+        # not by its wording: a manual-download dataset's missing folder
+        # speaks of "download" and is not one.
+        failed = network_failure(e)
+        if failed is not None:
             name = spec[len("tfds:"):].partition(":")[0]
             raise fail(flag, spec, f"could not download TFDS dataset {name!r} "
-                       f"(no network?); point {local_hint}, or --tfds_data_dir at a "
+                       f"({one_line(failed, 200)}); point {local_hint}, or --tfds_data_dir at a "
                        "prepared copy") from None
-        raise fail(flag, spec, f"could not load: {msg[:300]}") from None
+        raise fail(flag, spec, f"could not load: {one_line(e)}") from None
 
 
 def _tfds_split(spec: str, flag: str, default_split: str, data_dir: str,

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import keras
 
-from tl_keras.errors import ConfigError, fail
+from tl_keras.errors import ConfigError, fail, network_failure, one_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,11 +322,25 @@ def build_backbone(family: Family, weights: str, image_size: int,
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - turned into one line for the user
-        msg = " ".join(str(e).split())
-        if kwargs["weights"] == "imagenet" and any(
-            s in msg for s in ("URL fetch failure", "Name or service", "urlopen", "Errno", "HTTP")
-        ):
+        failure = e
+    error = one_line(failure)
+    # Whose fault: the weights only if the same architecture builds without them.
+    if kwargs["weights"] is not None:
+        if kwargs["weights"] == "imagenet" and network_failure(failure) is not None:
             raise fail("weights", weights,
-                       f"could not download the ImageNet weights of {family.name} (no network?); "
+                       f"could not download the ImageNet weights of {family.name} ({error}); "
                        "pass --weights=PATH to a local weights file") from None
-        raise fail("weights", weights, f"could not build {family.name} with these weights: {msg[:300]}") from None
+        try:
+            family.constructor(**{**kwargs, "weights": None})
+        except Exception:  # noqa: BLE001 - the architecture itself fails: said below
+            pass
+        else:
+            raise fail("weights", weights, f"could not load these weights into {family.name}"
+                       f"{_settings(a, size)}: {error}") from None
+    raise fail("backbone", family.name, f"could not be built{_settings(a, size)}: "
+               f"{error}") from None
+
+
+def _settings(alpha: Optional[float], size: int) -> str:
+    """ " at --image_size=S [and --alpha=A]": what a build depends on besides weights."""
+    return f" at --image_size={size}" + (f" and --alpha={alpha:g}" if alpha is not None else "")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional, Sequence
 
+from tl_keras.core import outputs
 from tl_keras.errors import ConfigError
 
 
 def _load_json(path: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return outputs.read_json_object(path)
 
 
 def load(run_dir: str) -> dict:
@@ -23,24 +22,39 @@ def load(run_dir: str) -> dict:
         {"report", "config", "manifest"} (the last two may be {}).
 
     Raises:
-        ConfigError: `run_dir` is not a finished run (no readable report.json).
+        ConfigError: `run_dir` is not a finished run (no report.json), or one
+            of its files is unreadable, not JSON or not a JSON object (the
+            cause on one line).
     """
     try:
         report = _load_json(os.path.join(run_dir, "report.json"))
         config = _load_json(os.path.join(run_dir, "config.json")) or {}
         manifest = _load_json(os.path.join(run_dir, "manifest.json")) or {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"run {run_dir!r}: cannot read its JSON files: "
-                          f"{' '.join(str(e).split())[:200]}") from None
+    except ValueError as e:
+        raise ConfigError(f"run {run_dir!r}: {e}") from None
     if report is None:
         raise ConfigError(f"run {run_dir!r}: no report.json there "
                           "(expected the --output_dir of a finished tl-keras train)")
     return {"report": report, "config": config, "manifest": manifest}
 
 
+def _at(d, *keys):
+    """d[k1][k2]...; None where a level is missing or not an object (a hand-edited
+    or older report shows as "-" in its cell, never as a traceback)."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _length(v):
+    return len(v) if isinstance(v, list) else None
+
+
 def _eval(run: dict) -> dict:
-    r = run["report"]
-    return r.get("test") or r.get("val") or {}
+    ev = _at(run, "report", "test") or _at(run, "report", "val")
+    return ev if isinstance(ev, dict) else {}
 
 
 def _num(v, spec: str = ".4f") -> str:
@@ -58,26 +72,26 @@ def _topk(ev: dict):
 # (row label, how to get it from a loaded run); floats print with 4 decimals
 # unless FORMATS says otherwise.
 ROWS: list[tuple[str, Callable[[dict], object]]] = [
-    ("backbone", lambda r: r["report"].get("backbone", r["config"].get("backbone"))),
-    ("alpha", lambda r: r["config"].get("alpha")),
-    ("image size", lambda r: r["report"].get("image_size", r["config"].get("image_size"))),
-    ("classes", lambda r: len(r["report"].get("classes", []))),
-    ("data hash", lambda r: (r["manifest"].get("data", {}).get("hash") or "")[:12] or None),
-    ("stage 1 epochs", lambda r: r["report"].get("stage1", {}).get("epochs")),
-    ("stage 1 val acc", lambda r: r["report"].get("stage1", {}).get("val_accuracy")),
-    ("stage 2 epochs", lambda r: r["report"].get("stage2", {}).get("epochs")),
-    ("stage 2 val acc", lambda r: r["report"].get("stage2", {}).get("val_accuracy")),
-    ("kept", lambda r: r["report"].get("kept")),
+    ("backbone", lambda r: _at(r, "report", "backbone") or _at(r, "config", "backbone")),
+    ("alpha", lambda r: _at(r, "config", "alpha")),
+    ("image size", lambda r: _at(r, "report", "image_size") or _at(r, "config", "image_size")),
+    ("classes", lambda r: _length(_at(r, "report", "classes"))),
+    ("data hash", lambda r: str(_at(r, "manifest", "data", "hash") or "")[:12] or None),
+    ("stage 1 epochs", lambda r: _at(r, "report", "stage1", "epochs")),
+    ("stage 1 val acc", lambda r: _at(r, "report", "stage1", "val_accuracy")),
+    ("stage 2 epochs", lambda r: _at(r, "report", "stage2", "epochs")),
+    ("stage 2 val acc", lambda r: _at(r, "report", "stage2", "val_accuracy")),
+    ("kept", lambda r: _at(r, "report", "kept")),
     ("evaluated on", lambda r: "test" if "test" in r["report"] else
      "val" if "val" in r["report"] else None),
     ("examples", lambda r: _eval(r).get("n")),
     ("accuracy", lambda r: _eval(r).get("accuracy")),
     ("top-k accuracy", lambda r: _topk(_eval(r))),
-    ("macro F1", lambda r: _eval(r).get("macro_avg", {}).get("f1")),
+    ("macro F1", lambda r: _at(_eval(r), "macro_avg", "f1")),
     ("ROC-AUC", lambda r: _eval(r).get("roc_auc")),
     ("PR-AUC", lambda r: _eval(r).get("pr_auc")),
     ("ECE", lambda r: _eval(r).get("ece")),
-    ("seconds", lambda r: r["report"].get("seconds")),
+    ("seconds", lambda r: _at(r, "report", "seconds")),
 ]
 FORMATS = {"alpha": "g", "seconds": ".1f"}
 

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from tl_keras.core import outputs
+from tl_keras.errors import fail
 from tl_keras.report.metrics import f1_scores, per_label_metrics, predict
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -73,14 +74,18 @@ def write_thresholds(out_dir: str, doc: dict, export_dir: str = "") -> None:
 
 def read_thresholds(run_dir: str, class_names: list[str]) -> list[float]:
     """Thresholds of a finished run (0.5 for labels it has none for)."""
-    import json
-
     path = os.path.join(run_dir, THRESHOLDS_FILE)
     if not os.path.isfile(path):
         return [DEFAULT_THRESHOLD] * len(class_names)
-    with open(path, encoding="utf-8") as f:
-        thr = json.load(f).get("thresholds", {})
-    return [float(thr.get(c, DEFAULT_THRESHOLD)) for c in class_names]
+    try:
+        thr = outputs.read_json_object(path).get("thresholds", {})
+        if not isinstance(thr, dict):
+            raise ValueError(f"{THRESHOLDS_FILE}: 'thresholds' is not an object of label: number")
+        return [float(thr.get(c, DEFAULT_THRESHOLD)) for c in class_names]
+    except (TypeError, ValueError) as e:  # the cause on one line, the file named
+        why = " ".join(str(e).split())
+        raise fail("model", run_dir, why if THRESHOLDS_FILE in why
+                   else f"{THRESHOLDS_FILE}: {why}") from None
 
 
 def calibrate(model, val_split, class_names: list[str], image_size: int, batch_size: int = 64

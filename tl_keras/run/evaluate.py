@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import keras
@@ -36,8 +35,10 @@ def load_run(path: str, flag: str = "model") -> tuple[keras.Model, list[str], Co
             raise fail(flag, path, f"missing {os.path.basename(f)} next to the model")
     with open(labels_file, encoding="utf-8") as f:
         classes = [line.rstrip("\n") for line in f if line.strip()]
-    with open(config_file, encoding="utf-8") as f:
-        cfg = Config.from_dict(json.load(f))
+    try:
+        cfg = Config.from_dict(outputs.read_json_object(config_file))
+    except ValueError as e:  # unreadable, not JSON, not an object: the cause, on one line
+        raise fail(flag, path, str(e)) from None
     model = model_files_lib.load_model(model_file, flag)  # safe mode: never runs code from the file
     return model, classes, cfg
 

@@ -57,10 +57,9 @@ def _plan_cut(cfg: Config, blocks: int, clf, data):
     otherwise (said why)."""
     if not (cfg.finetune_epochs and blocks):
         return None
-    cut = activations.cut(clf, blocks)
+    cut, why = activations.find_cut(clf, blocks)
     if cut is None:
-        log("stage 2: no single boundary below the unfrozen blocks; "
-            "it will train through the full model")
+        log(f"stage 2: no cached activations ({why}); it will train through the full model")
         return None
     need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
     need += activations.estimate_bytes(cut, len(data.val), 1)

@@ -19,6 +19,7 @@ import numpy as np
 if TYPE_CHECKING:  # cut() is plain Keras, usable on any backend; extract() feeds tf.data
     import tensorflow as tf
 
+from tl_keras.errors import one_line
 from tl_keras.model import blocks as blocks_lib
 from tl_keras.model.classifier import Classifier
 
@@ -53,13 +54,28 @@ def cut(clf: Classifier, n_blocks: int) -> Optional[Cut]:
     """Splits the classifier below its top `n_blocks` backbone blocks.
 
     Returns:
-        The Cut, or None when the top blocks take more than one tensor from
-        below (no single boundary to cache) or n_blocks covers the whole
-        backbone (nothing frozen to cache).
+        The Cut, or None where `find_cut` gives a reason instead.
+    """
+    return find_cut(clf, n_blocks)[0]
+
+
+def find_cut(clf: Classifier, n_blocks: int) -> tuple[Optional[Cut], str]:
+    """Splits the classifier below its top `n_blocks` backbone blocks.
+
+    Returns:
+        (the Cut, ""), or (None, why not) when n_blocks covers no block or
+        the whole backbone (nothing frozen to cache), when the top blocks
+        take other than one tensor from below (no single boundary to
+        cache), or when Keras cannot build the two halves (its own error,
+        on one line). Stage 2 then trains through the full model, which is
+        always correct, only slower: so the reason is returned, not raised.
     """
     blocks = blocks_lib.block_map(clf.backbone, clf.family)
-    if n_blocks <= 0 or n_blocks >= len(blocks):
-        return None
+    if n_blocks <= 0:
+        return None, "no block is unfrozen"
+    if n_blocks >= len(blocks):
+        return None, (f"the top {n_blocks} blocks are all {len(blocks)} of the backbone: "
+                      "nothing frozen below them to cache")
     below = {name for _, names in blocks[: len(blocks) - n_blocks] for name in names}
     above = [clf.backbone.get_layer(n) for _, names in blocks[len(blocks) - n_blocks:]
              for n in names]
@@ -69,13 +85,15 @@ def cut(clf: Classifier, n_blocks: int) -> Optional[Cut]:
             if t._keras_history.operation.name in below:
                 boundary[id(t)] = t
     if len(boundary) != 1:
-        return None
+        return None, (f"the top {n_blocks} blocks take {len(boundary)} tensors from the blocks "
+                      "below, not one: no single boundary to cache")
     (tensor,) = boundary.values()
     try:
         top = keras.Model(tensor, clf.backbone.output, name="backbone_top")
         bottom_backbone = keras.Model(clf.backbone.input, tensor, name="backbone_bottom")
-    except Exception:  # noqa: BLE001 - an unusual graph: fall back to the full model
-        return None
+    except Exception as e:  # noqa: BLE001 - an unusual graph: the reason goes to the log
+        return None, (f"Keras could not split the backbone below the top {n_blocks} blocks: "
+                      f"{one_line(e)}")
     images = clf.model.input
     pre = clf.model.get_layer("preprocess")
     acts = bottom_backbone(pre(images), training=False)
@@ -87,7 +105,7 @@ def cut(clf: Classifier, n_blocks: int) -> Optional[Cut]:
     for name in ("features", "head_dropout", "head"):
         x = clf.model.get_layer(name)(x)
     trainer = keras.Model(act_in, x, name="top_trainer")
-    return Cut(bottom, trainer, tuple(tensor.shape[1:]), joint)
+    return Cut(bottom, trainer, tuple(tensor.shape[1:]), joint), ""
 
 
 def estimate_bytes(c: Cut, n_examples: int, views: int) -> int:
