@@ -291,14 +291,16 @@ def test_tfds_failures_that_are_not_an_unknown_name_or_the_network_say_what_they
             yield from ()
 
     with pytest.raises(ConfigError) as e:
-        sources_lib.load_dataset("tfds:tl_keras_configured/nope", tfds_data_dir=str(tmp_path))
+        sources_lib.load_dataset(sources_lib.DataSpec("tfds:tl_keras_configured/nope",
+                                                      tfds_data_dir=str(tmp_path)))
     msg = str(e.value)
     assert msg.startswith("--data='tfds:tl_keras_configured/nope': could not open TFDS dataset "
                           "'tl_keras_configured/nope': ValueError: ") and "\n" not in msg
     assert "BuilderConfig nope not found" in msg and "unknown TFDS dataset" not in msg
 
     with pytest.raises(ConfigError) as e:
-        sources_lib.load_dataset("tfds:tl_keras_manual", tfds_data_dir=str(tmp_path))
+        sources_lib.load_dataset(sources_lib.DataSpec("tfds:tl_keras_manual",
+                                                      tfds_data_dir=str(tmp_path)))
     msg = str(e.value)
     assert msg.startswith("--data='tfds:tl_keras_manual': could not load: AssertionError: Manual "
                           "directory ") and "\n" not in msg

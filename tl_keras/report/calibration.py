@@ -46,8 +46,11 @@ def negative_log_likelihood(probs: np.ndarray, labels: np.ndarray,
 def _fit_one(nll) -> float:
     from scipy.optimize import minimize_scalar
 
+    # A tight tolerance: T must follow the predictions smoothly (two runs whose
+    # weights differ by float rounding, a resumed and an uninterrupted one,
+    # must get the same T to ~1e-7, not to the solver's step).
     res = minimize_scalar(lambda s: nll(float(np.exp(s))), bounds=(-LOG_RANGE, LOG_RANGE),
-                          method="bounded", options={"xatol": 1e-4})
+                          method="bounded", options={"xatol": 1e-8})
     best = float(np.exp(res.x))
     # Never worse than leaving the probabilities as they are.
     return best if nll(best) < nll(1.0) else 1.0
