@@ -71,7 +71,7 @@ def test_no_cut_says_why_and_stage_2_logs_that_reason(monkeypatch, capsys):
     import types
 
     from tl_keras.config import Config
-    from tl_keras.run import image as pipeline
+    from tl_keras.run import views
 
     clf = _clf()
     n = blocks_lib.num_blocks(clf.backbone, clf.family)
@@ -91,7 +91,7 @@ def test_no_cut_says_why_and_stage_2_logs_that_reason(monkeypatch, capsys):
     monkeypatch.setattr(activations, "keras", types.SimpleNamespace(Model=model,
                                                                      Input=keras.Input))
     cfg = Config(data="d", finetune_epochs=1, finetune_blocks=2)
-    assert pipeline._plan_cut(cfg, 2, clf, data=None) is None
+    assert views.plan_cut(cfg, 2, clf, data=None) is None
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line == ("[tl_keras] stage 2: no cached activations (Keras could not split the "
                     f"backbone below the top 2 blocks: ValueError: {refusal}); it will train "

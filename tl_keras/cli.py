@@ -11,6 +11,9 @@ Commands:
   predict   top-k classes of --images with an export (--model=OUT/export/1 or a .tflite)
   pretrain  train a source model from scratch on --data (--architecture); its
             OUT/model.keras then serves as train --backbone=OUT/model.keras
+  audit     audit the data of a train command line (same flags): likely label
+            errors, near-duplicates and leakage, outliers -> OUT/audit.md,
+            label_issues.csv, relabelled.csv (features cached for train)
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tl_keras.config import Config, fields_with_help
 from tl_keras.errors import ConfigError
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "compare", "predict", "pretrain")
+COMMANDS = ("train", "evaluate", "compare", "predict", "pretrain", "audit")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -69,6 +72,16 @@ def _pretrain(cfg: Config) -> int:
     summary = {k: report[k] for k in ("architecture", "blocks", "test") if k in report}
     summary["pretrain"] = {k: v for k, v in report["pretrain"].items() if k != "history"}
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _audit(cfg: Config) -> int:
+    from tl_keras.run import audit
+
+    result = audit.audit(cfg)
+    print(json.dumps({**result["summary"], "oof_accuracy": result["oof_accuracy"],
+                      "seconds": result["seconds"],
+                      "audit": os.path.join(cfg.output_dir, "audit.md")}, indent=2))
     return 0
 
 
@@ -118,6 +131,8 @@ def main(argv: list[str]) -> int:
         return _predict(cfg, FLAGS.model)
     if argv[1] == "pretrain":
         return _pretrain(cfg)
+    if argv[1] == "audit":
+        return _audit(cfg)
     if not FLAGS.model:
         raise ConfigError("--model='': required by evaluate (a run folder or a .keras file)")
     return _evaluate(cfg, FLAGS.model)

@@ -389,3 +389,95 @@ def download(path: str) -> None:
         _colab("files").download(path)
     else:
         print(f"saved to {os.path.abspath(path)}")
+
+
+# --------------------------------------------------------------------------
+# Data audit (issue 22): review the flagged labels, write the list to train on
+# --------------------------------------------------------------------------
+
+DROP = "(drop image)"
+
+
+def write_reviewed_list(audit_dir: str, choices: dict, path: str = "") -> str:
+    """Writes the audit's `--data` list with the reviewed labels.
+
+    Args:
+        audit_dir: the folder of a `tl-keras audit` (or train) run.
+        choices: {image path: label, or `DROP` to leave the image out};
+            images not named keep the label of `relabelled.csv` (the
+            audit's suggestion for flagged images, the given label otherwise).
+        path: the CSV to write; default: AUDIT_DIR/reviewed.csv.
+
+    Returns:
+        The CSV's path (pass it as --data=PATH with --allow_external_paths).
+    """
+    import csv
+    import io
+
+    from tl_keras.report import audit as audit_lib
+
+    with open(os.path.join(audit_dir, audit_lib.RELABELLED_CSV), newline="") as f:
+        rows = list(csv.reader(f))
+    out_rows = [rows[0]]
+    for p, label in rows[1:]:
+        label = choices.get(p, label)
+        if label != DROP:
+            out_rows.append([p, label])
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(out_rows)
+    path = path or os.path.join(audit_dir, "reviewed.csv")
+    outputs.atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def review_labels(audit_dir: str, limit: int = 24, path: str = "") -> str:
+    """Shows the images the audit flagged, with a label choice per image.
+
+    With ipywidgets (Colab, Jupyter): a thumbnail, the given and suggested
+    labels and a drop-down per image (suggested, given, any class, or drop),
+    and a button that writes the reviewed list. Without ipywidgets (or
+    headless): a plain listing, and the list is written with the audit's
+    suggestions applied, saying so.
+
+    Returns:
+        The reviewed CSV's path (written now, and again on each button press).
+    """
+    from tl_keras.report import audit as audit_lib
+
+    with open(os.path.join(audit_dir, audit_lib.AUDIT_JSON)) as f:
+        result = json.load(f)
+    flagged = [d for d in result["label_issues"] if d["split"] in result.get(
+        "relabelled_splits", ["train"])][:limit]
+    path = write_reviewed_list(audit_dir, {}, path)
+    if importlib.util.find_spec("ipywidgets") is None:
+        print(f"{len(flagged)} flagged image(s) (ipywidgets is not installed, so no choices "
+              f"here: {path} applies every suggestion; edit it, or pip install ipywidgets):")
+        for d in flagged:
+            print(f"  {d['file']}: given {d['given']}, suggested {d['suggested']} "
+                  f"(score {d['score']:.3f})")
+        return path
+    import ipywidgets as widgets
+
+    classes = result["classes"]
+    boxes, picks = [], {}
+    for d in flagged:
+        options = [d["suggested"], d["given"]] + [c for c in classes
+                                                  if c not in (d["suggested"], d["given"])]
+        picks[d["file"]] = widgets.Dropdown(options=options + [DROP], value=d["suggested"],
+                                            layout=widgets.Layout(width="180px"))
+        png = _thumbnail_png(d["file"], 160) or b""
+        boxes.append(widgets.VBox([widgets.Image(value=png, format="png", width=160),
+                                   widgets.Label(f"given: {d['given']}"),
+                                   widgets.Label(f"suggested: {d['suggested']}"),
+                                   picks[d["file"]]]))
+    status = widgets.Label(f"{path}: the suggestions applied")
+    button = widgets.Button(description="write the list")
+
+    def save(_):
+        written = write_reviewed_list(audit_dir, {p: w.value for p, w in picks.items()}, path)
+        status.value = f"wrote {written}"
+
+    button.on_click(save)
+    _display(widgets.VBox([widgets.GridBox(boxes, layout=widgets.Layout(
+        grid_template_columns="repeat(4, 190px)")), widgets.HBox([button, status])]))
+    return path

@@ -115,6 +115,15 @@ def _label_array(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int32)
 
 
+def example_order(n: int, order_seed: Optional[int]) -> np.ndarray:
+    """The order `image_dataset` streams (and caches) `n` examples in: a seeded
+    permutation, or 0..n-1 without a seed. Row i of cached features is example
+    `example_order(n, seed)[i]` of the split."""
+    if order_seed is None:
+        return np.arange(n)
+    return np.random.default_rng(order_seed).permutation(n)
+
+
 def image_dataset(split: Split, size: int, cache: bool = True,
                   budget: Optional[CacheBudget] = None, name: str = "split",
                   order_seed: Optional[int] = None) -> tf.data.Dataset:
@@ -136,7 +145,7 @@ def image_dataset(split: Split, size: int, cache: bool = True,
     """
     items, labels = list(split.items), split.labels
     if order_seed is not None and len(items):
-        perm = np.random.default_rng(order_seed).permutation(len(items))
+        perm = example_order(len(items), order_seed)
         items, labels = [items[i] for i in perm], labels[perm]
     read = split.is_files
     if not cache:

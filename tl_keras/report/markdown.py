@@ -135,6 +135,10 @@ def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
                  f"Validation ({ev['n']} images; no test split, so this is the split that "
                  "chose the epochs and the stage: an optimistic estimate)")
         lines.append(evaluation_markdown(ev, title, images))
+    if report.get("audit"):
+        from tl_keras.report import audit as audit_lib
+
+        lines.append(audit_lib.summary_markdown(report["audit"]))
     if manifest:
         v = manifest.get("versions", {})
         lines += ["## Manifest", "",

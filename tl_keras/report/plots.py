@@ -215,27 +215,45 @@ def mistakes_png(mistakes: Sequence[dict], items: Sequence, path: str) -> str:
     Returns:
         `path`.
     """
+    titles = []
+    for m in mistakes:
+        name = os.path.basename(str(m["file"]))
+        if len(name) > 34:
+            name = name[:15] + "..." + name[-16:]
+        titles.append(f"{name}\ntrue: {m['true']}\npredicted: {m['predicted']} ({m['score']:.2f})")
+    return image_grid_png(items, titles, path, "most confident mistakes")
+
+
+def image_grid_png(items: Sequence, titles: Sequence[str], path: str, title: str) -> str:
+    """A grid of thumbnails, `MISTAKES_COLUMNS` a row, each under its (three-line) title.
+
+    Args:
+        items: the images, file paths or encoded bytes.
+        titles: one title per image.
+        path: the PNG to write (`mistakes_figsize(len(items))` * DPI pixels).
+        title: the figure's title.
+
+    Returns:
+        `path`.
+    """
     # Fixed margins instead of the constrained layout: every cell is alike, and
     # solving the layout of 16 titled images took half of the figure's time.
-    width, height = mistakes_figsize(len(mistakes))
+    n = len(titles)
+    width, height = mistakes_figsize(n)
     fig = _new_figure((width, height), layout=None)
-    cols = max(1, min(MISTAKES_COLUMNS, len(mistakes)))
-    rows = max(1, math.ceil(len(mistakes) / cols))
+    cols = max(1, min(MISTAKES_COLUMNS, n))
+    rows = max(1, math.ceil(n / cols))
     fig.subplots_adjust(left=0.1 / width, right=1 - 0.1 / width, bottom=0.1 / height,
                         top=1 - 0.9 / height, wspace=0.08, hspace=0.7 / (MISTAKE_CELL[1] - 0.7))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, m, item in zip(axes, mistakes, items):
+    for ax, text, item in zip(axes, titles, items):
         img = _thumbnail(item)
         if img is None:
             ax.text(0.5, 0.5, "(unreadable)", ha="center", va="center", transform=ax.transAxes)
         else:
             ax.imshow(img)
-        name = os.path.basename(str(m["file"]))
-        if len(name) > 34:
-            name = name[:15] + "..." + name[-16:]
-        ax.set_title(f"{name}\ntrue: {m['true']}\npredicted: {m['predicted']} ({m['score']:.2f})",
-                     fontsize=9, color="darkred")
-    fig.suptitle("most confident mistakes", fontsize=11)
+        ax.set_title(text, fontsize=9, color="darkred")
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -16,15 +16,12 @@ import numpy as np
 from tl_keras.config import Config
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs, precision
-from tl_keras.data import augment, preflight
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.data import sources as sources_lib
-from tl_keras.errors import fail
 from tl_keras.export import saved_model as export_lib
 from tl_keras.model import blocks as blocks_lib
-from tl_keras.model import classifier as model_lib
 from tl_keras.model import families as families_lib
-from tl_keras.model import model_files as model_files_lib
+from tl_keras.model import classifier as model_lib
 from tl_keras.report import calibration
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
@@ -32,65 +29,12 @@ from tl_keras.report import tensorboard as tensorboard_logs
 from tl_keras.report import thresholds as multilabel
 from tl_keras.run import artifacts
 from tl_keras.run import manifest as manifest_lib
-from tl_keras.run.setup import data_spec, log, log_stage, validate
-from tl_keras.train import activations, features, resume
+from tl_keras.run import audit as audit_run
+from tl_keras.run import views
+from tl_keras.run.setup import log, log_stage, validate
+from tl_keras.train import features, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
-
-
-def _cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
-    """Everything that changes cached features or activations."""
-    w = cfg.weights
-    weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
-    return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
-                val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
-                backbone=family.identity or family.name, alpha=cfg.alpha, weights=weights,
-                size=size,
-                preprocess=family.preprocess, policy=policy, seed=cfg.seed,
-                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
-                         cfg.crop_min_area])
-
-
-def _plan_cut(cfg: Config, blocks: int, clf, data):
-    """The cut below the first of the `blocks` blocks stage 2 unfreezes, when
-    stage 2 can train on cached activations within --cache_max_mb; None
-    otherwise (said why)."""
-    if not (cfg.finetune_epochs and blocks):
-        return None
-    cut, why = activations.find_cut(clf, blocks)
-    if cut is None:
-        log(f"stage 2: no cached activations ({why}); it will train through the full model")
-        return None
-    need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
-    need += activations.estimate_bytes(cut, len(data.val), 1)
-    if need > cfg.cache_max_mb * 2 ** 20:
-        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
-            f"> --cache_max_mb={cfg.cache_max_mb}; it will train through the full model")
-        return None
-    return cut
-
-
-def _cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
-                  augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
-    """Backbone outputs of `views` views of a split, from the cache or one
-    inference pass: pooled features ("f") for stage 1 and, with a cut, the
-    activations below the unfrozen blocks ("a") for stage 2.
-
-    Returns:
-        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
-    """
-    names = ("a", "f", "y") if cut is not None else ("f", "y")
-    key = cache_lib.make_key(what="views", split=split, views=views,
-                             blocks=blocks if cut is not None else 0, **key_parts)
-
-    def compute():
-        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
-                                          features.inference_batch_size(cfg.batch_size), views,
-                                          augmenter, seed=cfg.seed, progress=split == "train")
-        return (*out, labels) if cut is not None else (out, labels)
-
-    arrays, hit = cache.get_or_compute(key, names, compute, log)
-    return dict(zip(names, arrays)), hit
 
 
 def train(cfg: Config) -> dict:
@@ -120,12 +64,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     """The image pipeline; trains in the strategy's scope (see `train`)."""
     t_start = time.perf_counter()
-    family = (model_files_lib.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
-                                                     cfg.block_prefixes, cfg.preprocess)
-              if model_files_lib.is_model_file(cfg.backbone)
-              else families_lib.get_family(cfg.backbone))
-    size = cfg.image_size or family.default_size
-    families_lib.validate(family, size, cfg.alpha, cfg.weights)
+    family, size = views.resolve_family(cfg)
     out = outputs.ensure_writable_dir(cfg.output_dir)
     policy = precision.apply(dist.precision(cfg.precision))  # before any model is built
     jit = train_lib.jit_setting(cfg.jit_compile, log)
@@ -133,17 +72,11 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # The batch size and learning rates training uses (--replica_scaling);
     # `cfg` keeps the flags as given, which config.json records.
     scaled = dist.scale(cfg)
-    cache_dir = outputs.ensure_writable_dir(
-        cfg.cache_dir or os.path.join(dist.worker_dir(out), "cache"),
-        "cache_dir" if cfg.cache_dir else "output_dir")
-    cache = cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
+    cache_dir, cache = views.open_cache(cfg, dist.worker_dir(out))
 
     # --- data ----------------------------------------------------------------
     # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
-    data, scan = preflight.prepare_dataset(
-        data_spec(cfg), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
-        drop_leakage=cfg.drop_leakage,
-        report_path=os.path.join(dist.worker_dir(out), "preflight.json"), log=log)
+    data, scan = views.load_data(cfg, cache_dir, dist.worker_dir(out))
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label
@@ -160,7 +93,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # Each worker keeps its own state (the chief's is OUT's): resume per worker.
     state = resume.RunState.open(
         dist.worker_dir(out), scaled.replace(image_size=size),
-        _cache_key_parts(cfg, family, size, data, policy),
+        views.cache_key_parts(cfg, family, size, data, policy),
         {"test": data.test and cache_lib.split_fingerprint(data.test.items, data.test.labels)},
         log)
     if state.finished:
@@ -168,26 +101,16 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         return state.report()
 
     # --- model ---------------------------------------------------------------
-    backbone = families_lib.build_backbone(family, cfg.weights, size, cfg.alpha)
-    n_blocks = blocks_lib.num_blocks(backbone, family)
-    if cfg.finetune_blocks > n_blocks:
-        raise fail("finetune_blocks", cfg.finetune_blocks,
-                   f"{family.name} has only {n_blocks} blocks")
-    blocks = cfg.finetune_blocks or blocks_lib.auto_finetune_blocks(n_blocks)  # stage 2 unfreezes
-    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout, multi_label=multi)
-    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
-                                        cfg.translation, cfg.crop_min_area)
+    step = views.build_model(cfg, family, size, n_cls, multi)
+    n_blocks, blocks, clf, augmenter = step.n_blocks, step.blocks, step.clf, step.augmenter
     image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
     # Each worker reads, caches and trains on its own part of the data.
-    train_images = data_pipeline.image_dataset(dist.shard(data.train), size, budget=image_cache,
-                                               name="train", order_seed=cfg.seed)
-    val_images = data_pipeline.image_dataset(dist.shard(data.val), size, budget=image_cache,
-                                             name="val")
+    train_images, val_images = views.split_images(cfg, dist, data, size, image_cache)
     log(f"backbone {family.name} at {size}px, {n_blocks} blocks, weights={cfg.weights}, "
         f"precision {policy}, device {precision.describe_device()}")
     for note in family.notes:  # how a --backbone=PATH.keras file was cut and grouped
         log(note)
-    key_parts = {**_cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
+    key_parts = {**views.cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
     tb = tensorboard_logs.start(out, scaled.replace(image_size=size, finetune_blocks=blocks).to_dict(),
                                 cfg.tensorboard and dist.is_chief,  # only the chief writes
@@ -197,15 +120,29 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # One inference pass per view feeds both stages: pooled features for the
     # head and, below the blocks stage 2 unfreezes, activations for stage 2.
     t0 = time.perf_counter()
-    cut = _plan_cut(cfg, blocks, clf, data)
+    cut = views.plan_cut(cfg, blocks, clf, data)
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
-    tr, hit = _cached_views(scaled, blocks, clf, cut, train_images, "train", cfg.cache_views,
-                            augmenter, cache, key_parts)
-    va, _ = _cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache, key_parts)
+    tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
+                                 cfg.cache_views, augmenter, cache, key_parts)
+    va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
+                               key_parts)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
+
+    # --- data audit (issue 22) on the cached features -------------------------
+    audited = None
+    if cfg.audit and dist.num_workers == 1:
+        audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out)
+        if cfg.drop_leakage:
+            data, tr, va, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed)
+            audited["dropped"] = dropped
+            if dropped:  # the images stage 2 and the export read
+                train_images, val_images = views.split_images(cfg, dist, data, size,
+                                                              image_cache)
+    elif cfg.audit:
+        log("audit: skipped with several workers (run tl-keras audit on one machine)")
     head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
     s1 = train_lib.fit_head(clf.head, tr["f"], sources_lib.targets(tr["y"], n_cls), va["f"],
                             sources_lib.targets(va["y"], n_cls), head_spec,
@@ -221,6 +158,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     report.update({"multi_label": multi, "class_weight": class_weight and {
                        classes[i]: w for i, w in class_weight.items()},
                    "preflight": scan["summary"], "image_cache": image_cache.plan})
+    if audited is not None:
+        report["audit"] = {**audited["summary"], "dropped": audited.get("dropped", {}),
+                           "seconds": audited["audit_seconds"]}
     kept = "stage1"
     histories = [s1.history]
 

@@ -1,0 +1,159 @@
+"""The data audit (issue 22) on real photos with the real MobileNetV2-0.35 weights.
+
+A copy of flowers_mini with one label flipped and one test photo copied,
+altered (10% crop, 70% size, JPEG quality 60), into the training folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import FLOWERS_MINI, REPO, WEIGHTS_MNV2_035, run_cli
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from audit_quality import altered_copy  # noqa: E402  (the benchmark's alteration)
+
+FLIPPED = ("sunflower", "tulip")  # the first sunflower, filed under tulip
+
+
+COPY_GAP = pytest.mark.xfail(
+    strict=True, reason="issue 22 not met yet: pooled-feature cosine misses a 70%/q60/10%-crop "
+    "copy (benchmarks/README.md, audit: copy recall 0.08)")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    truth = {}
+    for c in sorted(os.listdir(FLOWERS_MINI)):
+        files = sorted(os.listdir(FLOWERS_MINI / c))
+        for i, f in enumerate(files):
+            split = "test" if i >= 16 else "train"
+            given = FLIPPED[1] if (c == FLIPPED[0] and i == 0) else c
+            dst = root / split / given / f
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(FLOWERS_MINI / c / f, dst)
+            if given != c:
+                truth["flipped"] = str(dst)
+    src = root / "test" / "daisy" / sorted(os.listdir(root / "test" / "daisy"))[0]
+    copy = root / "train" / "daisy" / "copy_of_test_photo.jpg"
+    altered_copy(str(src), str(copy))
+    truth.update(copy=str(copy), original=str(src), root=root)
+    return truth
+
+
+def _cfg(planted, out, **kw):
+    from tl_keras.config import Config
+
+    return Config(data=str(planted["root"] / "train"), test_data=str(planted["root"] / "test"),
+                  backbone="mobilenet_v2", alpha=0.35, weights=str(WEIGHTS_MNV2_035),
+                  image_size=160, finetune_epochs=0, head_epochs=3, export=False,
+                  output_dir=str(out), cache_dir=str(planted["root"] / "cache"), **kw)
+
+
+@pytest.fixture(scope="module")
+def audited(planted):
+    from tl_keras.run import audit
+
+    out = planted["root"] / "audit_out"
+    return audit.audit(_cfg(planted, out)), out
+
+
+def test_flipped_label_is_flagged(planted, audited):
+    result, out = audited
+    flagged = {d["file"]: d for d in result["label_issues"]}
+    assert planted["flipped"] in flagged, result["label_issues"]
+    d = flagged[planted["flipped"]]
+    assert (d["given"], d["suggested"]) == (FLIPPED[1], FLIPPED[0])
+    rows = (out / "label_issues.csv").read_text().splitlines()
+    assert rows[0] == "path,split,given,suggested,score"
+    assert any(r.startswith(planted["flipped"] + ",") for r in rows[1:])
+    for name in ("audit.md", "audit.json", "audit_labels.png", "audit_duplicates.png"):
+        assert (out / name).is_file(), name
+
+
+@COPY_GAP
+def test_altered_copy_across_splits_is_found(planted, audited):
+    result, _ = audited
+    pairs = [d for d in result["near_duplicates"]
+             if {d["a"], d["b"]} == {planted["copy"], planted["original"]}]
+    assert len(pairs) == 1 and pairs[0]["kind"] == "across", result["near_duplicates"]
+    assert pairs[0]["drop"]["split"] in ("train", "val")
+
+
+def test_relabelled_csv_round_trips(planted, audited):
+    from tl_keras.data import sources
+
+    result, out = audited
+    _, split = sources.load_source(str(out / "relabelled.csv"), "data",
+                                   allow_external_paths=True)
+    names = sorted(os.listdir(planted["root"] / "train"))
+    got = {p: names[int(y)] for p, y in zip(split.items, split.labels)}
+    listed = {str(p) for p in (planted["root"] / "train").rglob("*.jpg")}
+    assert set(got) == listed  # every image of --data, nothing else
+    assert got[planted["flipped"]] == FLIPPED[0]  # the suggestion applied
+    fixes = {d["file"]: d["suggested"] for d in result["label_issues"]
+             if d["split"] in ("train", "val")}
+    for p, label in got.items():
+        assert label == fixes.get(p, os.path.basename(os.path.dirname(p)))
+
+
+@pytest.fixture(scope="module")
+def trained(planted, audited):
+    from tl_keras.run import image
+
+    out = planted["root"] / "train_out"
+    cache = planted["root"] / "cache"
+    before = {f for f in os.listdir(cache) if f.endswith(".npy")}
+    report = image.train(_cfg(planted, out, drop_leakage=True, audit=True))
+    planted["new_cache_entries"] = {f for f in os.listdir(cache) if f.endswith(".npy")} - before
+    return report, out
+
+
+def test_train_reuses_features_and_reports_the_audit(planted, trained):
+    report, out = trained
+    assert not planted["new_cache_entries"]  # the audit's cached features, not computed again
+    assert "audit" in report and (out / "audit.json").is_file()
+    assert "## Data audit" in (out / "report.md").read_text()
+
+
+@COPY_GAP
+def test_train_drops_the_copy(planted, trained):
+    report, out = trained
+    assert report["audit"]["dropped"] == {"train": 1} or report["audit"]["dropped"] == {"val": 1}
+    assert "## Data audit" in (out / "report.md").read_text()
+    audit_json = json.loads((out / "audit.json").read_text())
+    assert any({d["a"], d["b"]} == {planted["copy"], planted["original"]}
+               for d in audit_json["near_duplicates"])
+    n_train = sum(1 for _ in (planted["root"] / "train").rglob("*.jpg"))
+    assert report["class_counts"]["train"] and sum(report["class_counts"]["train"]) + sum(
+        report["class_counts"]["val"]) == n_train  # counted before the drop
+    assert report["audit"]["dropped"]
+
+
+def test_no_audit_flag_skips_it(planted):
+    from tl_keras.run import image
+
+    out = planted["root"] / "no_audit_out"
+    report = image.train(_cfg(planted, out, audit=False))
+    assert "audit" not in report and not (out / "audit.json").exists()
+
+
+def test_cli_audit_reads_the_cache(planted, audited):
+    out = planted["root"] / "cli_out"
+    proc = run_cli("audit", f"--data={planted['root'] / 'train'}",
+                   f"--test_data={planted['root'] / 'test'}", "--backbone=mobilenet_v2",
+                   "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=160",
+                   "--finetune_epochs=0", f"--cache_dir={planted['root'] / 'cache'}",
+                   f"--output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "read from cache" in proc.stdout
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["label_issues"] >= 1
+    assert np.isclose(summary["oof_accuracy"], audited[0]["oof_accuracy"])

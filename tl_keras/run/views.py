@@ -1,0 +1,168 @@
+"""The data and model steps every image driver shares, and the keyed backbone outputs.
+
+`train` and `audit` load the same data (pre-flight scan), build the same
+classifier and read or compute the same cached backbone outputs, under the
+same cache keys: whichever runs first computes the features, the other reads
+them (see `tl_keras.core.cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from tl_keras.config import Config
+from tl_keras.core import cache as cache_lib
+from tl_keras.core import outputs
+from tl_keras.data import augment, preflight
+from tl_keras.data import pipeline as data_pipeline
+from tl_keras.data import sources as sources_lib
+from tl_keras.errors import fail
+from tl_keras.model import blocks as blocks_lib
+from tl_keras.model import classifier as model_lib
+from tl_keras.model import families as families_lib
+from tl_keras.model import model_files as model_files_lib
+from tl_keras.run.setup import data_spec, log
+from tl_keras.train import activations, features
+
+
+def resolve_family(cfg: Config):
+    """The backbone family of --backbone (a name or a .keras file) and the input size.
+
+    Returns:
+        (family, size in pixels), validated against --alpha and --weights.
+    """
+    family = (model_files_lib.family_from_model_file(cfg.backbone, cfg.image_size, cfg.cut_layer,
+                                                     cfg.block_prefixes, cfg.preprocess)
+              if model_files_lib.is_model_file(cfg.backbone)
+              else families_lib.get_family(cfg.backbone))
+    size = cfg.image_size or family.default_size
+    families_lib.validate(family, size, cfg.alpha, cfg.weights)
+    return family, size
+
+
+def open_cache(cfg: Config, worker_out: str) -> tuple[str, cache_lib.ArrayCache]:
+    """The run's cache folder (--cache_dir, or WORKER_OUT/cache) and its ArrayCache."""
+    cache_dir = outputs.ensure_writable_dir(
+        cfg.cache_dir or os.path.join(worker_out, "cache"),
+        "cache_dir" if cfg.cache_dir else "output_dir")
+    return cache_dir, cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
+
+
+def load_data(cfg: Config, cache_dir: str, worker_out: str) -> tuple[sources_lib.Dataset, dict]:
+    """The pre-flight scan of the run's sources (OUT/preflight.json): (dataset, scan report)."""
+    return preflight.prepare_dataset(
+        data_spec(cfg), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
+        drop_leakage=cfg.drop_leakage, report_path=os.path.join(worker_out, "preflight.json"),
+        log=log)
+
+
+def cache_key_parts(cfg: Config, family, size: int, data, policy: str) -> dict:
+    """Everything that changes cached features or activations."""
+    w = cfg.weights
+    weights = cache_lib.file_fingerprint(w) if os.path.isfile(w) else w.lower()
+    return dict(train=cache_lib.split_fingerprint(data.train.items, data.train.labels),
+                val=cache_lib.split_fingerprint(data.val.items, data.val.labels),
+                backbone=family.identity or family.name, alpha=cfg.alpha, weights=weights,
+                size=size,
+                preprocess=family.preprocess, policy=policy, seed=cfg.seed,
+                augment=[cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.translation,
+                         cfg.crop_min_area])
+
+
+@dataclasses.dataclass
+class ModelStep:
+    """The classifier and what feeds its backbone (the model step of a driver)."""
+
+    backbone: object
+    n_blocks: int
+    blocks: int  # the blocks stage 2 unfreezes
+    clf: model_lib.Classifier
+    augmenter: object
+
+
+def build_model(cfg: Config, family, size: int, n_cls: int, multi_label: bool) -> ModelStep:
+    """The backbone, the blocks stage 2 unfreezes, the classifier and the augmenter."""
+    backbone = families_lib.build_backbone(family, cfg.weights, size, cfg.alpha)
+    n_blocks = blocks_lib.num_blocks(backbone, family)
+    if cfg.finetune_blocks > n_blocks:
+        raise fail("finetune_blocks", cfg.finetune_blocks,
+                   f"{family.name} has only {n_blocks} blocks")
+    blocks = cfg.finetune_blocks or blocks_lib.auto_finetune_blocks(n_blocks)
+    clf = model_lib.build_classifier(backbone, family, n_cls, cfg.dropout,
+                                     multi_label=multi_label)
+    augmenter = augment.build_augmenter(cfg.flip, cfg.rotation, cfg.zoom, cfg.contrast, cfg.seed,
+                                        cfg.translation, cfg.crop_min_area)
+    return ModelStep(backbone, n_blocks, blocks, clf, augmenter)
+
+
+def plan_cut(cfg: Config, blocks: int, clf, data):
+    """The cut below the first of the `blocks` blocks stage 2 unfreezes, when
+    stage 2 can train on cached activations within --cache_max_mb; None
+    otherwise (said why)."""
+    if not (cfg.finetune_epochs and blocks):
+        return None
+    cut, why = activations.find_cut(clf, blocks)
+    if cut is None:
+        log(f"stage 2: no cached activations ({why}); it will train through the full model")
+        return None
+    need = activations.estimate_bytes(cut, len(data.train), cfg.cache_views)
+    need += activations.estimate_bytes(cut, len(data.val), 1)
+    if need > cfg.cache_max_mb * 2 ** 20:
+        log(f"stage 2: cached activations would need {need / 2 ** 20:.0f} MB "
+            f"> --cache_max_mb={cfg.cache_max_mb}; it will train through the full model")
+        return None
+    return cut
+
+
+def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
+                 augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
+    """Backbone outputs of `views` views of a split, from the cache or one
+    inference pass: pooled features ("f") for stage 1 and, with a cut, the
+    activations below the unfrozen blocks ("a") for stage 2.
+
+    Returns:
+        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
+    """
+    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    key = cache_lib.make_key(what="views", split=split, views=views,
+                             blocks=blocks if cut is not None else 0, **key_parts)
+
+    def compute():
+        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+                                          features.inference_batch_size(cfg.batch_size), views,
+                                          augmenter, seed=cfg.seed, progress=split == "train")
+        return (*out, labels) if cut is not None else (out, labels)
+
+    arrays, hit = cache.get_or_compute(key, names, compute, log)
+    return dict(zip(names, arrays)), hit
+
+
+def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
+                  key_parts: dict) -> np.ndarray:
+    """Pooled features of the clean test images (the audit's; cached like the others)."""
+    images = data_pipeline.image_dataset(split, size, name="test")
+    return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts)[0]["f"]
+
+
+def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
+    """The rows of images `idx` (of `n`) in cached view arrays laid out view after view."""
+    views = len(arrays["y"]) // max(n, 1)
+    rows = np.concatenate([v * n + np.asarray(idx, int) for v in range(views)])
+    return {k: np.asarray(a[rows]) for k, a in arrays.items()}
+
+
+def split_images(cfg: Config, dist, data: sources_lib.Dataset, size: int,
+                 image_cache: data_pipeline.CacheBudget):
+    """The decoded (and cached) training and validation images of this worker.
+
+    Training images stream in `data_pipeline.example_order(n, cfg.seed)`, so
+    row i of their cached features is that order's i-th image of the split.
+    """
+    train_images = data_pipeline.image_dataset(dist.shard(data.train), size, budget=image_cache,
+                                               name="train", order_seed=cfg.seed)
+    val_images = data_pipeline.image_dataset(dist.shard(data.val), size, budget=image_cache,
+                                             name="val")
+    return train_images, val_images
