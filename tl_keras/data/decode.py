@@ -81,22 +81,27 @@ def composite_on_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
     return tf.cast(out, tf.uint8)
 
 
-def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
-    """Turns an image stored with EXIF orientation 1..8 upright (`ImageOps.exif_transpose`)."""
-    def t(x):
-        return tf.transpose(x, [1, 0, 2])
+# For EXIF orientations 1..8, what turns the stored image upright (as
+# ImageOps.exif_transpose): transpose it, then reverse its rows, its columns.
+_TRANSPOSE = (0, 0, 0, 0, 1, 1, 1, 1)
+_REVERSE_ROWS = (0, 0, 1, 1, 0, 0, 1, 1)
+_REVERSE_COLUMNS = (0, 1, 1, 0, 0, 1, 1, 0)
 
-    turns = [
-        lambda: image,                                   # 1: upright
-        lambda: tf.reverse(image, [1]),                  # 2: mirrored
-        lambda: tf.reverse(image, [0, 1]),               # 3: upside down
-        lambda: tf.reverse(image, [0]),                  # 4: flipped
-        lambda: t(image),                                # 5: transposed
-        lambda: tf.reverse(t(image), [1]),               # 6: turned (phone held upright)
-        lambda: tf.reverse(t(image), [0, 1]),            # 7: transversed
-        lambda: tf.reverse(t(image), [0]),               # 8: turned the other way
-    ]
-    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, turns)
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turns an image stored with EXIF orientation 1..8 upright (`ImageOps.exif_transpose`).
+
+    Straight-line ops (a permutation and two gathers), no branches.
+    """
+    i = tf.clip_by_value(orientation, 1, 8) - 1
+    perm = tf.where(tf.gather(tf.constant(_TRANSPOSE), i) > 0, [1, 0, 2], [0, 1, 2])
+    image = tf.transpose(image, perm)
+    for axis, table in ((0, _REVERSE_ROWS), (1, _REVERSE_COLUMNS)):
+        size = tf.shape(image)[axis]
+        forward = tf.range(size)
+        index = tf.where(tf.gather(tf.constant(table), i) > 0, size - 1 - forward, forward)
+        image = tf.gather(image, index, axis=axis)
+    return image
 
 
 def _jpeg(data, header):
@@ -141,21 +146,19 @@ def _replace_byte(data, pos, value):
 
 
 def _gif(data, header):
-    def opaque_white():
-        # TensorFlow draws a GIF's transparent pixels black. With the first
-        # frame's transparency flag cleared and its transparent colour's
-        # palette entry set to white, it draws them white: Pillow's result
-        # of compositing the (on/off) transparency on white.
-        flag_pos, color_pos = header["gif_flag_pos"], header["gif_color_pos"]
-        flags = tf.cast(tf.io.decode_raw(tf.strings.substr(data, flag_pos, 1), tf.uint8)[0],
-                        tf.int32)
-        patched = _replace_byte(data, flag_pos, flags - flags % 2)
-        for i in range(3):
-            patched = _replace_byte(patched, color_pos + i, 255)
-        return patched
-
-    data = tf.cond(header["gif_color_pos"] >= 0, opaque_white, lambda: data)
-    return _first_frame(data)
+    # TensorFlow draws a GIF's transparent pixels black. With the first
+    # frame's transparency flag cleared and its transparent colour's palette
+    # entry set to white, it draws them white: Pillow's result of compositing
+    # the (on/off) transparency on white. (Computed for every GIF and kept
+    # only for transparent ones: string ops on a small file, no branch.)
+    flag_pos = tf.maximum(header["gif_flag_pos"], 0)
+    color_pos = tf.maximum(header["gif_color_pos"], 0)
+    flags = tf.cast(tf.io.decode_raw(tf.strings.substr(data, flag_pos, 1), tf.uint8)[0],
+                    tf.int32)
+    patched = _replace_byte(data, flag_pos, flags - flags % 2)
+    for i in range(3):
+        patched = _replace_byte(patched, color_pos + i, 255)
+    return _first_frame(tf.where(header["gif_color_pos"] >= 0, patched, data))
 
 
 def _first_frame(data):

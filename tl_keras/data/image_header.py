@@ -9,9 +9,10 @@ TensorFlow's decoders do not do by themselves: a JPEG's EXIF orientation, a
 PNG's bit depth and colour type, whether a WebP has alpha, and where a GIF's
 transparent colour is.
 
-Formats: JPEG (the SOF segment), PNG (IHDR), GIF (the logical screen), BMP
-(BITMAPINFOHEADER and later, 24/32 bits uncompressed: what TensorFlow's BMP
-decoder reads correctly) and WebP (VP8, VP8L, VP8X). Everything is bounds
+Formats: JPEG (the SOF segment, through libjpeg's header reader), PNG
+(IHDR), GIF (the logical screen), BMP (BITMAPINFOHEADER and later, 24/32 bits
+uncompressed: what TensorFlow's BMP decoder reads correctly) and WebP (VP8,
+VP8L, VP8X). Everything is bounds
 checked: bytes are read through `_bytes`, which pads past the end with zeros.
 """
 
@@ -27,17 +28,15 @@ FORMAT_NAMES = ("unknown", "JPEG", "PNG", "GIF", "BMP", "WebP")
 OK, EMPTY, NOT_IMAGE, TRUNCATED_HEADER, TRUNCATED, CORRUPT, UNSUPPORTED, ZERO_SIZE, \
     TOO_MANY_PIXELS = range(9)
 
-# The JPEG markers that start a frame (SOF0-3, 5-7, 9-11, 13-15): they hold the size.
-_SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)
 _EXIF_ORIENTATION = 0x0112
 # At most this many IFD0 entries are searched for the orientation (real files: 5-20).
 _MAX_IFD_ENTRIES = 256
-# Segment / block walks stop after this many steps (a real header needs tens).
+# The GIF block walk stops after this many steps (a real header needs a few).
 _MAX_STEPS = 4096
 
 
 class Header(dict):
-    """The header fields, all scalar tensors (a dict so tf control flow can carry it).
+    """The header fields, all scalar tensors.
 
     Keys:
         kind: int32 format id (JPEG, PNG, ...).
@@ -54,128 +53,67 @@ class Header(dict):
     """
 
 
-_FIELDS = {"kind": tf.int32, "width": tf.int64, "height": tf.int64, "problem": tf.int32,
-           "orientation": tf.int32, "png_depth": tf.int32, "png_color": tf.int32,
-           "channels": tf.int32, "gif_flag_pos": tf.int32, "gif_color_pos": tf.int32,
-           "detail": tf.int64}
-
-
-def _header(**values) -> Header:
-    defaults = {"orientation": 1, "channels": 3, "gif_flag_pos": -1, "gif_color_pos": -1}
-    return Header({k: tf.cast(values.get(k, defaults.get(k, 0)), dtype)
-                   for k, dtype in _FIELDS.items()})
-
-
 def _bytes(data: tf.Tensor, pos, count: int) -> tf.Tensor:
-    """`count` bytes of `data` from `pos` as int32, zeros past the end (or before 0)."""
+    """`count` bytes of `data` from `pos` (clipped to the data) as int32, zeros past the end."""
     n = tf.strings.length(data)
-    pos = tf.cast(pos, tf.int32)
-    inside = tf.strings.substr(data, tf.clip_by_value(pos, 0, n), count)
-    inside = tf.where(pos < 0, tf.constant(b""), inside)
+    inside = tf.strings.substr(data, tf.clip_by_value(tf.cast(pos, tf.int32), 0, n), count)
     padded = tf.strings.join([inside, tf.constant(b"\0" * count)])
     raw = tf.io.decode_raw(tf.strings.substr(padded, 0, count), tf.uint8)
     return tf.reshape(tf.cast(raw, tf.int32), [count])
 
 
-def _u16be(b, i):
-    return b[i] * 256 + b[i + 1]
+# Header checks run for every image of every training pipeline and request,
+# and TensorFlow sets up their graph again for each tf.data iterator, so they
+# are written to make few graph nodes: numbers are read by one gather from all
+# the numbers a header holds (`_numbers`), signatures compared as one matrix
+# (`_matches`), and branches kept to format-specific or rare steps.
 
-
-def _u16le(b, i):
-    return b[i] + b[i + 1] * 256
-
-
-def _u32be(b, i):
+def _numbers(b: tf.Tensor) -> tf.Tensor:
+    """Bytes `b` [L] and the LE/BE 16- and 32-bit numbers at each offset, as one int64 vector."""
     b = tf.cast(b, tf.int64)
-    return ((b[i] * 256 + b[i + 1]) * 256 + b[i + 2]) * 256 + b[i + 3]
+    le16 = b[:-1] + b[1:] * 256
+    be16 = b[:-1] * 256 + b[1:]
+    return tf.concat([b, le16, be16, le16[:-2] + le16[2:] * 65536,
+                      be16[:-2] * 65536 + be16[2:]], 0)
 
 
-def _u32le(b, i):
-    b = tf.cast(b, tf.int64)
-    return ((b[i + 3] * 256 + b[i + 2]) * 256 + b[i + 1]) * 256 + b[i]
+def _read(numbers: tf.Tensor, length: int, wanted: list) -> list:
+    """The numbers `wanted` ([(kind, offset)], kind one of u8 le16 be16 le32 be32) of `_numbers`."""
+    base = {"u8": 0, "le16": length, "be16": 2 * length - 1, "le32": 3 * length - 2,
+            "be32": 4 * length - 5}
+    return tf.unstack(tf.gather(numbers, [base[k] + i for k, i in wanted]), len(wanted))
 
 
-def _is(b, start: int, expected: bytes):
-    return tf.reduce_all(tf.equal(b[start:start + len(expected)], list(expected)))
+def _matches(b: tf.Tensor, patterns: list) -> tf.Tensor:
+    """For each of `patterns` ([{offset: bytes}]): whether `b` holds those bytes (bool [P])."""
+    size = int(b.shape[0])
+    want = [[0] * size for _ in patterns]
+    mask = [[False] * size for _ in patterns]
+    for row, pattern in enumerate(patterns):
+        for offset, expected in pattern.items():
+            for i, value in enumerate(expected):
+                want[row][offset + i], mask[row][offset + i] = value, True
+    return tf.reduce_all(tf.logical_or(tf.equal(b[None, :], want),
+                                       tf.logical_not(tf.constant(mask))), axis=1)
 
 
-def _ends_with_or_contains(data: tf.Tensor, start, marker: bytes):
-    """Whether `marker` occurs in `data` from byte `start` on.
-
-    The common case (the marker is the last bytes) costs one substr; else the
-    rest of the data is split on the marker (a copy, only for odd files).
-    """
-    n = tf.strings.length(data)
-    k = len(marker)
-    at_end = tf.logical_and(n - k >= start,
-                            tf.equal(tf.strings.substr(data, tf.maximum(n - k, 0), k), marker))
-
-    def search():
-        rest = tf.strings.substr(data, tf.clip_by_value(tf.cast(start, tf.int32), 0, n), n)
-        parts = tf.strings.split(rest, sep=marker)
-        return tf.size(parts) > 1
-
-    return tf.cond(at_end, lambda: tf.constant(True), search)
+# The signatures (first bytes) of the formats decoded, and each one's id.
+_SIGNATURES = [({0: b"\xff\xd8\xff"}, JPEG), ({0: b"\x89PNG\r\n\x1a\n"}, PNG),
+               ({0: b"GIF87a"}, GIF), ({0: b"GIF89a"}, GIF), ({0: b"BM"}, BMP),
+               ({0: b"RIFF", 8: b"WEBP"}, WEBP)]
 
 
-# --------------------------------------------------------------------------
-# JPEG: walk the marker segments up to the first scan
-# --------------------------------------------------------------------------
+def _kind(b: tf.Tensor) -> tf.Tensor:
+    """The format id (int32) from the first 12 (or more) bytes."""
+    found = _matches(b[:12], [p for p, _ in _SIGNATURES])
+    kinds = tf.constant([k for _, k in _SIGNATURES], tf.int32)
+    return tf.where(tf.reduce_any(found), tf.gather(kinds, tf.argmax(tf.cast(found, tf.int32))),
+                    UNKNOWN)
 
-def _jpeg(data: tf.Tensor, n: tf.Tensor) -> Header:
-    # state: pos, width, height, exif_pos, exif_len, status (0 walking, 1 at
-    # the scan, 2 corrupt, 3 end of image before a scan), steps
-    sof = tf.constant(_SOF_MARKERS, tf.int32)
 
-    def step(pos, width, height, exif_pos, exif_len, status, steps):
-        b = _bytes(data, pos, 10)
-        marker = b[1]
-        is_ff = tf.equal(b[0], 0xFF)
-        fill = tf.logical_and(is_ff, tf.equal(marker, 0xFF))
-        standalone = tf.logical_and(is_ff, tf.logical_or(
-            tf.logical_and(marker >= 0xD0, marker <= 0xD7), tf.equal(marker, 0x01)))
-        seg_len = _u16be(b, 2)
-        is_sof = tf.logical_and(is_ff, tf.reduce_any(tf.equal(marker, sof)))
-        first_sof = tf.logical_and(is_sof, height < 0)
-        height = tf.where(first_sof, tf.cast(_u16be(b, 5), tf.int64), height)
-        width = tf.where(first_sof, tf.cast(_u16be(b, 7), tf.int64), width)
-        # The first APP1 segment that starts "Exif\0\0" (as Pillow reads it).
-        exif = tf.logical_and(tf.logical_and(is_ff, tf.equal(marker, 0xE1)),
-                              tf.logical_and(exif_pos < 0, _is(b, 4, b"Exif\0\0")))
-        exif_pos = tf.where(exif, pos + 10, exif_pos)
-        exif_len = tf.where(exif, seg_len - 8, exif_len)
-        segment = tf.logical_not(tf.logical_or(fill, standalone))
-        status = tf.where(tf.logical_not(is_ff), 2, status)
-        status = tf.where(tf.logical_and(segment, tf.logical_and(is_ff, seg_len < 2)), 2, status)
-        status = tf.where(tf.logical_and(is_ff, tf.equal(marker, 0xDA)), 1, status)
-        status = tf.where(tf.logical_and(is_ff, tf.equal(marker, 0xD9)), 3, status)
-        pos = tf.where(fill, pos + 1, tf.where(standalone, pos + 2, pos + 2 + seg_len))
-        return pos, width, height, exif_pos, exif_len, status, steps + 1
-
-    def walking(pos, width, height, exif_pos, exif_len, status, steps):
-        # A marker and its length must be there (zeros past the end are no marker).
-        return tf.logical_and(tf.logical_and(tf.equal(status, 0), pos + 4 <= n),
-                              steps < _MAX_STEPS)
-
-    # At the scan (status 1) `pos` is past the scan header: the entropy-coded data.
-    state = (tf.constant(2), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
-             tf.constant(-1), tf.constant(0), tf.constant(0), tf.constant(0))
-    pos, width, height, exif_pos, exif_len, status, _ = tf.while_loop(walking, step, state)
-    problem = tf.where(tf.equal(status, 2), CORRUPT, OK)
-    problem = tf.where(tf.logical_or(tf.equal(status, 0), tf.equal(status, 3)),
-                       TRUNCATED_HEADER, problem)
-    problem = tf.where(tf.logical_and(tf.equal(status, 1), height < 0), CORRUPT, problem)
-
-    def complete():
-        # A JPEG ends with the end-of-image marker after its scans; a cut
-        # download does not (trailing bytes after it are allowed, as decoders allow).
-        return tf.where(_ends_with_or_contains(data, pos, b"\xff\xd9"), OK, TRUNCATED)
-
-    problem = tf.cond(tf.equal(problem, OK), complete, lambda: problem)
-    orientation = tf.cond(exif_pos >= 0, lambda: _exif_orientation(data, exif_pos, exif_len),
-                          lambda: tf.constant(1))
-    return _header(kind=JPEG, width=tf.maximum(width, 0), height=tf.maximum(height, 0),
-                   problem=problem, orientation=orientation)
+def sniff(data: tf.Tensor) -> tf.Tensor:
+    """The format id (int32) of encoded bytes, from their signature."""
+    return _kind(_bytes(data, 0, 12))
 
 
 def _exif_orientation(data: tf.Tensor, start: tf.Tensor, length: tf.Tensor) -> tf.Tensor:
@@ -186,83 +124,84 @@ def _exif_orientation(data: tf.Tensor, start: tf.Tensor, length: tf.Tensor) -> t
     segment are not read; a value outside 1..8 counts as 1, as in Pillow.
     """
     head = _bytes(data, start, 8)
-    little = _is(head, 0, b"II*\0")
-    big = _is(head, 0, b"MM\0*")
-
-    def u16(b, i):
-        return tf.where(little, b[..., i] + b[..., i + 1] * 256, b[..., i] * 256 + b[..., i + 1])
-
-    def u32(b, i):
-        return tf.where(little, u16(b, i) + u16(b, i + 2) * 65536,
-                        u16(b, i) * 65536 + u16(b, i + 2))
-
-    ifd = tf.cast(tf.where(little, _u32le(head, 4), _u32be(head, 4)), tf.int32)
-    count = u16(_bytes(data, start + ifd, 2), 0)
-    count = tf.clip_by_value(count, 0, _MAX_IFD_ENTRIES)
-    valid = tf.logical_and(tf.logical_or(little, big), tf.logical_and(
-        ifd >= 8, ifd + 2 + count * 12 <= length))
-    entries = tf.reshape(_bytes(data, start + ifd + 2, _MAX_IFD_ENTRIES * 12),
-                         [_MAX_IFD_ENTRIES, 12])
+    little, big = tf.unstack(_matches(head, [{0: b"II*\0"}, {0: b"MM\0*"}]), 2)
+    le_ifd, be_ifd = _read(_numbers(head), 8, [("le32", 4), ("be32", 4)])
+    ifd = tf.cast(tf.where(little, le_ifd, be_ifd), tf.int32)
+    # IFD0: its entry count, then 12-byte entries: tag, type, count, value.
+    block = tf.reshape(_bytes(data, start + ifd, 2 + _MAX_IFD_ENTRIES * 12 + 10),
+                       [-1, 2])  # byte pairs: [entry count, entries...]
+    pairs = tf.where(little, block[:, 0] + block[:, 1] * 256, block[:, 0] * 256 + block[:, 1])
+    count = tf.clip_by_value(pairs[0], 0, _MAX_IFD_ENTRIES)
+    entries = tf.reshape(pairs[1:1 + _MAX_IFD_ENTRIES * 6], [_MAX_IFD_ENTRIES, 6])
+    tag, kind, value_lo, value_hi = (entries[:, 0], entries[:, 1], entries[:, 4],
+                                     entries[:, 5])
+    # A SHORT is the first two bytes of the value field; a LONG all four.
+    value = tf.where(tf.equal(kind, 4),
+                     tf.where(little, value_lo + value_hi * 65536, value_lo * 65536 + value_hi),
+                     value_lo)
     used = tf.range(_MAX_IFD_ENTRIES) < count
-    kind = u16(entries, 2)
-    value = tf.where(tf.equal(kind, 4), u32(entries, 8), u16(entries, 8))
-    match = tf.logical_and(used, tf.logical_and(tf.equal(u16(entries, 0), _EXIF_ORIENTATION),
-                                                tf.logical_or(tf.equal(kind, 3),
-                                                              tf.equal(kind, 4))))
+    match = tf.logical_and(tf.logical_and(used, tf.equal(tag, _EXIF_ORIENTATION)),
+                           tf.logical_or(tf.equal(kind, 3), tf.equal(kind, 4)))
     # The last such entry wins, as when Pillow fills its dict in order.
     last = tf.reduce_max(tf.where(match, tf.range(_MAX_IFD_ENTRIES), -1))
     orientation = tf.gather(value, tf.maximum(last, 0))
+    valid = tf.logical_and(tf.logical_or(little, big),
+                           tf.logical_and(ifd >= 8, ifd + 2 + count * 12 <= length))
     ok = tf.logical_and(tf.logical_and(valid, last >= 0),
                         tf.logical_and(orientation >= 1, orientation <= 8))
     return tf.where(ok, orientation, 1)
 
 
-# --------------------------------------------------------------------------
-# PNG, GIF, BMP, WebP
-# --------------------------------------------------------------------------
+def _jpeg_exif(data: tf.Tensor):
+    """(start, length) of the TIFF data of a JPEG's Exif APP1 segment; start -1 if none.
 
-def _png(data: tf.Tensor, n: tf.Tensor) -> Header:
-    b = _bytes(data, 0, 33)
-    problem = tf.where(n < 33, TRUNCATED_HEADER,
-                       tf.where(_is(b, 12, b"IHDR"), OK, CORRUPT))
-    problem = tf.cond(tf.equal(problem, OK),
-                      lambda: tf.where(_ends_with_or_contains(data, 33, b"IEND"), OK,
-                                       TRUNCATED),
-                      lambda: problem)
-    return _header(kind=PNG, width=_u32be(b, 16), height=_u32be(b, 20), problem=problem,
-                   png_depth=b[24], png_color=b[25])
+    The Exif segment comes first, or after a JFIF APP0 (cameras and phones
+    write it there; Pillow reads the first Exif segment, wherever it is).
+    """
+    first = _bytes(data, 2, 10)
+    first_len = first[2] * 256 + first[3]
+    second_pos = 4 + first_len
+    second = _bytes(data, second_pos, 10)
+    exif = {0: b"\xff\xe1", 4: b"Exif\0\0"}
+    exif_first, app0 = tf.unstack(_matches(first, [exif, {0: b"\xff\xe0"}]), 2)
+    exif_second = tf.logical_and(app0, _matches(second, [exif])[0])
+    start = tf.where(exif_first, 12, tf.where(exif_second, second_pos + 10, -1))
+    length = tf.where(exif_first, first_len, second[2] * 256 + second[3]) - 8
+    return start, length
 
 
-def _gif(data: tf.Tensor, n: tf.Tensor) -> Header:
-    b = _bytes(data, 0, 13)
-    two = tf.constant(2)
-    table_size = tf.where(b[10] >= 128, 3 * tf.bitwise.left_shift(two, b[10] % 8), 0)
+def _contains(data: tf.Tensor, start, marker: bytes) -> tf.Tensor:
+    """Whether `marker` occurs in `data` from byte `start` on (splits a copy of it)."""
+    n = tf.strings.length(data)
+    rest = tf.strings.substr(data, tf.clip_by_value(tf.cast(start, tf.int32), 0, n), n)
+    return tf.size(tf.strings.split(rest, sep=marker)) > 1
 
-    # Walk the blocks to the first image descriptor, noting the Graphic
-    # Control Extension before it. state: pos, in_sub_blocks, flag_pos,
-    # transparent index, status (0 walking, 1 at the image, 2 corrupt), steps.
+
+def _gif_transparency(data: tf.Tensor, n: tf.Tensor, table_size: tf.Tensor):
+    """Walks a GIF's blocks to its first image; returns (flag_pos, color_pos, status).
+
+    flag_pos: the offset of the first frame's Graphic Control Extension flags
+    when its transparency flag is set, else -1; color_pos: the offset of the
+    transparent colour's palette entry (local table, else global), else -1;
+    status: 1 at the image, 2 corrupt, 0 the data ended first.
+    """
+    # state: pos, in sub-blocks, flag_pos, transparent index, image_pos, status, steps
     def step(pos, sub, flag_pos, index, image_pos, status, steps):
-        c = _bytes(data, pos, 4)
-
-        def block():
-            is_ext = tf.equal(c[0], 0x21)
-            gce = tf.logical_and(tf.logical_and(is_ext, tf.equal(c[1], 0xF9)),
-                                 tf.equal(c[2], 4))
-            gce_bits = _bytes(data, pos + 3, 4)
-            transparent = tf.logical_and(gce, tf.equal(gce_bits[0] % 2, 1))
-            new_flag = tf.where(gce, tf.where(transparent, pos + 3, -1), flag_pos)
-            new_index = tf.where(gce, gce_bits[3], index)
-            is_image = tf.equal(c[0], 0x2C)
-            new_status = tf.where(is_image, 1, tf.where(is_ext, 0, 2))
-            return (tf.where(is_ext, pos + 2, pos), is_ext, new_flag, new_index,
-                    tf.where(is_image, pos, image_pos), new_status)
-
-        def sub_block():
-            size = c[0]
-            return (pos + 1 + size, size > 0, flag_pos, index, image_pos, status)
-
-        pos, sub, flag_pos, index, image_pos, status = tf.cond(sub, sub_block, block)
-        return pos, sub, flag_pos, index, image_pos, status, steps + 1
+        c = tf.unstack(_bytes(data, pos, 7), 7)
+        # In sub-blocks: skip one (its size byte first; size 0 ends them).
+        # Else a block: an extension (0x21: its sub-blocks follow its label),
+        # the image descriptor (0x2C: done) or anything else (corrupt).
+        block = tf.logical_not(sub)
+        is_ext = tf.logical_and(block, tf.equal(c[0], 0x21))
+        is_image = tf.logical_and(block, tf.equal(c[0], 0x2C))
+        gce = tf.logical_and(is_ext, tf.logical_and(tf.equal(c[1], 0xF9), tf.equal(c[2], 4)))
+        flag_pos = tf.where(gce, tf.where(tf.equal(c[3] % 2, 1), pos + 3, -1), flag_pos)
+        index = tf.where(gce, c[6], index)
+        image_pos = tf.where(is_image, pos, image_pos)
+        status = tf.where(sub, status, tf.where(is_image, 1, tf.where(is_ext, 0, 2)))
+        next_pos = tf.where(sub, pos + 1 + c[0], tf.where(is_ext, pos + 2, pos))
+        in_sub = tf.where(sub, c[0] > 0, is_ext)
+        return next_pos, in_sub, flag_pos, index, image_pos, status, steps + 1
 
     def walking(pos, sub, flag_pos, index, image_pos, status, steps):
         return tf.logical_and(tf.logical_and(tf.equal(status, 0), pos < n), steps < _MAX_STEPS)
@@ -270,91 +209,14 @@ def _gif(data: tf.Tensor, n: tf.Tensor) -> Header:
     state = (13 + table_size, tf.constant(False), tf.constant(-1), tf.constant(0),
              tf.constant(-1), tf.constant(0), tf.constant(0))
     _, _, flag_pos, index, image_pos, status, _ = tf.while_loop(walking, step, state)
-    d = _bytes(data, image_pos + 9, 1)
-    local = tf.logical_and(image_pos >= 0, d[0] >= 128)
-    local_size = 3 * tf.bitwise.left_shift(two, d[0] % 8)
+    packed = _bytes(data, image_pos + 9, 1)[0]
+    local = tf.logical_and(image_pos >= 0, packed >= 128)
+    local_size = 3 * tf.bitwise.left_shift(tf.constant(2), packed % 8)
     color_pos = tf.where(local, image_pos + 10 + 3 * index, 13 + 3 * index)
-    in_table = tf.where(local, 3 * index + 3 <= local_size, 3 * index + 3 <= table_size)
-    has_transparency = tf.logical_and(flag_pos >= 0, in_table)
-    problem = tf.where(n < 13, TRUNCATED_HEADER, OK)
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK), tf.equal(status, 2)), CORRUPT,
-                       problem)
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK), tf.equal(status, 0)),
-                       TRUNCATED_HEADER, problem)
-    # A GIF ends with its trailer byte (";"); a cut download does not.
-    last = _bytes(data, n - 1, 1)
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK), tf.not_equal(last[0], 0x3B)),
-                       TRUNCATED, problem)
-    return _header(kind=GIF, width=_u16le(b, 6), height=_u16le(b, 8), problem=problem,
-                   gif_flag_pos=tf.where(has_transparency, flag_pos, -1),
-                   gif_color_pos=tf.where(has_transparency, color_pos, -1))
-
-
-def _bmp(data: tf.Tensor, n: tf.Tensor) -> Header:
-    b = _bytes(data, 0, 34)
-    offset, dib = _u32le(b, 10), _u32le(b, 14)
-    width = _u32le(b, 18)
-    height = _u32le(b, 22)
-    height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)  # top-down rows
-    bits = tf.cast(_u16le(b, 28), tf.int64)
-    compression = _u32le(b, 30)
-    row = (bits * width + 31) // 32 * 4
-    problem = tf.where(n < 34, TRUNCATED_HEADER, OK)
-    supported = tf.logical_and(tf.logical_and(dib >= 40, width < 2 ** 31),
-                               tf.logical_and(tf.logical_or(tf.equal(bits, 24),
-                                                            tf.equal(bits, 32)),
-                                              tf.equal(compression, 0)))
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK), tf.logical_not(supported)),
-                       UNSUPPORTED, problem)
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK),
-                                      tf.cast(n, tf.int64) < offset + row * height),
-                       TRUNCATED, problem)
-    return _header(kind=BMP, width=tf.where(width < 2 ** 31, width, 0), height=height,
-                   problem=problem, detail=bits)
-
-
-def _webp(data: tf.Tensor, n: tf.Tensor) -> Header:
-    b = _bytes(data, 0, 30)
-    riff_size = _u32le(b, 4)
-    vp8 = _is(b, 12, b"VP8 ")
-    lossless = _is(b, 12, b"VP8L")
-    extended = _is(b, 12, b"VP8X")
-    bits = _u32le(b, 21)
-    width = tf.where(vp8, tf.cast(_u16le(b, 26) % 16384, tf.int64),
-                     tf.where(lossless, bits % 16384 + 1,
-                              tf.cast(b[24] + b[25] * 256 + b[26] * 65536 + 1, tf.int64)))
-    height = tf.where(vp8, tf.cast(_u16le(b, 28) % 16384, tf.int64),
-                      tf.where(lossless, bits // 16384 % 16384 + 1,
-                               tf.cast(b[27] + b[28] * 256 + b[29] * 65536 + 1, tf.int64)))
-    # What libwebp's WebPGetFeatures reports, which TensorFlow's decoder needs
-    # as its channel count: alpha (the VP8L hint bit or the VP8X flag) or an
-    # animation (decoded as RGBA only).
-    alpha = tf.where(lossless, tf.equal(bits // 2 ** 28 % 2, 1),
-                     tf.logical_and(extended, tf.bitwise.bitwise_and(b[20], 0x12) > 0))
-    known = tf.logical_or(tf.logical_and(vp8, _is(b, 23, b"\x9d\x01\x2a")),
-                          tf.logical_or(tf.logical_and(lossless, tf.equal(b[20], 0x2F)),
-                                        extended))
-    problem = tf.where(n < 30, TRUNCATED_HEADER, tf.where(known, OK, UNSUPPORTED))
-    problem = tf.where(tf.logical_and(tf.equal(problem, OK),
-                                      tf.cast(n, tf.int64) < riff_size + 8), TRUNCATED, problem)
-    return _header(kind=WEBP, width=width, height=height, problem=problem,
-                   channels=tf.where(alpha, 4, 3))
-
-
-def _unknown(data: tf.Tensor, n: tf.Tensor) -> Header:
-    return _header(kind=UNKNOWN, problem=tf.where(tf.equal(n, 0), EMPTY, NOT_IMAGE))
-
-
-def sniff(data: tf.Tensor) -> tf.Tensor:
-    """The format id (int32) of encoded bytes, from their signature."""
-    b = _bytes(data, 0, 12)
-    return tf.cast(tf.where(
-        _is(b, 0, b"\xff\xd8\xff"), JPEG, tf.where(
-            _is(b, 0, b"\x89PNG\r\n\x1a\n"), PNG, tf.where(
-                tf.logical_or(_is(b, 0, b"GIF87a"), _is(b, 0, b"GIF89a")), GIF, tf.where(
-                    _is(b, 0, b"BM"), BMP, tf.where(
-                        tf.logical_and(_is(b, 0, b"RIFF"), _is(b, 8, b"WEBP")), WEBP,
-                        UNKNOWN))))), tf.int32)
+    in_table = 3 * index + 3 <= tf.where(local, local_size, table_size)
+    transparent = tf.logical_and(flag_pos >= 0, in_table)
+    return (tf.where(transparent, flag_pos, -1), tf.where(transparent, color_pos, -1),
+            status)
 
 
 def read_header(data: tf.Tensor, max_pixels=None) -> Header:
@@ -369,17 +231,100 @@ def read_header(data: tf.Tensor, max_pixels=None) -> Header:
         A `Header`; its `problem` is OK when the bytes may be decoded.
     """
     n = tf.strings.length(data)
-    kind = sniff(data)
-    branches = [_unknown, _jpeg, _png, _gif, _bmp, _webp]
-    header = Header(tf.switch_case(kind, [lambda f=f: f(data, n) for f in branches]))
-    ok = tf.equal(header["problem"], OK)
-    empty = tf.logical_or(tf.equal(header["width"], 0), tf.equal(header["height"], 0))
-    header["problem"] = tf.where(tf.logical_and(ok, empty), ZERO_SIZE, header["problem"])
+    n64 = tf.cast(n, tf.int64)
+    b = _bytes(data, 0, 34)
+    kind = _kind(b)
+    is_jpeg, is_png, is_gif = tf.equal(kind, JPEG), tf.equal(kind, PNG), tf.equal(kind, GIF)
+    # Each format's fixed-offset fields, all read at once (one is kept). PNG:
+    # IHDR. GIF: the logical screen, the global colour table's flags. BMP:
+    # BITMAPINFOHEADER (a height over 2^31 is negative: rows top-down). WebP:
+    # the first chunk (VP8: a key frame's size; VP8L: packed bits; VP8X: the
+    # canvas, 24-bit numbers).
+    (png_w, png_h, png_depth, png_color, gif_w, gif_h, gif_flags, bmp_offset, bmp_dib, bmp_w,
+     bmp_h, bmp_bits, bmp_compression, riff_size, vp8_w, vp8_h, vp8l_bits, vp8x_w, vp8x_w_hi,
+     vp8x_h, vp8x_h_hi, vp8x_flags, vp8l_signature) = _read(_numbers(b), 34, [
+        ("be32", 16), ("be32", 20), ("u8", 24), ("u8", 25), ("le16", 6), ("le16", 8),
+        ("u8", 10), ("le32", 10), ("le32", 14), ("le32", 18), ("le32", 22), ("le16", 28),
+        ("le32", 30), ("le32", 4), ("le16", 26), ("le16", 28), ("le32", 21), ("le16", 24),
+        ("u8", 26), ("le16", 27), ("u8", 29), ("u8", 20), ("u8", 20)])
+    ihdr, vp8, vp8l, vp8x, vp8_key = tf.unstack(_matches(b, [
+        {12: b"IHDR"}, {12: b"VP8 "}, {12: b"VP8L"}, {12: b"VP8X"}, {23: b"\x9d\x01\x2a"}]), 5)
+    bmp_h = tf.where(bmp_h >= 2 ** 31, 2 ** 32 - bmp_h, bmp_h)
+    webp_w = tf.where(vp8, vp8_w % 16384,
+                      tf.where(vp8l, vp8l_bits % 16384, vp8x_w + vp8x_w_hi * 65536) + 1)
+    webp_h = tf.where(vp8, vp8_h % 16384,
+                      tf.where(vp8l, vp8l_bits // 16384 % 16384, vp8x_h + vp8x_h_hi * 65536) + 1)
+    # What libwebp's WebPGetFeatures reports, which TensorFlow's decoder needs
+    # as its channel count: alpha (the VP8L hint bit, the VP8X flag) or an
+    # animation (decoded as RGBA only).
+    webp_alpha = tf.where(vp8l, tf.equal(vp8l_bits // 2 ** 28 % 2, 1),
+                          tf.logical_and(vp8x, vp8x_flags // 2 % 2 + vp8x_flags // 16 % 2 > 0))
+    webp_known = tf.logical_or(tf.logical_and(vp8, vp8_key), tf.logical_or(
+        tf.logical_and(vp8l, tf.equal(vp8l_signature, 0x2F)), vp8x))
+    gif_table = tf.cast(tf.where(gif_flags >= 128, 3 * 2 ** (gif_flags % 8 + 1), 0), tf.int32)
+    bmp_supported = tf.logical_and(
+        tf.logical_and(bmp_dib >= 40, bmp_w < 2 ** 31),
+        tf.logical_and(tf.logical_or(tf.equal(bmp_bits, 24), tf.equal(bmp_bits, 32)),
+                       tf.equal(bmp_compression, 0)))
+    bmp_row = (bmp_bits * bmp_w + 31) // 32 * 4
+
+    # Whole files end with an end marker: a JPEG's end-of-image marker after
+    # its scans, a PNG's IEND chunk, a GIF's trailer byte; a cut download does
+    # not. Usually they are the last bytes; else (trailing bytes, which
+    # decoders allow) the data after the header is searched, skipping a JPEG's
+    # Exif segment (its thumbnail has an end marker of its own).
+    exif_start, exif_len = _jpeg_exif(data)
+    exif_start = tf.where(is_jpeg, exif_start, -1)
+    ends = _matches(_bytes(data, n - 12, 12), [{10: b"\xff\xd9"}, {4: b"IEND"}, {11: b";"}])
+    at_end = tf.gather(tf.concat([[True], ends, [True, True]], 0), kind)
+    search = tf.logical_and(tf.logical_or(is_jpeg, is_png), tf.logical_not(at_end))
+    after_exif = tf.where(exif_start >= 0, exif_start + exif_len, 2)
+    found = tf.cond(search, lambda: tf.where(is_jpeg, _contains(data, after_exif, b"\xff\xd9"),
+                                             _contains(data, 33, b"IEND")),
+                    lambda: tf.constant(False))
+    complete = tf.logical_or(at_end, found)
+
+    # A JPEG's size: libjpeg's header reader (jpeg_read_header: the SOFn
+    # segment, no pixels), once the bytes are known to be whole.
+    jpeg_shape = tf.cond(tf.logical_and(is_jpeg, complete),
+                         lambda: tf.io.extract_jpeg_shape(data, tf.int64),
+                         lambda: tf.zeros([3], tf.int64))
+    orientation = tf.cond(exif_start >= 0,
+                          lambda: _exif_orientation(data, exif_start, exif_len),
+                          lambda: tf.constant(1))
+    gif_flag, gif_color, gif_status = tf.cond(
+        tf.logical_and(is_gif, n >= 13), lambda: _gif_transparency(data, n, gif_table),
+        lambda: (tf.constant(-1), tf.constant(-1), tf.constant(2)))
+
+    def by_kind(unknown, jpeg, png, gif, bmp, webp):
+        return tf.gather(tf.stack([unknown, jpeg, png, gif, bmp, webp]), kind)
+
+    zero = tf.constant(0, tf.int64)
+    width = by_kind(zero, jpeg_shape[1], png_w, gif_w, tf.where(bmp_w < 2 ** 31, bmp_w, 0),
+                    webp_w)
+    height = by_kind(zero, jpeg_shape[0], png_h, gif_h, bmp_h, webp_h)
+    whole = tf.where(complete, OK, TRUNCATED)
+    problem = by_kind(
+        tf.where(tf.equal(n, 0), EMPTY, NOT_IMAGE),
+        whole,
+        tf.where(n < 33, TRUNCATED_HEADER, tf.where(ihdr, whole, CORRUPT)),
+        tf.where(n < 13, TRUNCATED_HEADER, tf.gather([TRUNCATED_HEADER, whole, CORRUPT],
+                                                     gif_status)),
+        tf.where(n < 34, TRUNCATED_HEADER, tf.where(
+            bmp_supported, tf.where(n64 < bmp_offset + bmp_row * bmp_h, TRUNCATED, OK),
+            UNSUPPORTED)),
+        tf.where(n < 30, TRUNCATED_HEADER, tf.where(
+            webp_known, tf.where(n64 < riff_size + 8, TRUNCATED, OK), UNSUPPORTED)))
+    empty = tf.logical_or(tf.equal(width, 0), tf.equal(height, 0))
+    problem = tf.where(tf.logical_and(tf.equal(problem, OK), empty), ZERO_SIZE, problem)
     if max_pixels is not None:
-        over = header["width"] * header["height"] > tf.cast(max_pixels, tf.int64)
-        header["problem"] = tf.where(tf.logical_and(tf.equal(header["problem"], OK), over),
-                                     TOO_MANY_PIXELS, header["problem"])
-    return header
+        over = width * height > tf.cast(max_pixels, tf.int64)
+        problem = tf.where(tf.logical_and(tf.equal(problem, OK), over), TOO_MANY_PIXELS,
+                           problem)
+    return Header(kind=kind, width=width, height=height, problem=tf.cast(problem, tf.int32),
+                  orientation=orientation, png_depth=tf.cast(png_depth, tf.int32),
+                  png_color=tf.cast(png_color, tf.int32), channels=tf.where(webp_alpha, 4, 3),
+                  gif_flag_pos=gif_flag, gif_color_pos=gif_color, detail=bmp_bits)
 
 
 # (Python values: a tensor made at import would start TensorFlow's runtime
@@ -388,47 +333,47 @@ _HEX = [f"{i:02x}" for i in range(256)]
 
 
 def describe_problem(data: tf.Tensor, header: Header, max_pixels=None) -> tf.Tensor:
-    """Why the bytes are refused, in words (a string tensor); for the refusal message."""
+    """Why the bytes are refused, in words (a string tensor); for the refusal message.
+
+    Straight-line string ops, run only when an image is refused.
+    """
     n = tf.strings.length(data)
     fmt = tf.gather(tf.constant(FORMAT_NAMES), header["kind"])
-    size = tf.strings.join([tf.strings.as_string(header["width"]), "x",
-                            tf.strings.as_string(header["height"])])
-
-    def not_image():
-        head = _bytes(data, 0, 32)
-        shown = tf.minimum(n, 32)
-        printable = tf.logical_or(tf.logical_and(head >= 32, head < 127),
-                                  tf.reduce_any(tf.equal(head[:, None], [9, 10, 13]), axis=1))
-        text = tf.reduce_all(tf.logical_or(printable, tf.range(32) >= shown))
-        snippet = tf.strings.regex_replace(tf.strings.substr(data, 0, shown), r"\s+", " ")
-        hex_head = tf.strings.reduce_join(
-            tf.gather(tf.constant(_HEX), head[:tf.minimum(n, 8)]), separator=" ")
-        return tf.cond(text,
-                       lambda: tf.strings.join(["not an image: looks like text: ", snippet]),
-                       lambda: tf.strings.join(["not an image: not JPEG, PNG, GIF, BMP or WebP "
-                                                "(starts with ", hex_head, ")"]))
 
     def num(x):
         return tf.strings.as_string(x)
 
+    size = tf.strings.join([num(header["width"]), "x", num(header["height"])])
+    head = _bytes(data, 0, 32)
+    shown = tf.minimum(n, 32)
+    printable = tf.logical_or(tf.logical_and(head >= 32, head < 127),
+                              tf.reduce_any(tf.equal(head[:, None], [9, 10, 13]), axis=1))
+    text = tf.reduce_all(tf.logical_or(printable, tf.range(32) >= shown))
+    snippet = tf.strings.regex_replace(tf.strings.substr(data, 0, shown), r"\s+", " ")
+    hex_head = tf.strings.reduce_join(tf.gather(tf.constant(_HEX), head[:tf.minimum(n, 8)]),
+                                      separator=" ")
+    not_image = tf.where(text, tf.strings.join(["not an image: looks like text: ", snippet]),
+                         tf.strings.join(["not an image: not JPEG, PNG, GIF, BMP or WebP "
+                                          "(starts with ", hex_head, ")"]))
     cap = tf.constant(-1, tf.int64) if max_pixels is None else tf.cast(max_pixels, tf.int64)
-    pixels = header["width"] * header["height"]
     unsupported = tf.where(tf.equal(header["kind"], BMP),
                            tf.strings.join(["unsupported BMP (", num(header["detail"]),
                                             " bits per pixel or compressed)"]),
                            tf.strings.join(["unsupported ", fmt]))
-    words = [
-        lambda: tf.constant("no problem"),
-        lambda: tf.constant("empty (0 bytes)"),
+    # One phrase per problem code. (No quotes in them: tf.debugging.Assert
+    # would escape them in the message.)
+    words = tf.stack([
+        tf.constant("no problem"),
+        tf.constant("empty (0 bytes)"),
         not_image,
-        lambda: tf.strings.join(["truncated ", fmt, " header (", num(n), " bytes)"]),
-        lambda: tf.strings.join(["truncated ", fmt, ": the data ends before the image does (",
-                                 num(n), " bytes)"]),
-        lambda: tf.strings.join(["corrupt ", fmt, " header"]),
-        lambda: tf.strings.join([unsupported, "; send JPEG, PNG or WebP"]),
-        lambda: tf.strings.join([fmt, " of ", size, " pixels: an empty image"]),
-        # (No quotes in these words: tf.debugging.Assert would escape them.)
-        lambda: tf.strings.join([size, " = ", num(pixels), " pixels is over --max_pixels=",
-                                 num(cap), " (decompression bomb?); not decoded"]),
-    ]
-    return tf.switch_case(header["problem"], words)
+        tf.strings.join(["truncated ", fmt, " header (", num(n), " bytes)"]),
+        tf.strings.join(["truncated ", fmt, ": the data ends before the image does (", num(n),
+                         " bytes)"]),
+        tf.strings.join(["corrupt ", fmt, " header"]),
+        tf.strings.join([unsupported, "; send JPEG, PNG or WebP"]),
+        tf.strings.join([fmt, " of ", size, " pixels: an empty image"]),
+        tf.strings.join([size, " = ", num(header["width"] * header["height"]),
+                         " pixels is over --max_pixels=", num(cap),
+                         " (decompression bomb?); not decoded"]),
+    ])
+    return tf.gather(words, header["problem"])
