@@ -36,8 +36,9 @@ GRAPH_LIMITS = (
     "JPEG: decoded by TensorFlow's libjpeg-turbo, not Pillow's: pixels differ by about "
     "1 level on average (another IDCT and chroma upsampling); CMYK JPEGs use TensorFlow's "
     "conversion",
-    "EXIF orientation is read from JPEG files only: a PNG or WebP whose EXIF chunk says to "
-    "turn it is used as stored",
+    "EXIF orientation is read from JPEG files only, from an Exif segment at the start (first, "
+    "or after a JFIF segment: where cameras and phones write it): a PNG or WebP whose EXIF "
+    "chunk says to turn it, or a JPEG with its Exif segment further on, is used as stored",
     "GIF: the first frame as TensorFlow's decoder draws it (a first frame smaller than the "
     "screen is drawn on black, not on the background colour)",
     "BMP: 24- and 32-bit uncompressed only (alpha of 32-bit BMPs dropped, as Pillow "
