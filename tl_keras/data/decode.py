@@ -39,8 +39,8 @@ GRAPH_LIMITS = (
     "EXIF orientation is read from JPEG files only, from an Exif segment at the start (first, "
     "or after a JFIF segment: where cameras and phones write it): a PNG or WebP whose EXIF "
     "chunk says to turn it, or a JPEG with its Exif segment further on, is used as stored",
-    "GIF: the first frame as TensorFlow's decoder draws it (a first frame smaller than the "
-    "screen is drawn on black, not on the background colour)",
+    "GIF: the first frame as TensorFlow's decoder (giflib) draws it; where a first frame does "
+    "not cover the whole screen, the rest may be filled otherwise than by Pillow",
     "BMP: 24- and 32-bit uncompressed only (alpha of 32-bit BMPs dropped, as Pillow "
     "does); others are refused when served and converted by the pre-flight for training",
     "TIFF, HEIC/HEIF, AVIF and other formats are not decoded in the graph: the pre-flight "
@@ -181,8 +181,11 @@ def _refusal(data, header, max_pixels, name) -> tf.Tensor:
     """True, or an InvalidArgumentError "image NAME: REASON" when the header is refused."""
     def refuse():
         reason = header_lib.describe_problem(data, header, max_pixels)
-        what = "image" if name is None else tf.strings.join(["image ", tf.strings.as_string(name)
-                                                             if name.dtype != tf.string else name])
+        if name is None:
+            what = "image"
+        else:
+            shown = name if name.dtype == tf.string else tf.strings.as_string(name)
+            what = tf.strings.join(["image ", shown])
         message = tf.strings.join([what, ": ", reason])
         with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
             return tf.constant(False)
