@@ -42,7 +42,6 @@ SHARED = REPO.parent / "shared" / "data"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tl_keras.data import decode as decode_lib  # noqa: E402
