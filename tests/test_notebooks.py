@@ -31,8 +31,8 @@ NAMES = ("quickstart", "your_own_images")
 # The parameters the issue names; each notebook has them all.
 FLAG_PARAMETERS = {"data", "weights", "image_size", "head_epochs", "finetune_epochs",
                    "output_dir"}
-# Parameters that are no flag of tl-keras: where in Google Drive.
-OTHER_PARAMETERS = {"drive_folder"}
+# Parameters that are no flag of tl-keras: where in Google Drive; what to pip install.
+OTHER_PARAMETERS = {"drive_folder", "tl_keras_requirement"}
 SMALL = dict(weights=str(WEIGHTS_MNV2_035), alpha=0.35, image_size=64, head_epochs=2,
              finetune_epochs=1)
 KERNEL = "tl-keras-test"
@@ -84,9 +84,10 @@ def test_parameters_are_named_like_the_flags(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_thin_every_cell_calls_the_library(name):
     nb = _read(name)
-    install, params = _code_cells(nb)[:2]
-    assert "%pip install" in install.source and "import tl_keras" in install.source
+    params, install = _code_cells(nb)[:2]
     assert "parameters" in params.metadata.tags
+    assert '%pip install -q "{tl_keras_requirement}"' in install.source
+    assert "import tl_keras" in install.source
     for cell in _code_cells(nb)[2:]:
         tree = ast.parse(cell.source)
         for node in ast.walk(tree):
@@ -96,6 +97,17 @@ def test_thin_every_cell_calls_the_library(name):
                 module = getattr(node, "module", None) or node.names[0].name
                 assert module.split(".")[0] == "tl_keras", f"{name} imports {module}"
         assert re.search(r"\b(notebook\.|run_training|Config)", cell.source), cell.source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_installs_the_requirement_the_readme_names(name):
+    """tl_keras is not on PyPI: the first cell's default is the source archive README gives."""
+    values = {}
+    exec(compile(_parameters_cell(_read(name)).source, name, "exec"), {}, values)
+    requirement = values["tl_keras_requirement"]
+    assert requirement.startswith("tl_keras @ https://")
+    assert f"`{requirement}`" in (REPO / "README.md").read_text()
+    assert "parameters" in _code_cells(_read(name))[0].metadata.tags  # the first cell
 
 
 # --------------------------------------------------------------------------
@@ -129,6 +141,25 @@ def _execute(name: str, workdir: Path, kernel_name: str, **parameters):
         str(NOTEBOOKS / f"{name}.ipynb"), str(workdir / f"{name}.out.ipynb"),
         parameters=parameters, kernel_name=kernel_name, cwd=str(workdir),
         progress_bar=False, execution_timeout=900)
+
+
+def test_install_cell_installs_nothing_when_tl_keras_imports(kernel, tmp_path):
+    """A papermill run on a checkout: the requirement is a parameter, and nothing is installed."""
+    nb = _read("quickstart")
+    params, install = _code_cells(nb)[:2]
+    nb.cells = [params, install]
+    path = tmp_path / "install.ipynb"
+    nbformat.write(nb, str(path))
+    import papermill
+
+    # Were it installed, pip would fail on this requirement and say so.
+    out = papermill.execute_notebook(
+        str(path), str(tmp_path / "install.out.ipynb"), kernel_name=kernel,
+        parameters={"tl_keras_requirement": "tl_keras @ file:///no/such/archive.zip"},
+        progress_bar=False, execution_timeout=300)
+    assert _texts(out) == "", _texts(out)
+    injected = [c for c in out.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert "file:///no/such/archive.zip" in injected[0].source
 
 
 def _texts(nb) -> str:

@@ -32,6 +32,7 @@ import base64
 import binascii
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -208,6 +209,27 @@ def run_request(loaded, request: predict_pb2.PredictRequest, sigs: dict) -> dict
         feeds[alias] = tf.constant(tf.make_ndarray(proto), dtype=tf.dtypes.as_dtype(proto.dtype))
     out = loaded.signatures[key](**feeds)
     return {k: v.numpy() for k, v in out.items()}
+
+
+def status_message(error: tf.errors.OpError) -> str:
+    """The error text TF Serving returns for a request the graph failed.
+
+    TF Serving answers with Session::Run's status message unchanged (REST:
+    `{"error": MESSAGE}`): the failing kernel's message, then the failing
+    node ("\\n\\t [[{{node ...}}]]"). Python puts "Graph execution error:"
+    and the node's Python definition in front of it and "[Op:...]" after it;
+    those are removed here.
+    """
+    text = error.message
+    text = re.sub(r"^Graph execution error:\s*", "", text)
+    text = re.sub(r"^Detected at node .*? defined at \(most recent call last\):\n"
+                  r"(?:(?:<stack traces unavailable>|  File .*|)\n)*", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\]\s*$", "", text)
+
+
+def error_json(error: tf.errors.OpError) -> str:
+    """The REST response body for a request the graph failed."""
+    return json.dumps({"error": status_message(error)})
 
 
 def _jsonable(a: np.ndarray, as_bytes: bool):

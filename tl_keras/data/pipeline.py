@@ -105,8 +105,9 @@ def _decoded(items: list, labels: np.ndarray, size: int, read: bool) -> tf.data.
     # caching and evaluation passes (0.9 s).
     @tf.autograph.experimental.do_not_convert
     def load(item, label):
+        # A file changed since the pre-flight scan is refused naming its path.
         data = tf.io.read_file(item) if read else item
-        return decode_and_resize(data, size), label
+        return decode_and_resize(data, size, name=item if read else None), label
 
     return steady(ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True))
 

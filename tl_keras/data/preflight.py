@@ -13,10 +13,17 @@ not what a person sees. So, before training, each file is:
   truncated or corrupt -> skipped, with the reason;
 * decoded both by Pillow (the reference: EXIF orientation applied, first
   frame, 16-bit reduced to 8, transparency composited on white) and by
-  `data.decode_image`, the very function the training pipeline uses. Where
-  TensorFlow cannot decode the file, or its pixels differ from the reference,
-  the reference is written as a PNG into a cache of fixed files and the run
-  trains on that; otherwise the original file is used as it is.
+  `data.decode_image`, the very function the training pipeline and the
+  exported model's `serving_default` use, which does the same in the graph.
+  Where that function refuses the file (TIFF, HEIC/HEIF, AVIF, palette BMPs,
+  ...), the reference is written as a PNG into a cache of fixed files and the
+  run trains on that (the served model refuses such files: clients send JPEG,
+  PNG or WebP). Otherwise the original file is used as it is, so training
+  sees exactly what serving sees; where those pixels differ from Pillow's
+  (`decode.GRAPH_LIMITS`), the file is noted, never silently.
+
+HEIC/HEIF photos (iPhones) are read through pillow-heif, AVIF through
+Pillow's own plugin.
 
 The result of each file is cached under `cache_dir`, keyed by path, size and
 modification time, so a rerun starts at once. Skipped and converted files
@@ -29,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -46,7 +54,8 @@ from tl_keras.data import decode as decode_lib
 from tl_keras.data import sources as sources_lib
 from tl_keras.errors import fail
 
-CACHE_VERSION = 1
+# 2: files the model's decoder reads are no longer converted (issue 21).
+CACHE_VERSION = 2
 CACHE_FILE = "scan_cache.json"
 FIXED_FOLDER = "fixed"
 # Mean absolute difference (0..255) between TensorFlow's and Pillow's pixels
@@ -54,6 +63,17 @@ FIXED_FOLDER = "fixed"
 # to well under 1; wrong colours (CMYK) or dropped transparency are far above.
 PIXEL_TOLERANCE = 4.0
 _EXIF_ORIENTATION = 0x0112
+# What OUT/preflight.json says about decoding: one function for training and
+# serving, and where it cannot do what Pillow does.
+DECODING = {
+    "function": "tl_keras.data.decode.decode_image: the tf.data pipelines and the exported "
+                "model's serving_default decode with it, in the graph",
+    "converted": "only files it refuses (TIFF, HEIC/HEIF, AVIF, palette BMPs, ...): trained on "
+                 "the PNG in the cache; the served model refuses such files",
+    "differs_from_pillow": "files it reads but whose pixels differ from Pillow's are trained on "
+                           "its pixels (as served) and noted",
+    "limits": list(decode_lib.GRAPH_LIMITS),
+}
 
 
 @dataclasses.dataclass
@@ -70,6 +90,8 @@ class FileResult:
         bomb: skipped only for being over the pixel limit (rescanned when the
             limit is raised).
         fixed: the converted PNG's path, for "converted" files.
+        differs: "ok", but the model's decoder (training and serving alike)
+            gives pixels that differ from Pillow's reference.
     """
 
     status: str
@@ -79,6 +101,7 @@ class FileResult:
     height: int = 0
     bomb: bool = False
     fixed: str = ""
+    differs: bool = False
 
     @property
     def pixels(self) -> int:
@@ -117,6 +140,9 @@ def _reference_rgb(im) -> tuple[np.ndarray, list[str]]:
     if orientation not in (0, 1):
         im = ImageOps.exif_transpose(im)
     mode = im.mode
+    if mode in ("L", "RGB") and "transparency" in im.info:
+        # A colour key (PNG tRNS): its pixels are transparent, as with a palette.
+        im = im.convert("RGBA")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         # 16-bit PNGs hold 0..65535; Pillow's own convert("L") would clip.
@@ -144,6 +170,14 @@ def _reference_rgb(im) -> tuple[np.ndarray, list[str]]:
     return np.asarray(im.convert("RGB")), notes
 
 
+@functools.cache
+def register_openers() -> None:
+    """Lets Pillow open HEIC/HEIF (pillow-heif); AVIF is Pillow's own plugin."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
 def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np.ndarray]]:
     """Checks one encoded image.
 
@@ -152,6 +186,7 @@ def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np
     """
     from PIL import Image, UnidentifiedImageError
 
+    register_openers()
     if not data:
         return FileResult("skipped", "empty file (0 bytes)"), None
     sha1 = hashlib.sha1(data).hexdigest()
@@ -162,7 +197,7 @@ def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np
     except Exception as e:  # noqa: BLE001  (Pillow raises many kinds on garbage)
         return FileResult("skipped", f"unreadable image header: {_short(e)}", sha1), None
     if im is None:
-        tf_img, tf_err = _tf_decode(data)
+        tf_img, tf_err = _tf_decode(data, max_pixels)
         if tf_err is None:
             # A format TensorFlow reads and Pillow does not know: trust TF.
             return FileResult("ok", "decoded by TensorFlow only", sha1, tf_img.shape[1],
@@ -178,38 +213,43 @@ def inspect_bytes(data: bytes, max_pixels: int) -> tuple[FileResult, Optional[np
     except Exception as e:  # noqa: BLE001
         return FileResult("skipped", f"truncated or corrupt {fmt}: {_short(e)}", sha1, w,
                           h), None
-    tf_img, tf_err = _tf_decode(data)
+    tf_img, tf_err = _tf_decode(data, max_pixels)
     if tf_err is not None:
         return FileResult("converted", f"{fmt}: TensorFlow cannot decode it ({tf_err}); "
-                          "converted to PNG", sha1, w, h), ref
+                          "converted to PNG (a served model refuses it: clients send JPEG, "
+                          "PNG or WebP)", sha1, w, h), ref
+    # The model's decoder reads it: training uses the original bytes, decoded
+    # as serving decodes them. Say what was done, and where it differs from Pillow.
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation in range(2, 9):  # what ImageOps.exif_transpose turns
+        notes.insert(0, f"EXIF orientation {orientation}: " + (
+            "turned upright" if fmt == "JPEG" else
+            f"not applied (the model reads orientation from JPEGs only, not {fmt})"))
     if tf_img.shape != ref.shape:
-        if im.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):
-            why = (f"EXIF orientation {im.getexif().get(_EXIF_ORIENTATION)}: TensorFlow ignores "
-                   "it; converted upright")
-        else:
-            why = (f"TensorFlow decodes it as {tf_img.shape[1]}x{tf_img.shape[0]}, not {w}x{h}; "
-                   "converted")
-        return FileResult("converted", why, sha1, w, h), ref
-    diff = float(np.mean(np.abs(tf_img.astype(np.int16) - ref.astype(np.int16))))
-    if diff > PIXEL_TOLERANCE:
-        what = ", ".join(n for n in notes if not n.startswith("grayscale")) or im.mode
-        return FileResult("converted", f"{fmt} ({what}): TensorFlow's pixels differ from the "
-                          f"image's (mean |diff| {diff:.1f}); converted", sha1, w, h), ref
-    return FileResult("ok", "; ".join(notes), sha1, w, h), None
+        why = (f"it decodes {tf_img.shape[1]}x{tf_img.shape[0]}, "
+               f"Pillow {ref.shape[1]}x{ref.shape[0]}")
+    else:
+        diff = float(np.mean(np.abs(tf_img.astype(np.int16) - ref.astype(np.int16))))
+        why = f"mean |diff| {diff:.1f}" if diff > PIXEL_TOLERANCE else ""
+    if why:
+        notes.append(f"the model's decoder differs from Pillow ({why}): trained on its "
+                     "pixels, as served")
+    return FileResult("ok", "; ".join(notes), sha1, w, h, differs=bool(why)), None
 
 
 def _short(e: Exception) -> str:
     return " ".join(str(e).split())[:160] or type(e).__name__
 
 
-def _tf_decode(data: bytes):
+def _tf_decode(data: bytes, max_pixels: int):
+    """The model's own decoding of `data` (as training and serving do it), or why it refuses."""
     import tensorflow as tf
 
     try:
-        return decode_lib.decode_image(tf.constant(data)).numpy(), None
+        return decode_lib.decode_bytes(data, max_pixels), None
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-        msg = _short(e).split("}}")[-1].strip()
-        return None, msg.split(". ")[0][:120]
+        reason = decode_lib.refusal_reason(e)
+        return None, reason.removeprefix("image: ")[:160]
 
 
 @contextlib.contextmanager
@@ -237,6 +277,7 @@ def over_pixel_limit(path: str, max_pixels: int) -> Optional[str]:
     """
     from PIL import Image, UnidentifiedImageError
 
+    register_openers()
     try:
         with _no_pillow_pixel_limit(), Image.open(path) as im:
             w, h = (int(v) for v in im.size)
@@ -418,7 +459,8 @@ def _clean_split(split: sources_lib.Split, name: str, class_names: list[str], sc
         if r.status == "converted":
             report["converted"].append({**entry, "reason": r.reason, "fixed": r.fixed or "bytes"})
         elif r.reason:
-            report["notes"].append({**entry, "note": r.reason})
+            report["notes"].append({**entry, "note": r.reason,
+                                    **({"differs_from_pillow": True} if r.differs else {})})
         keep.append(i)
         items.append(use)
         keys.append(r.sha1)
@@ -493,7 +535,7 @@ def prepare_dataset(spec: sources_lib.DataSpec, *, max_pixels: int = 100_000_000
                                                     spec.tfds_split, spec.tfds_data_dir,
                                                     spec.allow_external_paths)
     scanner = Scanner(max_pixels, cache_dir, progress)
-    report: dict = {"max_pixels": int(max_pixels), "sources": {}}
+    report: dict = {"max_pixels": int(max_pixels), "decoding": DECODING, "sources": {}}
     cleaned, origins = {}, {}
     try:
         for name, split in sources.items():
@@ -520,6 +562,8 @@ def prepare_dataset(spec: sources_lib.DataSpec, *, max_pixels: int = 100_000_000
         "files": sum(r["files"] for r in report["sources"].values()),
         "skipped": sum(len(r["skipped"]) for r in report["sources"].values()),
         "converted": sum(len(r["converted"]) for r in report["sources"].values()),
+        "differs_from_pillow": sum(sum(bool(e.get("differs_from_pillow")) for e in r["notes"])
+                                   for r in report["sources"].values()),
         "duplicate_groups": sum(len(r["duplicates"]) for r in report["sources"].values()),
         "leaked": len(report["leakage"]),
         "scanned": scanner.scanned, "from_cache": scanner.from_cache,

@@ -21,8 +21,10 @@ from tl_keras.errors import fail, network_failure, one_line
 
 # Listed from class folders. Formats TensorFlow cannot decode (TIFF) are still
 # listed: the pre-flight scan converts them or reports why it cannot.
+# HEIC/HEIF (iPhones) and AVIF are read by the pre-flight (pillow-heif, Pillow)
+# and converted to PNG for training, like TIFF.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
-                    ".tiff")
+                    ".tiff", ".heic", ".heif", ".avif")
 LIST_EXTENSIONS = (".csv", ".tsv", ".txt")
 MULTI_LABEL_SEPARATOR = "|"
 

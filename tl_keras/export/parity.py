@@ -6,9 +6,21 @@ validation images; for each, top-1 agreement with the reference and the
 largest absolute probability difference are compared with per-variant limits
 (`--parity_min_agreement`, `--parity_max_prob_diff`). Quantized variants get
 looser defaults: they are approximations by design.
+
+The sample holds the files the model trains on, which for files the
+pre-flight converted are its PNGs. So the gate also feeds the SavedModel the
+original bytes of every file the pre-flight converted or noted (EXIF-rotated,
+transparent, 16-bit, CMYK, animated, ...: what clients send), against the
+Keras model on the pixels training used ("saved_model_originals", with the
+SavedModel's limits). A converted file the served model refuses (a TIFF,
+HEIC, ...) is listed, not failed: such formats are refused by design. A noted
+file it refuses, or predicts otherwise, fails the export.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +29,8 @@ from tl_keras.train import loop as loop_lib
 
 # Artifacts the gate knows: the SavedModel and the TFLite variants.
 ARTIFACTS = ("saved_model", "float", "dynamic", "float16", "int8")
+# The SavedModel fed the original bytes of the pre-flight's odd files.
+ORIGINALS = "saved_model_originals"
 
 # The default limits are the defaults of the flags (config.Config). Why they
 # differ: the SavedModel runs the same graph on the same pixels, so it must
@@ -132,7 +146,8 @@ def judge(name: str, result: dict, min_agreement: dict[str, float],
 
 def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
              class_names: list[str], min_agreement: dict[str, float],
-             max_prob_diff: dict[str, float], batch_size: int = 32) -> dict:
+             max_prob_diff: dict[str, float], batch_size: int = 32,
+             originals: Sequence[tuple[str, object]] = ()) -> dict:
     """Predicts `split` with every artifact and judges each against the Keras model.
 
     Args:
@@ -144,6 +159,9 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
         image_size: the model's input size.
         class_names: the training classes; the SavedModel's top-1 class names
             must be these, in this order.
+        originals: (original file, item trained on) of the files the
+            pre-flight converted (the item is its PNG) or noted (the file
+            itself); see `check_originals`.
 
     Returns:
         The comparison (what `OUT/export_check.json` holds): {"n", "images",
@@ -174,15 +192,103 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
         artifacts[variant] = res
         failures += judge(variant, res, min_agreement, max_prob_diff)
 
+    if originals:
+        res = check_originals(model, saved_model, originals, image_size, class_names,
+                              min_agreement, max_prob_diff, batch_size)
+        artifacts[ORIGINALS] = res
+        failures += res.pop("failures")
+
     items = [item if isinstance(item, str) else f"<bytes #{i}>"
              for i, item in enumerate(split.items)]
-    for res in artifacts.values():
+    for name, res in artifacts.items():
         # Name each disagreement and say how sure the reference was: a flip
         # on a near tie is quantization noise, a flip on a confident image is a bug.
-        res["disagreements"] = [describe_disagreement(items[i], reference[i], class_names)
-                                for i in res["disagreements"]]
+        if name != ORIGINALS:
+            res["disagreements"] = [describe_disagreement(items[i], reference[i], class_names)
+                                    for i in res["disagreements"]]
     return {"n": len(split), "images": items, "artifacts": artifacts,
             "passed": not failures, "failures": failures}
+
+
+def check_originals(model, saved_model, originals: Sequence[tuple[str, object]],
+                    image_size: int, class_names: list[str], min_agreement: dict[str, float],
+                    max_prob_diff: dict[str, float], batch_size: int = 32) -> dict:
+    """Served on the original bytes vs Keras on the pixels training used, for odd files.
+
+    Returns:
+        compare() of the files served (with the SavedModel's limits, `judge`),
+        plus "files" (how many were fed), "refused": [{"image", "reason",
+        "converted"}] and "failures": why the gate fails (empty: passed). A
+        refused converted file is by design (its format is not served); a
+        refused file the pre-flight did not convert is a failure, since
+        training decoded it with the very function the server runs.
+    """
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.export import tflite as tflite_lib
+
+    paths = [str(o) for o, _ in originals]
+    trained = sources_lib.Split([t for _, t in originals], np.zeros(len(originals), np.int32),
+                                "pre-flight")
+    reference = np.asarray(loop_lib.predict(
+        model, tflite_lib.load_pixels(trained, image_size).astype(np.float32), batch_size),
+        np.float32)
+    probs, reasons = saved_model.predict_each([_encoded(p) for p in paths], batch_size)
+    served = [i for i, p in enumerate(probs) if p is not None]
+    res = compare(reference[served], np.stack([probs[i] for i in served]) if served
+                  else reference[:0])
+    res["files"] = len(paths)
+    res["disagreements"] = [describe_disagreement(paths[served[i]], reference[served[i]],
+                                                  class_names)
+                             for i in res["disagreements"]]
+    res["refused"] = [{"image": paths[i], "reason": reasons[i],
+                       "converted": str(originals[i][1]) != paths[i]}
+                      for i, p in enumerate(probs) if p is None]
+    limits = ({ORIGINALS: min_agreement["saved_model"]},
+              {ORIGINALS: max_prob_diff["saved_model"]})
+    failures = judge(ORIGINALS, res, *limits)
+    unexpected = [r for r in res["refused"] if not r["converted"]]
+    if unexpected:
+        failures.append(f"{ORIGINALS}: the served model refuses {len(unexpected)} file(s) "
+                        f"training decoded, e.g. {unexpected[0]['image']}: "
+                        f"{unexpected[0]['reason']}")
+        res["passed"] = False
+    res["failures"] = failures
+    return res
+
+
+def odd_files(preflight_report: Optional[dict], limit: int = 0, seed: int = 0
+              ) -> list[tuple[str, object]]:
+    """(original file, item trained on) of every file the pre-flight converted or noted.
+
+    Files only (items given as bytes have no original left to send). With
+    `limit` > 0 and more files than that, a seeded sample that keeps one file
+    of every distinct reason first.
+    """
+    if not preflight_report:
+        return []
+    found: dict[str, tuple[str, object, str]] = {}
+    for source in preflight_report.get("sources", {}).values():
+        for e in source.get("converted", []):
+            if os.path.isfile(e["path"]) and os.path.isfile(e.get("fixed", "")):
+                found.setdefault(e["path"], (e["path"], e["fixed"], e["reason"]))
+        for e in source.get("notes", []):
+            if os.path.isfile(e["path"]):
+                found.setdefault(e["path"], (e["path"], e["path"], e["note"]))
+    files = sorted(found.values())
+    if limit <= 0 or len(files) <= limit:
+        return [(o, t) for o, t, _ in files]
+    order = np.random.default_rng(seed).permutation(len(files)).tolist()
+    first_of_kind: dict[str, int] = {}
+    for i in order:
+        first_of_kind.setdefault(_kind(files[i][2]), i)
+    keep = list(first_of_kind.values())[:limit]
+    keep += [i for i in order if i not in set(keep)][:limit - len(keep)]
+    return [files[i][:2] for i in sorted(keep)]
+
+
+def _kind(reason: str) -> str:
+    """A reason without its numbers ("EXIF orientation 6: ..." and "... 8: ..." differ)."""
+    return reason.split(":")[0].split("(")[0].strip()
 
 
 def describe_disagreement(image: str, reference: np.ndarray, class_names: list[str]) -> dict:

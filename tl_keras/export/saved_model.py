@@ -5,16 +5,23 @@ A version folder holds
   assets/labels.txt               class names, one per line, in class-id order
   assets.extra/tf_serving_warmup_requests
                                   PredictionLog records TF Serving replays on load
+  assets.extra/decoding.json      the pixel cap (--max_pixels) baked into the graph,
+                                  the formats it decodes and where it differs from Pillow
   model_<variant>.tflite          the TFLite variants asked for (see `tflite`)
 
 Signatures:
-  serving_default(image_bytes: string[N])      encoded JPEG/PNG/GIF/BMP
+  serving_default(image_bytes: string[N])      encoded JPEG/PNG/WebP (GIF, BMP)
   serve_images(images: float32[N, H, W, 3])     pixels 0..255, any H, W
   serve_images_uint8(images: uint8[N, H, W, 3])
 each returning probabilities float32[N, C], classes string[N, k] and
 scores float32[N, k] (top-k). Decoding and resizing are `data.decode_and_resize`
-and `data.resize_image`, the very functions the training pipeline used.
-Bytes that do not decode fail that request with InvalidArgument.
+and `data.resize_image`, the very functions the training pipeline used: EXIF
+orientation, transparency on white, 16-bit PNGs and GIF frames as in training.
+Each image's header is read before it is decoded: empty, truncated, non-image
+and unsupported bytes, and images over the export's --max_pixels, fail that
+request with InvalidArgument "assertion failed: [image I: REASON]" (I: the
+image's index in the request), which TF Serving returns to the client as the
+error text; nothing is allocated for the refused image, and the server goes on.
 
 `export_version` writes everything into a hidden temporary folder, runs the
 parity gate (`parity`) and only then renames it to the next version number,
@@ -26,10 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
+import re
 import shutil
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -46,6 +55,9 @@ from tl_keras.train import loop as loop_lib
 
 LABELS_ASSET = os.path.join("assets", "labels.txt")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+DECODING_FILE = os.path.join("assets.extra", "decoding.json")
+# The flag's default (config.Config.max_pixels).
+DEFAULT_MAX_PIXELS = 100_000_000
 SIGNATURES = ("serving_default", "serve_images", "serve_images_uint8")
 
 
@@ -61,7 +73,8 @@ class ExportRejected(ConfigError):
 # The SavedModel
 # --------------------------------------------------------------------------
 
-def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_k: int):
+def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_k: int,
+               max_pixels: int = DEFAULT_MAX_PIXELS):
     names = tf.constant(list(class_names))
     k = max(1, min(int(top_k), len(class_names)))
 
@@ -80,7 +93,13 @@ def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_
         return {"probabilities": probs, "classes": tf.gather(names, idx), "scores": scores}
 
     def serve_bytes(image_bytes):
-        images = tf.map_fn(lambda b: decode_lib.decode_and_resize(b, image_size), image_bytes,
+        # Each image with its index, which a refusal names.
+        def one(item):
+            index, data = item
+            return decode_lib.decode_and_resize(data, image_size, max_pixels, name=index)
+
+        indices = tf.range(tf.shape(image_bytes)[0])
+        images = tf.map_fn(one, (indices, image_bytes),
                            fn_output_signature=tf.TensorSpec([image_size, image_size, 3],
                                                              tf.uint8))
         return predict(images)
@@ -98,22 +117,32 @@ def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_
 
 
 def write_saved_model(model: keras.Model, class_names: list[str], image_size: int, path: str,
-                      top_k: int = 3, extra_files: dict | None = None) -> str:
+                      top_k: int = 3, extra_files: dict | None = None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Writes the SavedModel, its labels asset and its warmup requests into `path`.
 
     Not atomic by itself: `path` should be a temporary folder renamed into
     place afterwards, as `export_version` does.
+
+    Args:
+        max_pixels: `serving_default` refuses images whose header claims more
+            pixels (baked into the graph; also in assets.extra/decoding.json).
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, fn, sig in _endpoints(model, class_names, image_size, top_k):
+    for name, fn, sig in _endpoints(model, class_names, image_size, top_k, max_pixels):
         archive.add_endpoint(name, fn, input_signature=sig)
     archive.write_out(path, verbose=False)
     os.makedirs(os.path.join(path, "assets"), exist_ok=True)
     with open(os.path.join(path, LABELS_ASSET), "w", encoding="utf-8") as f:
         f.write("\n".join(class_names) + "\n")
     write_warmup_requests(path, image_size)
-    for name, text in (extra_files or {}).items():
+    decoding = {"max_pixels": int(max_pixels), "formats": ["JPEG", "PNG", "WebP", "GIF", "BMP"],
+                "function": "tl_keras.data.decode.decode_image (as in training)",
+                "limits": list(decode_lib.GRAPH_LIMITS)}
+    extra_files = {os.path.basename(DECODING_FILE): json.dumps(decoding, indent=2),
+                   **(extra_files or {})}
+    for name, text in extra_files.items():
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
         with open(os.path.join(path, "assets.extra", name), "w", encoding="utf-8") as f:
             f.write(text)
@@ -183,6 +212,39 @@ class SavedModelClassifier:
         if not os.path.isfile(os.path.join(path, LABELS_ASSET)):
             raise fail(flag, path, f"no {LABELS_ASSET} in this export")
         self.class_names = read_labels(path)
+        try:
+            with open(os.path.join(path, DECODING_FILE), encoding="utf-8") as f:
+                self.max_pixels = int(json.load(f)["max_pixels"])
+        except (OSError, ValueError, KeyError):
+            self.max_pixels = None  # an export from before the cap was stored
+
+    def predict_each(self, encoded: list[bytes], batch_size: int = 32
+                     ) -> tuple[list[Optional[np.ndarray]], list[str]]:
+        """Probabilities per image, or why the model refused it (one bad image spares the rest).
+
+        Each batch is sent as one request; a refused batch is sent again one
+        image at a time, as a client must do with TF Serving.
+
+        Returns:
+            ([probabilities [C] or None per image], [refusal reason or "" per image]).
+        """
+        probs: list[Optional[np.ndarray]] = [None] * len(encoded)
+        reasons = [""] * len(encoded)
+        for i in range(0, len(encoded), batch_size):
+            chunk = list(range(i, min(i + batch_size, len(encoded))))
+            try:
+                p, _ = self.predict_encoded([encoded[j] for j in chunk], batch_size)
+                for j, row in zip(chunk, p):
+                    probs[j] = row
+                continue
+            except tf.errors.InvalidArgumentError:
+                pass
+            for j in chunk:
+                try:
+                    probs[j] = self.predict_encoded([encoded[j]])[0][0]
+                except tf.errors.InvalidArgumentError as e:
+                    reasons[j] = re.sub(r"^image 0: ", "", decode_lib.refusal_reason(e))
+        return probs, reasons
 
     def predict_encoded(self, encoded: list[bytes], batch_size: int = 32
                         ) -> tuple[np.ndarray, list[list[str]]]:
@@ -312,6 +374,7 @@ class ExportSpec:
             None: the flags' defaults.
         batch_size: prediction batch size.
         seed: for the parity sample.
+        max_pixels: the pixel cap baked into `serving_default` (--max_pixels).
     """
 
     top_k: int = 3
@@ -322,6 +385,7 @@ class ExportSpec:
     max_prob_diff: Optional[dict] = None
     batch_size: int = 32
     seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def export_version(model: keras.Model, class_names: list[str], image_size: int,
@@ -330,6 +394,7 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
                    parity_split: Optional[sources_lib.Split] = None,
                    eval_split: Optional[sources_lib.Split] = None, eval_name: str = "test",
                    check_path: Optional[str] = None, extra_files: Optional[dict] = None,
+                   originals: Sequence[tuple[str, object]] = (),
                    log: Callable[[str], None] = lambda s: None) -> dict:
     """Exports a new version: SavedModel + TFLite variants, parity-gated, renamed into place.
 
@@ -348,6 +413,9 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
         check_path: where the gate's comparison is written (OUT/export_check.json).
         extra_files: {file name: text} written to `assets.extra/` (e.g. the
             run manifest), which TF Serving keeps but does not load.
+        originals: (original file, item trained on) of the files the
+            pre-flight converted or noted (`parity.odd_files`): the gate also
+            serves their original bytes (`parity.check_originals`).
         log: progress messages.
 
     Returns:
@@ -368,7 +436,8 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
     # Named as outputs.py names temporaries, so a rerun removes one a killed export left.
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=f"{outputs.TMP_PREFIX}{os.getpid()}.export-")
     try:
-        write_saved_model(model, class_names, image_size, tmp, top_k, extra_files)
+        write_saved_model(model, class_names, image_size, tmp, top_k, extra_files,
+                          spec.max_pixels)
         log("wrote the SavedModel; converting TFLite variants" if tflite_variants
             else "wrote the SavedModel")
         paths = tflite_lib.write_variants(model, image_size, tflite_variants, tmp,
@@ -393,12 +462,17 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
         if parity_split is not None:
             sample = _sample(parity_split, spec.parity_images, spec.seed)
             check = parity.run_gate(model, SavedModelClassifier(tmp), lites, sample, image_size,
-                                    class_names, min_agreement, max_prob_diff, batch_size)
+                                    class_names, min_agreement, max_prob_diff, batch_size,
+                                    originals)
             result["parity"] = {
                 "n": check["n"], "passed": check["passed"],
                 "artifacts": {name: {k: a[k] for k in ("top1_agreement", "max_prob_diff",
                                                         "passed")}
                               for name, a in check["artifacts"].items()}}
+            if parity.ORIGINALS in check["artifacts"]:
+                fed = check["artifacts"][parity.ORIGINALS]
+                result["parity"]["originals"] = {"files": fed["files"], "served": fed["n"],
+                                                 "refused": len(fed["refused"])}
         lites.clear()
         return gate_and_publish(tmp, export_dir, spec.overwrite, result, check, check_path, log)
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import keras
 
@@ -43,12 +43,13 @@ def export_spec(cfg: Config) -> export_lib.ExportSpec:
         parity_images=cfg.parity_images,
         min_agreement=parity.min_agreement_limits(cfg.parity_min_agreement),
         max_prob_diff=parity.max_prob_diff_limits(cfg.parity_max_prob_diff),
-        batch_size=cfg.batch_size, seed=cfg.seed)
+        batch_size=cfg.batch_size, seed=cfg.seed, max_pixels=cfg.max_pixels)
 
 
 def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_size: int, out: str,
                data: sources_lib.Dataset, eval_split: sources_lib.Split, eval_name: str,
-               run_manifest: dict, log: Callable[[str], None] = lambda s: None) -> dict:
+               run_manifest: dict, log: Callable[[str], None] = lambda s: None,
+               preflight_report: Optional[dict] = None) -> dict:
     """`export_version` with a run's settings: OUT/export, the TFLite variants,
     int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
 
@@ -61,6 +62,8 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         eval_split, eval_name: where each TFLite variant's accuracy is measured.
         run_manifest: written to the SavedModel's assets.extra/manifest.json.
         log: progress messages.
+        preflight_report: the run's pre-flight report: the gate also serves the
+            original bytes of the files it converted or noted.
 
     Returns / Raises: as `export_version`.
     """
@@ -72,4 +75,5 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
             if "int8" in spec.tflite_variants else None),
         parity_split=data.val, eval_split=eval_split, eval_name=eval_name,
         check_path=os.path.join(out, "export_check.json"),
-        extra_files={"manifest.json": json.dumps(run_manifest, indent=2)}, log=log)
+        extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+        originals=parity.odd_files(preflight_report, cfg.parity_images, cfg.seed), log=log)

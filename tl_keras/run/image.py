@@ -253,7 +253,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         try:
             report["export"] = state.once("export", lambda: artifacts.export_run(
                 final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
-                eval_split, eval_name, run_manifest, log),
+                eval_split, eval_name, run_manifest, log, preflight_report=scan),
                 lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e

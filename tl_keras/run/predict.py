@@ -1,15 +1,17 @@
 """`tl-keras predict`: top-k class names and scores for image files.
 
 Runs an export the way it will be used: a SavedModel through its
-`serving_default` signature on the files' encoded bytes, or a .tflite file
-with tf.lite.Interpreter on pixels decoded and resized by
-`data.decode_and_resize` (the training pipeline's function).
+`serving_default` signature on the files' encoded bytes (decoded in its graph
+as in training: EXIF orientation, transparency on white, ...), or a .tflite
+file with tf.lite.Interpreter on pixels decoded by `data.decode_image` (the
+same function) and resized as in training. A file the model refuses (not an
+image, truncated, over the pixel cap, a format it does not decode) is
+skipped with the model's reason.
 """
 
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import tensorflow as tf
@@ -103,23 +105,18 @@ def _predict_saved_model(path: str, files: list[str], batch_size: int, flag: str
         except OSError as e:
             errors[f] = e.strerror or str(e)
     readable = [f for f in files if f in encoded]
-    for i in range(0, len(readable), batch_size):
-        chunk = readable[i:i + batch_size]
-        try:
-            p, _ = clf.predict_encoded([encoded[f] for f in chunk], batch_size)
-            probs.update(zip(chunk, p))
-        except tf.errors.InvalidArgumentError:
-            # One undecodable file fails its whole request, exactly as in TF
-            # Serving; find it by sending the files of this batch one by one.
-            for f in chunk:
-                try:
-                    probs[f] = clf.predict_encoded([encoded[f]])[0][0]
-                except tf.errors.InvalidArgumentError as e:
-                    errors[f] = _first_line(e.message)
+    # One refused file fails its whole request, exactly as in TF Serving;
+    # predict_each then sends that batch's files one by one.
+    found, reasons = clf.predict_each([encoded[f] for f in readable], batch_size)
+    for f, p, why in zip(readable, found, reasons):
+        if p is None:
+            errors[f] = why
+        else:
+            probs[f] = p
     return clf.class_names, probs, errors
 
 
-def _predict_tflite(path: str, files: list[str], flag: str):
+def _predict_tflite(path: str, files: list[str], flag: str, max_pixels: int):
     names = _tflite_labels(path, flag)
     clf = tflite_lib.TFLiteClassifier(path)
     if clf.num_classes != len(names):
@@ -129,22 +126,17 @@ def _predict_tflite(path: str, files: list[str], flag: str):
     errors: dict[str, str] = {}
     for f in files:
         try:
-            pixels = decode_lib.decode_and_resize(tf.io.read_file(f), clf.image_size).numpy()
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-            errors[f] = _first_line(e.message)
+            with open(f, "rb") as fh:
+                image = decode_lib.decode_bytes(fh.read(), max_pixels)
+        except OSError as e:
+            errors[f] = e.strerror or str(e)
             continue
+        except tf.errors.InvalidArgumentError as e:
+            errors[f] = decode_lib.refusal_reason(e).removeprefix("image: ")
+            continue
+        pixels = decode_lib.resize_image(image, clf.image_size).numpy()
         probs[f] = clf.predict(pixels[None])[0]
     return names, probs, errors
-
-
-def _first_line(msg: str) -> str:
-    """The decoder's own words from a TF error message, without graph and op noise."""
-    for line in str(msg).splitlines():
-        line = re.sub(r"\{\{function_node [^}]*\}\}|\[Op:[^\]]*\]", "", line).strip()
-        if line and not line.startswith(("Graph execution error", "Detected at node",
-                                         "<stack traces", "[[")):
-            return " ".join(line.split())[:200]
-    return "could not be decoded"
 
 
 def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32,
@@ -177,7 +169,7 @@ def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32
     if not todo:
         names, probs, errors = [], {}, {}
     elif path.endswith(".tflite"):
-        names, probs, errors = _predict_tflite(path, todo, model_flag)
+        names, probs, errors = _predict_tflite(path, todo, model_flag, max_pixels)
     else:
         names, probs, errors = _predict_saved_model(path, todo, batch_size, model_flag)
     errors.update(refused)

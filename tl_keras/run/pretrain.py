@@ -243,7 +243,8 @@ def pretrain(cfg: Config) -> dict:
         # like a train run (new version, TFLite variants, parity gate).
         try:
             report["export"] = artifacts.export_run(model, cfg, classes, size, out, data,
-                                                     eval_split, eval_name, run_manifest, log)
+                                                     eval_split, eval_name, run_manifest, log,
+                                                     preflight_report=scan)
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
     written = _write_report_md(out, report, history, eval_name, eval_split.items, run_manifest)
