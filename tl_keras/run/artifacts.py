@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable, Optional
 
 import keras
@@ -33,6 +34,17 @@ def write_model_files(out: str, model: keras.Model, classes: list[str], resolved
     outputs.atomic_write_text(os.path.join(out, "labels.txt"), "\n".join(classes) + "\n")
     outputs.atomic_write_text(os.path.join(out, "config.json"), resolved.to_json() + "\n")
     return path
+
+
+def finish_run(out: str, report: dict, state, rejected, t_start: float) -> dict:
+    """The last step of a run: report.json (with the run's seconds), then the
+    parity gate's rejection if there was one, else the run marked finished."""
+    report["seconds"] = round(time.perf_counter() - t_start, 2)
+    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
+    if rejected is not None:
+        raise rejected
+    state.finish()
+    return report
 
 
 def export_spec(cfg: Config) -> export_lib.ExportSpec:

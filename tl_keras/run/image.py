@@ -263,12 +263,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                     published.get("path", "") if published else "")
     written = markdown_lib.write_run_files(out, report, histories, eval_split.items, run_manifest)
     log(f"wrote {', '.join(written)} to {out}")
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
-    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
-    if rejected is not None:
-        raise rejected
-    state.finish()
-    return report
+    return artifacts.finish_run(out, report, state, rejected, t_start)
 
 
 def _temperature_text(temperature) -> str:

@@ -245,9 +245,4 @@ def train(cfg: Config) -> dict:
                 log=log), lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
-    report["seconds"] = round(time.perf_counter() - t_start, 2)
-    outputs.atomic_write_json(os.path.join(out, "report.json"), report)
-    if rejected is not None:
-        raise rejected
-    state.finish()
-    return report
+    return artifacts.finish_run(out, report, state, rejected, t_start)
