@@ -257,6 +257,15 @@ def test_train_writes_report_md_pngs_and_extended_report_json(trained_run):
     _png(trained_run / "reliability.png")
     from tl_keras.model import model_files
 
+    # Selective prediction at the default --target_accuracy (0.95): chosen on
+    # validation, measured on test, drawn against coverage.
+    chosen, on_test = report["selective"], test["selective"]
+    assert chosen["target_accuracy"] == on_test["target_accuracy"] == 0.95
+    if chosen["reached"]:
+        assert chosen["accuracy"] >= 0.95 and on_test["threshold"] == chosen["threshold"]
+    assert len(test["coverage_curve"]) == 20 and test["coverage_curve"][-1]["coverage"] == 1.0
+    assert "### Selective prediction" in md and "coverage.png" in md
+    _png(trained_run / "coverage.png")
     saved = model_files.load_model(str(trained_run / "model.keras"))
     assert saved.get_layer("calibrated").temperature == pytest.approx(cal["temperature"])
 

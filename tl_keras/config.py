@@ -125,6 +125,11 @@ class Config:
     # validation predictions (report/calibration.py): the saved model, the
     # SavedModel and TFLite return calibrated probabilities; the argmax is unchanged.
     calibrate: bool = True
+    # Selective prediction (single-label runs): the confidence threshold above which the
+    # answers reach this accuracy, chosen on the validation predictions; report.json and
+    # report.md show it with the accuracy-coverage curve on the test split, and the export
+    # stores it in assets.extra/selective.json. 0: off.
+    target_accuracy: float = 0.95
     top_k: int = 3
     export: bool = True
 
@@ -298,6 +303,8 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         if not v > 0:
             raise fail(name, v, "must be > 0")
+    if not 0 <= cfg.target_accuracy <= 1:
+        raise fail("target_accuracy", cfg.target_accuracy, "must be in [0, 1] (0: off)")
     if not 0 < cfg.audit_similarity <= 1:
         raise fail("audit_similarity", cfg.audit_similarity, "must be in (0, 1]")
     for name in ("batch_size", "cache_views", "top_k"):

@@ -76,6 +76,22 @@ def evaluation_markdown(ev: dict, title: str, images: Optional[dict] = None) -> 
         lines.append("")
         if images.get("confusion"):
             lines += [f"![confusion matrix]({images['confusion']})", ""]
+    if ev.get("selective"):
+        sel = ev["selective"]
+        lines += ["### Selective prediction", ""]
+        if sel["threshold"] is None:
+            lines += [f"No confidence threshold reached the target accuracy "
+                      f"{sel['target_accuracy']:.2f} on validation: answer none, or lower "
+                      "--target_accuracy.", ""]
+        else:
+            lines += [f"Answering only at confidence >= {sel['threshold']:.4f} (chosen on "
+                      f"validation for accuracy {sel['target_accuracy']:.2f}: there "
+                      f"{_f(sel['validation']['accuracy'])} on "
+                      f"{sel['validation']['coverage']:.0%} of the images): here "
+                      f"{_f(sel['accuracy'])} on {sel['coverage']:.0%} of the images "
+                      f"({sel['answered']} answered, the rest left to a person).", ""]
+        if images.get("coverage"):
+            lines += [f"![accuracy against coverage]({images['coverage']})", ""]
     if images.get("reliability"):
         lines += ["### Calibration", "",
                   "Accuracy against confidence in equal-width bins: a calibrated model's bars "
@@ -158,6 +174,7 @@ CURVES_PNG = "learning_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_PNG = "mistakes.png"
 RELIABILITY_PNG = "reliability.png"
+COVERAGE_PNG = "coverage.png"
 
 
 def evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> dict:
@@ -180,7 +197,11 @@ def evaluation_pngs(out_dir: str, ev: dict, items: Sequence, prefix: str) -> dic
                               os.path.join(out_dir, images["reliability"]))
     # A figure this evaluation has no content for must not survive from an
     # earlier run in the same folder, where it would pass for this one's.
-    for name in (CONFUSION_PNG, MISTAKES_PNG, RELIABILITY_PNG):
+    if ev.get("coverage_curve"):
+        images["coverage"] = prefix + COVERAGE_PNG
+        plots.coverage_png(ev["coverage_curve"], ev.get("selective"),
+                           os.path.join(out_dir, images["coverage"]))
+    for name in (CONFUSION_PNG, MISTAKES_PNG, RELIABILITY_PNG, COVERAGE_PNG):
         if prefix + name not in images.values() and os.path.isfile(os.path.join(out_dir,
                                                                                prefix + name)):
             os.remove(os.path.join(out_dir, prefix + name))

@@ -188,6 +188,34 @@ def reliability_png(bins: Sequence[dict], uncalibrated: Optional[Sequence[dict]]
     return _save(fig, path)
 
 
+def coverage_png(curve: Sequence[dict], chosen: Optional[dict], path: str) -> str:
+    """Accuracy of the answered images against the share answered (most confident first).
+
+    Args:
+        curve: `selective.coverage_curve` points.
+        chosen: the evaluation's "selective" block (threshold, coverage, accuracy), marked.
+        path: the PNG to write.
+
+    Returns:
+        `path`.
+    """
+    fig = _new_figure((5.2, 4.2))
+    ax = fig.subplots()
+    ax.plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], marker="o",
+            markersize=3, color="#1f77b4", label="most confident first")
+    if chosen and chosen.get("threshold") is not None and chosen.get("accuracy") is not None:
+        ax.scatter([chosen["coverage"]], [chosen["accuracy"]], s=60, color="#d62728", zorder=3,
+                   label=f"confidence >= {chosen['threshold']:.3f}")
+        ax.axhline(chosen["target_accuracy"], color="grey", linestyle="--", linewidth=1,
+                   label=f"target {chosen['target_accuracy']:.2f}")
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("coverage (share of images answered)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.set_title("selective prediction")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(fig, path)
+
+
 def _thumbnail(item, size: int = 256) -> Optional[np.ndarray]:
     """An RGB thumbnail of a file path or encoded bytes; None if it cannot be read."""
     from PIL import Image

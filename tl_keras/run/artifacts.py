@@ -61,7 +61,8 @@ def export_spec(cfg: Config) -> export_lib.ExportSpec:
 def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_size: int, out: str,
                data: sources_lib.Dataset, eval_split: sources_lib.Split, eval_name: str,
                run_manifest: dict, log: Callable[[str], None] = lambda s: None,
-               preflight_report: Optional[dict] = None) -> dict:
+               preflight_report: Optional[dict] = None,
+               extra_files: Optional[dict] = None) -> dict:
     """`export_version` with a run's settings: OUT/export, the TFLite variants,
     int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
 
@@ -76,6 +77,7 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         log: progress messages.
         preflight_report: the run's pre-flight report: the gate also serves the
             original bytes of the files it converted or noted.
+        extra_files: more {file name: text} for assets.extra (e.g. selective.json).
 
     Returns / Raises: as `export_version`.
     """
@@ -87,5 +89,5 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
             if "int8" in spec.tflite_variants else None),
         parity_split=data.val, eval_split=eval_split, eval_name=eval_name,
         check_path=os.path.join(out, "export_check.json"),
-        extra_files={"manifest.json": json.dumps(run_manifest, indent=2)},
+        extra_files={"manifest.json": json.dumps(run_manifest, indent=2), **(extra_files or {})},
         originals=parity.odd_files(preflight_report, cfg.parity_images, cfg.seed), log=log)

@@ -8,6 +8,7 @@ TFLite variants) through the parity gate.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -25,6 +26,7 @@ from tl_keras.model import classifier as model_lib
 from tl_keras.report import calibration
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
+from tl_keras.report import selective
 from tl_keras.report import tensorboard as tensorboard_logs
 from tl_keras.report import thresholds as multilabel
 from tl_keras.run import artifacts
@@ -112,7 +114,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         log(note)
     key_parts = {**views.cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
 
-    tb = tensorboard_logs.start(out, scaled.replace(image_size=size, finetune_blocks=blocks).to_dict(),
+    tb = tensorboard_logs.start(out,
+                                scaled.replace(image_size=size, finetune_blocks=blocks).to_dict(),
                                 cfg.tensorboard and dist.is_chief,  # only the chief writes
                                 resume=state.resumed)
 
@@ -215,15 +218,31 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- evaluate (the validation split when there is no test split) ----------
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
     eval_batch = features.inference_batch_size(scaled.batch_size)
-    uncalibrated, temperature = final, None
-    if cfg.calibrate:  # a temperature fitted on the validation predictions
+    uncalibrated, temperature, val_probs = final, None, None
+    if cfg.calibrate or (cfg.target_accuracy and not multi):
         val_probs = metrics_lib.predict(final, data.val, size, eval_batch)
+    if cfg.calibrate:  # a temperature fitted on the validation predictions
         temperature = calibration.fit_temperature(val_probs, data.val.labels, multi)
         final = model_lib.calibrated(final, temperature, multi)
         report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature, multi)
         log(f"calibration: temperature {_temperature_text(temperature)}, validation NLL "
             f"{report['calibration']['val_nll_uncalibrated']:.4f} -> "
             f"{report['calibration']['val_nll']:.4f}")
+        val_probs = calibration.apply_temperature(val_probs, temperature, multi)
+    answer_above = None
+    if cfg.target_accuracy and multi:
+        log("selective prediction: single-label runs only (multi-label runs decide each label "
+            "at its own threshold)")
+    elif cfg.target_accuracy:  # the confidence above which answers reach the target
+        report["selective"] = selective.choose_threshold(val_probs, data.val.labels,
+                                                         cfg.target_accuracy)
+        answer_above = report["selective"]["threshold"]
+        log("selective prediction: " + (
+            f"answering at confidence >= {answer_above:.4f} reached "
+            f"{report['selective']['accuracy']:.4f} on {report['selective']['coverage']:.0%} "
+            "of the validation images" if report["selective"]["reached"] else
+            f"no confidence threshold reaches --target_accuracy={cfg.target_accuracy} on "
+            "validation"))
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3), calibrated
         thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
@@ -231,7 +250,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         report["thresholds"] = thresholds_doc["thresholds"]
     report[eval_name] = state.once("evaluation", lambda: _evaluate(
         uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
-        thresholds))
+        thresholds, report.get("selective")))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images")
     if tb is not None:
@@ -253,7 +272,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         try:
             report["export"] = state.once("export", lambda: artifacts.export_run(
                 final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
-                eval_split, eval_name, run_manifest, log, preflight_report=scan),
+                eval_split, eval_name, run_manifest, log, preflight_report=scan,
+                extra_files=({"selective.json": json.dumps(report["selective"], indent=2)}
+                             if "selective" in report else None)),
                 lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
@@ -273,19 +294,26 @@ def _temperature_text(temperature) -> str:
 
 
 def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, batch: int,
-              top_k: int, thresholds) -> dict:
+              top_k: int, thresholds, chosen: dict | None) -> dict:
     """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
 
     One prediction pass: the calibrated probabilities are the temperature's
     formula applied to the uncalibrated ones (what the exported model's
-    `Temperature` layer computes).
+    `Temperature` layer computes). With `chosen` (the selective-prediction
+    threshold picked on validation), also the accuracy-coverage curve and
+    what that threshold answers on this split.
     """
     raw = metrics_lib.predict(model, split, size, batch)
+    probs = raw if temperature is None else calibration.apply_temperature(raw, temperature,
+                                                                           multi_label)
+    ev = metrics_lib.evaluate_probs(probs, split, classes, top_k, thresholds)
+    if chosen is not None:
+        ev["coverage_curve"] = selective.coverage_curve(probs, split.labels)
+        ev["selective"] = {**selective.at_threshold(probs, split.labels, chosen["threshold"]),
+                           "target_accuracy": chosen["target_accuracy"],
+                           "validation": {k: chosen[k] for k in ("coverage", "accuracy")}}
     if temperature is None:
-        return metrics_lib.evaluate_probs(raw, split, classes, top_k, thresholds)
-    ev = metrics_lib.evaluate_probs(
-        calibration.apply_temperature(raw, temperature, multi_label), split, classes, top_k,
-        thresholds)
+        return ev
     before = metrics_lib.evaluation(raw, split.labels, classes, top_k, threshold=(
         np.asarray(thresholds, np.float32) if thresholds is not None else 0.5))
     ev["ece_uncalibrated"] = before["ece"]
