@@ -72,6 +72,25 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
     return float(ece), bins
 
 
+def calibration_of(probs: np.ndarray, labels: np.ndarray, threshold=None
+                   ) -> tuple[float, list[dict]]:
+    """(ECE, reliability bins) of a set of predictions, as `evaluation` measures them.
+
+    Single-label ([N] class ids): the confidence of each predicted class.
+    Multi-label ([N, C] 0/1 rows, decided at `threshold`): each (example,
+    class) decision is a binary prediction with confidence max(p, 1 - p);
+    calibration is measured over all of them.
+    """
+    probs = np.asarray(probs)
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        pred = (probs >= (0.5 if threshold is None else threshold)).astype(int)
+        confidence = np.where(pred == 1, probs, 1.0 - probs)
+        return expected_calibration_error(confidence.ravel(), (pred == labels).ravel())
+    pred = probs.argmax(axis=1)
+    return expected_calibration_error(probs[np.arange(len(probs)), pred], pred == labels)
+
+
 def one_vs_rest_auc(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str]) -> dict:
     """ROC-AUC and PR-AUC (average precision) of each class against the rest.
 
@@ -194,7 +213,7 @@ def evaluation(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
     result["roc_auc"], result["pr_auc"] = auc["roc_auc"], auc["pr_auc"]
     result["auc"] = auc
     confidence = probs[np.arange(n), pred]
-    result["ece"], result["calibration"] = expected_calibration_error(confidence, pred == labels)
+    result["ece"], result["calibration"] = calibration_of(probs, labels)
     wrong = np.flatnonzero(pred != labels)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_mistakes]
     result["mistakes"] = [{"file": names[i], "true": class_names[labels[i]],
@@ -216,12 +235,9 @@ def _multi_label_evaluation(probs, targets, class_names, names, threshold, num_m
     auc = one_vs_rest_auc(probs, targets, class_names)
     result["roc_auc"], result["pr_auc"] = auc["roc_auc"], auc["pr_auc"]
     result["auc"] = auc
-    # Each (example, class) decision is a binary prediction with confidence
-    # max(p, 1 - p); calibration is measured over all of them.
     confidence = np.where(pred == 1, probs, 1.0 - probs)
     correct = pred == targets
-    result["ece"], result["calibration"] = expected_calibration_error(confidence.ravel(),
-                                                                      correct.ravel())
+    result["ece"], result["calibration"] = calibration_of(probs, targets, threshold)
     wrong = np.flatnonzero(~correct.all(axis=1))
     worst = np.where(correct, 0.0, confidence).max(axis=1)
     wrong = wrong[np.argsort(-worst[wrong], kind="stable")][:num_mistakes]

@@ -16,7 +16,7 @@ import numpy as np
 
 from tl_keras.core import outputs
 from tl_keras.errors import fail
-from tl_keras.report.metrics import f1_scores, per_label_metrics, predict
+from tl_keras.report.metrics import f1_scores, per_label_metrics
 
 THRESHOLDS_FILE = "thresholds.json"
 DEFAULT_THRESHOLD = 0.5
@@ -88,14 +88,13 @@ def read_thresholds(run_dir: str, class_names: list[str]) -> list[float]:
                    else f"{THRESHOLDS_FILE}: {why}") from None
 
 
-def calibrate(model, val_split, class_names: list[str], image_size: int, batch_size: int = 64
-              ) -> tuple[list[float], dict]:
-    """Chooses thresholds on the validation split.
+def choose(probs: np.ndarray, labels: np.ndarray, class_names: list[str]
+           ) -> tuple[list[float], dict]:
+    """Chooses each label's threshold on validation probabilities (`fit_thresholds`).
 
     Returns:
         (thresholds, the thresholds.json document with validation metrics).
     """
-    probs = predict(model, val_split, image_size, batch_size)
-    thr = fit_thresholds(probs, val_split.labels)
+    thr = fit_thresholds(probs, labels)
     return thr, thresholds_document(class_names, thr,
-                                    per_label_metrics(probs, val_split.labels, thr, class_names))
+                                    per_label_metrics(probs, labels, thr, class_names))

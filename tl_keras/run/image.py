@@ -33,7 +33,7 @@ from tl_keras.run import artifacts
 from tl_keras.run import manifest as manifest_lib
 from tl_keras.run import audit as audit_run
 from tl_keras.run import views
-from tl_keras.run.setup import log, log_stage, validate
+from tl_keras.run.setup import log, log_calibration, log_stage, validate
 from tl_keras.train import features, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
@@ -219,15 +219,13 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
     eval_batch = features.inference_batch_size(scaled.batch_size)
     uncalibrated, temperature, val_probs = final, None, None
-    if cfg.calibrate or (cfg.target_accuracy and not multi):
+    if cfg.calibrate or multi or cfg.target_accuracy:  # one validation pass serves them all
         val_probs = metrics_lib.predict(final, data.val, size, eval_batch)
     if cfg.calibrate:  # a temperature fitted on the validation predictions
         temperature = calibration.fit_temperature(val_probs, data.val.labels, multi)
         final = model_lib.calibrated(final, temperature, multi)
         report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature, multi)
-        log(f"calibration: temperature {_temperature_text(temperature)}, validation NLL "
-            f"{report['calibration']['val_nll_uncalibrated']:.4f} -> "
-            f"{report['calibration']['val_nll']:.4f}")
+        log_calibration(report["calibration"])
         val_probs = calibration.apply_temperature(val_probs, temperature, multi)
     answer_above = None
     if cfg.target_accuracy and multi:
@@ -245,8 +243,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
             "validation"))
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3), calibrated
-        thresholds, thresholds_doc = multilabel.calibrate(final, data.val, classes, size,
-                                                          eval_batch)
+        thresholds, thresholds_doc = multilabel.choose(val_probs, data.val.labels, classes)
         report["thresholds"] = thresholds_doc["thresholds"]
     report[eval_name] = state.once("evaluation", lambda: _evaluate(
         uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
@@ -287,12 +284,6 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     return artifacts.finish_run(out, report, state, rejected, t_start)
 
 
-def _temperature_text(temperature) -> str:
-    if isinstance(temperature, list):
-        return "per label " + ", ".join(f"{t:.3f}" for t in temperature)
-    return f"{temperature:.3f}"
-
-
 def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, batch: int,
               top_k: int, thresholds, chosen: dict | None) -> dict:
     """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
@@ -314,10 +305,8 @@ def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, 
                            "validation": {k: chosen[k] for k in ("coverage", "accuracy")}}
     if temperature is None:
         return ev
-    before = metrics_lib.evaluation(raw, split.labels, classes, top_k, threshold=(
-        np.asarray(thresholds, np.float32) if thresholds is not None else 0.5))
-    ev["ece_uncalibrated"] = before["ece"]
-    ev["calibration_uncalibrated"] = before["calibration"]
+    ev["ece_uncalibrated"], ev["calibration_uncalibrated"] = metrics_lib.calibration_of(
+        raw, split.labels, None if thresholds is None else np.asarray(thresholds, np.float32))
     return ev
 
 

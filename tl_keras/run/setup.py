@@ -19,6 +19,14 @@ def log_stage(stage: int, result) -> None:
         f"(best {result.best_epoch}), {result.seconds:.1f}s")
 
 
+def log_calibration(summary: dict) -> None:
+    """Logs the fitted temperature(s) and the validation NLL before and after."""
+    t = summary["temperature"]
+    t = ("per label " + ", ".join(f"{v:.3f}" for v in t)) if isinstance(t, list) else f"{t:.3f}"
+    log(f"calibration: temperature {t}, validation NLL {summary['val_nll_uncalibrated']:.4f} "
+        f"-> {summary['val_nll']:.4f}")
+
+
 def validate(cfg: Config) -> None:
     """Checks every setting that needs no data or model; raises ConfigError.
 

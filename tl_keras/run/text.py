@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tl_keras.config import Config
 from tl_keras.run import artifacts
-from tl_keras.run.setup import log, log_stage, validate
+from tl_keras.run.setup import log, log_calibration, log_stage, validate
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs
 from tl_keras.data import pipeline as data_pipeline
@@ -218,9 +218,7 @@ def train(cfg: Config) -> dict:
         temperature = calibration.fit_temperature(val_probs, data.val.labels)
         final = classifier.calibrated(clf.model, temperature)
         report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature)
-        log(f"calibration: temperature {temperature:.3f}, validation NLL "
-            f"{report['calibration']['val_nll_uncalibrated']:.4f} -> "
-            f"{report['calibration']['val_nll']:.4f}")
+        log_calibration(report["calibration"])
 
     # --- evaluate (the string model: what is saved and served) ---------------
     if data.test is not None:
