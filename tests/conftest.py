@@ -46,12 +46,13 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     return out
 
 
-# Small real runs (64 px, the real MobileNetV2-0.35 weights, stage 2 through the full model
-# with augmentation in tf.data) seeded and deterministic: the determinism test compares two
-# of them. (The resume test has its own settings and uninterrupted run: see test_resume.py.)
+# Small real runs (64 px, the real MobileNetV2-0.35 weights, an AdamW head for 6 epochs on a
+# validation split, stage 2 through the full model with augmentation in tf.data) seeded and
+# deterministic: the determinism test compares two of them. (The resume test has its own
+# settings and uninterrupted run: see test_resume.py.)
 SMALL_RUN_ARGS = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
                   "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
-                  "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
+                  "--head_fit=adamw", "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
                   "--cache_views=2", "--cache_max_mb=0", "--batch_size=16",
                   "--tensorboard=false", "--deterministic", "--seed=7")
 

@@ -68,8 +68,8 @@ def _cli(args, capsys) -> tuple[int, str]:
 def test_diverging_stage_2_exits_with_one_line_and_the_state_says_so(tmp_path, capsys):
     out = tmp_path / "out"
     args = [f"--data={FLOWERS_MINI}", f"--output_dir={out}", "--weights=none",
-            "--image_size=32", "--head_epochs=2", "--finetune_epochs=2", "--finetune_blocks=2",
-            "--cache_views=1", "--export=false", "--tensorboard=false",
+            "--image_size=32", "--head_fit=adamw", "--head_epochs=2", "--finetune_epochs=2",
+            "--finetune_blocks=2", "--cache_views=1", "--export=false", "--tensorboard=false",
             "--finetune_learning_rate=1e38"]
     code, line = _cli(args, capsys)
     assert code != 0

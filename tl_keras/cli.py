@@ -52,15 +52,16 @@ def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
 
 
 def _train(cfg: Config) -> int:
+    from tl_keras.report import evaluations
     from tl_keras.report import metrics as metrics_lib
     from tl_keras.run import image as pipeline
 
     report = pipeline.train(cfg)
     summary = {k: report[k] for k in ("stage1", "stage2", "kept", "test") if k in report}
     # The full evaluation (per class, mistakes, ...) is in report.json / report.md.
-    for k in ("test", "val"):
-        if k in report:
-            summary[k] = metrics_lib.headline(report[k])
+    split = evaluations.evaluated_split(report)
+    if split:
+        summary[split] = metrics_lib.headline(report[split])
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -445,7 +445,8 @@ class DataSpec:
     Attributes:
         data: --data: a folder of class subfolders, a CSV/TSV list or tfds:NAME.
         val_data / test_data: explicit validation / test sources ("" for none).
-        val_fraction: held out of `data` for validation without `val_data`.
+        val_fraction: held out of `data` for validation without `val_data`;
+            0: none (an empty validation split: the run cross-validates).
         test_fraction: held out of `data` for testing without `test_data`.
         seed: of the stratified hold-outs.
         tfds_split / tfds_data_dir: the TFDS split and folder.
@@ -491,7 +492,7 @@ def split_sources(class_names: list[str], sources: dict[str, Split], val_fractio
 
     Without a "test" source, `test_fraction` of the training data (taken
     first) is held out for testing; without "val", a seeded stratified
-    `val_fraction` of the rest validates.
+    `val_fraction` of the rest validates (0: none, an empty split).
 
     When the training split has content keys (`Split.keys`), byte-identical
     copies are kept on the same side of each held-out split.
@@ -502,7 +503,9 @@ def split_sources(class_names: list[str], sources: dict[str, Split], val_fractio
         test_idx, rest = stratified_split(train.strata(), [test_fraction], seed, train.keys)
         test, train = train.subset(test_idx), train.subset(rest)
     val = sources.get("val")
-    if val is None:
+    if val is None and not val_fraction:  # no holdout: k-fold cross-validation instead
+        val = train.subset(np.zeros(0, int))
+    elif val is None:
         val_idx, rest = stratified_split(train.strata(), [val_fraction], seed + 1, train.keys)
         val, train = train.subset(val_idx), train.subset(rest)
     return Dataset(class_names, train, val, test)
@@ -533,7 +536,7 @@ def check_dataset(ds: Dataset) -> None:
     for name, n in zip(ds.class_names, counts):
         if n == 0:
             raise fail("data", ds.train.source, f"class {name!r} has no training images")
-    if len(ds.val) == 0:
+    if len(ds.val) == 0 and ds.val.source != ds.train.source:
         raise fail("val_data" if ds.val.source != ds.train.source else "val_fraction",
                    ds.val.source, "validation split is empty")
 

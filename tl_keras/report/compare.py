@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 
 from tl_keras.core import outputs
 from tl_keras.errors import ConfigError
+from tl_keras.report import evaluations
 
 
 def _load_json(path: str) -> Optional[dict]:
@@ -53,7 +54,8 @@ def _length(v):
 
 
 def _eval(run: dict) -> dict:
-    ev = _at(run, "report", "test") or _at(run, "report", "val")
+    split = evaluations.evaluated_split(run.get("report") or {})
+    ev = _at(run, "report", split) if split else None
     return ev if isinstance(ev, dict) else {}
 
 
@@ -82,8 +84,7 @@ ROWS: list[tuple[str, Callable[[dict], object]]] = [
     ("stage 2 epochs", lambda r: _at(r, "report", "stage2", "epochs")),
     ("stage 2 val acc", lambda r: _at(r, "report", "stage2", "val_accuracy")),
     ("kept", lambda r: _at(r, "report", "kept")),
-    ("evaluated on", lambda r: "test" if "test" in r["report"] else
-     "val" if "val" in r["report"] else None),
+    ("evaluated on", lambda r: evaluations.evaluated_split(r["report"])),
     ("examples", lambda r: _eval(r).get("n")),
     ("accuracy", lambda r: _eval(r).get("accuracy")),
     ("top-k accuracy", lambda r: _topk(_eval(r))),

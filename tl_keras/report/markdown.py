@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from tl_keras.core import outputs
+from tl_keras.report import evaluations
 from tl_keras.report.metrics import ECE_BINS
 
 # --------------------------------------------------------------------------
@@ -119,6 +120,11 @@ def evaluation_markdown(ev: dict, title: str, images: Optional[dict] = None) -> 
 
 
 def _stage_line(name: str, s: dict) -> str:
+    if s.get("cross_validation"):  # the logistic head: no epochs, out-of-fold figures
+        cv = s["cross_validation"]
+        return (f"| {name}: logistic, C={cv['c']} by {cv['folds']}-fold cross-validation | "
+                f"| | {_f(s.get('val_accuracy'), 4)} (out of fold) | "
+                f"{_f(s.get('val_loss'), 4)} | {s.get('seconds', '')} |")
     if not s.get("epochs"):
         return f"| {name} | 0 | | | | |"
     return (f"| {name} | {s['epochs']} | {s.get('best_epoch', '')} | "
@@ -144,12 +150,22 @@ def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
                           report.get("stage2", {})), ""]
     if images.get("curves"):
         lines += [f"![learning curves]({images['curves']})", ""]
-    split = "test" if "test" in report else "val" if "val" in report else None
+    if report.get("stage2_trial"):
+        t = report["stage2_trial"]
+        lines += [f"Without a validation split, stage 2 was first tried on {t['images']} "
+                  f"held-out images (fold(s) {', '.join(map(str, t['folds']))}): accuracy "
+                  f"{_f(t['head_accuracy'], 4)} with the logistic head, "
+                  f"{_f(t['finetune_accuracy'], 4)} fine-tuned; "
+                  + ("fine-tuning was kept." if t["finetune_kept"] else
+                     "the head was kept, stage 2 did not run on all images."), ""]
+    split = evaluations.evaluated_split(report)
     if split:
         ev = report[split]
         title = (f"Test ({ev['n']} images)" if split == "test" else
                  f"Validation ({ev['n']} images; no test split, so this is the split that "
-                 "chose the epochs and the stage: an optimistic estimate)")
+                 "chose the epochs and the stage: an optimistic estimate)" if split == "val" else
+                 f"Cross-validated estimate ({ev['n']} images: held-out predictions of the "
+                 "folds, no test split; give --test_data or --test_fraction for a test)")
         lines.append(evaluation_markdown(ev, title, images))
     if report.get("audit"):
         from tl_keras.report import audit as audit_lib
@@ -229,7 +245,7 @@ def write_run_files(out_dir: str, report: dict, histories: Sequence[dict],
     images = {"curves": CURVES_PNG}
     best = report.get(report.get("kept", ""), {}).get("best_epoch")
     plots.learning_curves_png(histories, os.path.join(out_dir, CURVES_PNG), kept_epoch=best)
-    split = "test" if "test" in report else "val" if "val" in report else None
+    split = evaluations.evaluated_split(report)
     if split and eval_items is not None:
         images.update(evaluation_pngs(out_dir, report[split], eval_items, ""))
     outputs.atomic_write_text(os.path.join(out_dir, "report.md"),

@@ -87,7 +87,9 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         calibration_images=(tflite_lib.representative_images(
             data.train, image_size, cfg.int8_calibration_images, cfg.seed)
             if "int8" in spec.tflite_variants else None),
-        parity_split=data.val, eval_split=eval_split, eval_name=eval_name,
+        # The gate's Keras-vs-served comparison: validation images, or training
+        # images in a run without a validation split (cross-validated).
+        parity_split=data.val if len(data.val) else data.train, eval_split=eval_split, eval_name=eval_name,
         check_path=os.path.join(out, "export_check.json"),
         extra_files={"manifest.json": json.dumps(run_manifest, indent=2), **(extra_files or {})},
         originals=parity.odd_files(preflight_report, cfg.parity_images, cfg.seed), log=log)

@@ -49,7 +49,9 @@ def _audit(cfg: Config, dist) -> dict:
     determinism.apply(cfg.seed, cfg.deterministic)
     scaled = dist.scale(cfg)
     cache_dir, cache = views.open_cache(cfg, out)
-    data, _ = views.load_data(cfg, cache_dir, out)
+    # The splits train makes (none held out where its head is cross-validated),
+    # so that the cache entries are shared.
+    data, _ = views.load_data(cfg, cache_dir, out, cross_validated=cfg.head_fit == "cv_logistic")
     step = views.build_model(cfg, family, size, len(data.class_names), data.train.multi_label)
     image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
     train_images, val_images = views.split_images(cfg, dist, data, size, image_cache)

@@ -34,7 +34,7 @@ from tl_keras.run import manifest as manifest_lib
 from tl_keras.run import audit as audit_run
 from tl_keras.run import views
 from tl_keras.run.setup import log, log_calibration, log_stage, validate
-from tl_keras.train import features, resume
+from tl_keras.train import features, finetune_trial, linear_head, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
 
@@ -78,7 +78,14 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
 
     # --- data ----------------------------------------------------------------
     # Pre-flight scan (issue 3): bad files skipped, odd ones converted, OUT/preflight.json.
-    data, scan = views.load_data(cfg, cache_dir, dist.worker_dir(out))
+    # The head is chosen by k-fold cross-validation on one machine's images; with
+    # several workers (each holding a share) it is trained by AdamW instead.
+    cv_head = cfg.head_fit == "cv_logistic" and dist.num_workers == 1
+    if cfg.head_fit == "cv_logistic" and not cv_head:
+        log("stage 1: --head_fit=cv_logistic needs every image on one machine; "
+            f"{dist.num_workers} workers train the head with adamw")
+    data, scan = views.load_data(cfg, cache_dir, dist.worker_dir(out), cross_validated=cv_head)
+    holdout = len(data.val) > 0  # else the folds of the cross-validation validate
     classes = data.class_names
     n_cls = len(classes)
     multi = data.train.multi_label
@@ -130,6 +137,10 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                  cfg.cache_views, augmenter, cache, key_parts)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
                                key_parts)
+    # The exported model averages each image with its mirror (--tta): the
+    # cross-validated head is trained and judged on the mirrored images too.
+    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts)
+              if cv_head and cfg.tta and cfg.flip else None)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
@@ -147,17 +158,38 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     elif cfg.audit:
         log("audit: skipped with several workers (run tl-keras audit on one machine)")
     head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
-    s1 = train_lib.fit_head(clf.head, tr["f"], sources_lib.targets(tr["y"], n_cls), va["f"],
-                            sources_lib.targets(va["y"], n_cls), head_spec,
-                            callbacks=state.stage_callbacks(1, scaled.head_learning_rate)
-                            + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
-                            examples_per_epoch=len(data.train))
+    n_train = len(data.train)
+    cv = None
+    if cv_head:  # logistic regression, its strength chosen by k-fold cross-validation
+        labels = tr["y"][:n_train]
+        s1, cv = linear_head.fit_head_cv(
+            clf.model, _per_view(tr["f"], n_train), labels, sources_lib.targets(labels, n_cls),
+            linear_head.HeadCVSpec(cfg.cv_folds, multi, class_weight, cfg.seed),
+            mirror=mirror, groups=_keys_in_order(data.train, cfg.seed))
+        log(f"stage 1: logistic head, C={cv.c} chosen by {int(cv.folds.max()) + 1}-fold "
+            f"cross-validation on {n_train} images: out-of-fold accuracy "
+            f"{s1.val_accuracy:.4f} ({s1.seconds:.1f}s)")
+        if holdout:  # judged on the validation split too, as stage 2 will be
+            s1.val_loss, s1.val_accuracy = _head_on(clf.head, va, n_cls, multi)
+    else:
+        s1 = train_lib.fit_head(clf.head, tr["f"], sources_lib.targets(tr["y"], n_cls),
+                                va["f"], sources_lib.targets(va["y"], n_cls), head_spec,
+                                callbacks=state.stage_callbacks(1, scaled.head_learning_rate)
+                                + tensorboard_logs.stage_callbacks(tb, 1, "head on features"),
+                                examples_per_epoch=n_train)
     s1.seconds += t_cache
     s1 = state.finish_stage(1, s1)
-    log_stage(1, s1)
+    if cv is None:  # (the cross-validated head logged its figures above)
+        log_stage(1, s1)
     report = {"classes": classes, "class_counts": counts, "backbone": family.name,
-              "image_size": size, "stage1": {**s1.summary(), "caching_seconds": round(t_cache, 2)},
+              "image_size": size, "stage1": {**s1.summary(), "caching_seconds": round(t_cache, 2),
+                                             "head_fit": "cv_logistic" if cv_head else "adamw"},
               "stage2": {"epochs": 0}}
+    if cv is not None:
+        report["stage1"]["cross_validation"] = linear_head.describe(cv, n_train)
+    # The held-out predictions of the kept procedure without a validation split
+    # (calibration, selective prediction and the report's estimate use them).
+    heldout = None if holdout else (cv.oof_probs, np.arange(n_train))
     report.update({"multi_label": multi, "class_weight": class_weight and {
                        classes[i]: w for i, w in class_weight.items()},
                    "preflight": scan["summary"], "image_cache": image_cache.plan})
@@ -168,7 +200,38 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     histories = [s1.history]
 
     # --- unfreeze the top blocks, recompile, stage 2 -------------------------
-    if cfg.finetune_epochs and blocks:
+    if cfg.finetune_epochs and blocks and not holdout and cut is None:
+        log("stage 2: skipped: without a validation split the folds decide whether it pays, "
+            "on cached activations, which this run does not cache (give --val_fraction or "
+            "--val_data to fine-tune through the full model)")
+    elif cfg.finetune_epochs and blocks and not holdout:
+        # No validation split: stage 2 is tried on held-out folds first and runs
+        # on all images only where it beat the logistic head there.
+        unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, family, blocks)
+        trial = state.once("stage2_trial", lambda: _trial_record(finetune_trial.try_finetune(
+            clf.model, cut.trainer, _per_view(tr["a"], n_train), _per_view(tr["f"], n_train),
+            tr["y"][:n_train], sources_lib.targets(tr["y"][:n_train], n_cls), cv,
+            finetune_spec, mirror=mirror)))
+        report["stage2_trial"] = {k: v for k, v in trial.items() if k not in ("probs", "index")}
+        log(f"stage 2 trial on fold(s) {trial['folds']} ({trial['images']} held-out images): "
+            f"accuracy {trial['head_accuracy']:.4f} with the logistic head, "
+            f"{trial['finetune_accuracy']:.4f} fine-tuned: "
+            + ("fine-tuning all images" if trial["finetune_kept"] else "keeping the head"))
+        if trial["finetune_kept"]:
+            log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} (BatchNorm frozen) at peak "
+                f"lr {scaled.finetune_learning_rate} for {scaled.finetune_epochs} epochs")
+            s2 = train_lib.fit_finetune(
+                cut.trainer, (tr["a"], sources_lib.targets(tr["y"], n_cls)), None,
+                finetune_spec, initial_epoch=0, steps_per_epoch=-(-n_train // scaled.batch_size),
+                callbacks=state.stage_callbacks(2, scaled.finetune_learning_rate)
+                + tensorboard_logs.stage_callbacks(tb, 2, "fine-tuning " + ", ".join(unfrozen)))
+            s2 = state.finish_stage(2, s2)
+            histories.append(s2.history)
+            report["stage2"] = {**s2.summary(), "blocks": unfrozen, "mode": "cached_activations"}
+            kept = "stage2"
+            heldout = (np.asarray(trial["probs"], np.float32), np.asarray(trial["index"], int))
+        clf.backbone.trainable = False
+    elif cfg.finetune_epochs and blocks:
         stage1_weights = train_lib.snapshot(clf.model)
         unfrozen = blocks_lib.set_trainable_top_blocks(clf.backbone, family, blocks)
         log(f"stage 2: fine-tuning blocks {', '.join(unfrozen)} "
@@ -216,15 +279,25 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         return report
 
     # --- evaluate (the validation split when there is no test split) ----------
-    eval_name, eval_split = ("test", data.test) if data.test is not None else ("val", data.val)
+    # Without a validation split, the held-out predictions of the kept procedure
+    # (out-of-fold for the head, the trial folds' for stage 2) stand in for it.
     eval_batch = features.inference_batch_size(scaled.batch_size)
+    if holdout:
+        val_split = data.val
+    else:
+        val_split = data.train.subset(_order(len(data.train), cfg.seed)[heldout[1]])
+    eval_name, eval_split = (("test", data.test) if data.test is not None else
+                             ("val", data.val) if holdout else ("cross_validation", val_split))
     uncalibrated, temperature, val_probs = final, None, None
-    if cfg.calibrate or multi or cfg.target_accuracy:  # one validation pass serves them all
+    if not holdout:
+        val_probs = heldout[0]
+    elif cfg.calibrate or multi or cfg.target_accuracy:  # one validation pass serves them all
         val_probs = metrics_lib.predict(final, data.val, size, eval_batch)
     if cfg.calibrate:  # a temperature fitted on the validation predictions
-        temperature = calibration.fit_temperature(val_probs, data.val.labels, multi)
+        temperature = calibration.fit_temperature(val_probs, val_split.labels, multi)
         final = model_lib.calibrated(final, temperature, multi)
-        report["calibration"] = calibration.summary(val_probs, data.val.labels, temperature, multi)
+        report["calibration"] = calibration.summary(val_probs, val_split.labels, temperature,
+                                                    multi)
         log_calibration(report["calibration"])
         val_probs = calibration.apply_temperature(val_probs, temperature, multi)
     answer_above = None
@@ -232,26 +305,35 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         log("selective prediction: single-label runs only (multi-label runs decide each label "
             "at its own threshold)")
     elif cfg.target_accuracy:  # the confidence above which answers reach the target
-        report["selective"] = selective.choose_threshold(val_probs, data.val.labels,
+        report["selective"] = selective.choose_threshold(val_probs, val_split.labels,
                                                          cfg.target_accuracy)
         answer_above = report["selective"]["threshold"]
         log("selective prediction: " + (
             f"answering at confidence >= {answer_above:.4f} reached "
             f"{report['selective']['accuracy']:.4f} on {report['selective']['coverage']:.0%} "
-            "of the validation images" if report["selective"]["reached"] else
+            f"of the {'validation' if holdout else 'held-out'} images"
+            if report["selective"]["reached"] else
             f"no confidence threshold reaches --target_accuracy={cfg.target_accuracy} on "
             "validation"))
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3), calibrated
-        thresholds, thresholds_doc = multilabel.choose(val_probs, data.val.labels, classes)
+        thresholds, thresholds_doc = multilabel.choose(val_probs, val_split.labels, classes)
         report["thresholds"] = thresholds_doc["thresholds"]
-    report[eval_name] = state.once("evaluation", lambda: _evaluate(
-        uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
-        thresholds, report.get("selective")))
+    if eval_name == "cross_validation":  # the held-out predictions, not a new pass
+        report[eval_name] = {**_evaluate_probs(heldout[0], temperature, multi, eval_split,
+                                               classes, cfg.top_k, thresholds,
+                                               report.get("selective")),
+                             "estimate": "out-of-fold" if kept == "stage1" else "trial folds"}
+    else:
+        report[eval_name] = state.once("evaluation", lambda: _evaluate(
+            uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
+            thresholds, report.get("selective")))
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
-        f"{report[eval_name]['n']} images")
+        f"{report[eval_name]['n']} images"
+        + (" (held-out predictions of the cross-validation; give --test_data or "
+           "--test_fraction for a test)" if eval_name == "cross_validation" else ""))
     if tb is not None:
-        tb.log_evaluation(eval_name, report[eval_name], sum(len(h["loss"]) for h in histories))
+        tb.log_evaluation(eval_name, report[eval_name], sum(len(h.get("loss", ())) for h in histories))
         tb.close()
 
     # --- write outputs and export ----------------------------------------------
@@ -267,9 +349,12 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         # A new version (or the newest replaced, --overwrite): SavedModel, then
         # TFLite, then the parity gate; published only if the gate passes.
         try:
+            # Without a held-out split, the variants are compared on training images.
+            gate_name, gate_split = ((eval_name, eval_split) if eval_name != "cross_validation"
+                                     else ("train", data.train))
             report["export"] = state.once("export", lambda: artifacts.export_run(
                 final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
-                eval_split, eval_name, run_manifest, log, preflight_report=scan,
+                gate_split, gate_name, run_manifest, log, preflight_report=scan,
                 extra_files=({"selective.json": json.dumps(report["selective"], indent=2)}
                              if "selective" in report else None)),
                 lambda done: os.path.isdir(done.get("path", "")))
@@ -295,6 +380,13 @@ def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, 
     what that threshold answers on this split.
     """
     raw = metrics_lib.predict(model, split, size, batch)
+    return _evaluate_probs(raw, temperature, multi_label, split, classes, top_k, thresholds,
+                           chosen)
+
+
+def _evaluate_probs(raw: np.ndarray, temperature, multi_label: bool, split, classes, top_k: int,
+                    thresholds, chosen: dict | None) -> dict:
+    """`_evaluate` of predictions already made (`raw`: uncalibrated, rows of `split`)."""
     probs = raw if temperature is None else calibration.apply_temperature(raw, temperature,
                                                                            multi_label)
     ev = metrics_lib.evaluate_probs(probs, split, classes, top_k, thresholds)
@@ -308,6 +400,39 @@ def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, 
     ev["ece_uncalibrated"], ev["calibration_uncalibrated"] = metrics_lib.calibration_of(
         raw, split.labels, None if thresholds is None else np.asarray(thresholds, np.float32))
     return ev
+
+
+def _per_view(rows: np.ndarray, n: int) -> list[np.ndarray]:
+    """Cached rows laid out view after view -> one [n, ...] array per view."""
+    return [rows[v * n:(v + 1) * n] for v in range(len(rows) // max(n, 1))]
+
+
+def _order(n: int, seed: int) -> np.ndarray:
+    """Split index of each cached training row (images stream in this order)."""
+    return data_pipeline.example_order(n, seed)
+
+
+def _keys_in_order(split: sources_lib.Split, seed: int):
+    """The split's content keys in cached-row order (copies share a fold), or None."""
+    if split.keys is None:
+        return None
+    return [split.keys[i] for i in _order(len(split), seed)]
+
+
+def _head_on(head, arrays: dict, n_cls: int, multi: bool) -> tuple[float, float]:
+    """(log loss, accuracy) of the head on cached validation features."""
+    from tl_keras.train import kfold
+
+    probs = np.asarray(head.predict(arrays["f"], batch_size=1024, verbose=0), np.float32)
+    targets = sources_lib.targets(arrays["y"], n_cls)
+    acc = (float(np.mean(((probs >= 0.5) == (targets > 0.5)).all(axis=1))) if multi
+           else float(np.mean(probs.argmax(1) == arrays["y"])))
+    return kfold.log_loss(probs, targets, multi), acc
+
+
+def _trial_record(trial) -> dict:
+    """The stage-2 trial as a JSON-able record (its held-out predictions kept for resume)."""
+    return {**trial.summary(), "probs": trial.probs.tolist(), "index": trial.index.tolist()}
 
 
 def _stage_specs(scaled: Config, multi_label: bool, class_weight, jit

@@ -38,10 +38,17 @@ def validate(cfg: Config) -> None:
     export_checks.validate(cfg)
 
 
-def data_spec(cfg: Config) -> sources_lib.DataSpec:
-    """The data sources and hold-outs of a run's flags."""
+def val_fraction(cfg: Config, cross_validated: bool = False) -> float:
+    """The validation share held out of --data: --val_fraction, or for 0 (auto)
+    none where cross-validation replaces it, `config.DEFAULT_VAL_FRACTION` elsewhere."""
+    return cfg.val_fraction or (0.0 if cross_validated else config_lib.DEFAULT_VAL_FRACTION)
+
+
+def data_spec(cfg: Config, cross_validated: bool = False) -> sources_lib.DataSpec:
+    """The data sources and hold-outs of a run's flags (see `val_fraction`)."""
     return sources_lib.DataSpec(
         data=cfg.data, val_data=cfg.val_data, test_data=cfg.test_data,
-        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+        val_fraction=val_fraction(cfg, cross_validated), test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
         tfds_split=cfg.tfds_split, tfds_data_dir=cfg.tfds_data_dir,
         allow_external_paths=cfg.allow_external_paths)

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tl_keras.config import Config
-from tl_keras.run import artifacts
+from tl_keras.run import artifacts, setup
 from tl_keras.run.setup import log, log_calibration, log_stage, validate
 from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs
@@ -98,7 +98,7 @@ def train(cfg: Config) -> dict:
     determinism.apply(cfg.seed, cfg.deterministic)
 
     # --- data ----------------------------------------------------------------
-    data = text_sources.load_text_dataset(cfg.data, cfg.val_data, cfg.test_data, cfg.val_fraction,
+    data = text_sources.load_text_dataset(cfg.data, cfg.val_data, cfg.test_data, setup.val_fraction(cfg),
                                       cfg.test_fraction, cfg.seed, cfg.tfds_split,
                                       cfg.tfds_data_dir)
     classes = data.class_names

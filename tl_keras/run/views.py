@@ -12,6 +12,7 @@ import dataclasses
 import os
 
 import numpy as np
+import tensorflow as tf
 
 from tl_keras.config import Config
 from tl_keras.core import cache as cache_lib
@@ -51,10 +52,15 @@ def open_cache(cfg: Config, worker_out: str) -> tuple[str, cache_lib.ArrayCache]
     return cache_dir, cache_lib.ArrayCache(cache_dir, cfg.cache_ram_mb)
 
 
-def load_data(cfg: Config, cache_dir: str, worker_out: str) -> tuple[sources_lib.Dataset, dict]:
-    """The pre-flight scan of the run's sources (OUT/preflight.json): (dataset, scan report)."""
+def load_data(cfg: Config, cache_dir: str, worker_out: str, cross_validated: bool = False
+              ) -> tuple[sources_lib.Dataset, dict]:
+    """The pre-flight scan of the run's sources (OUT/preflight.json): (dataset, scan report).
+
+    With `cross_validated` (the head is chosen by k-fold cross-validation),
+    --val_fraction=0 holds out no validation split.
+    """
     return preflight.prepare_dataset(
-        data_spec(cfg), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
+        data_spec(cfg, cross_validated), max_pixels=cfg.max_pixels, cache_dir=cache_dir,
         drop_leakage=cfg.drop_leakage, report_path=os.path.join(worker_out, "preflight.json"),
         log=log)
 
@@ -124,9 +130,15 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
     activations below the unfrozen blocks ("a") for stage 2.
 
     Returns:
-        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
+        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used); arrays
+        of no rows when `images` is None (no validation split).
     """
     names = ("a", "f", "y") if cut is not None else ("f", "y")
+    if images is None:  # no validation split (a cross-validated run): no rows
+        shapes = {"a": (0, *cut.shape) if cut is not None else None,
+                  "f": (0, clf.features.output_shape[-1]), "y": (0,)}
+        return {k: np.zeros(shapes[k], np.int64 if k == "y" else np.float32)
+                for k in names}, False
     key = cache_lib.make_key(what="views", split=split, views=views,
                              blocks=blocks if cut is not None else 0, **key_parts)
 
@@ -138,6 +150,24 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
     return dict(zip(names, arrays)), hit
+
+
+def mirror_features(cfg: Config, clf, images, cache, key_parts: dict) -> np.ndarray:
+    """Pooled features of the mirrored training images (cached like the views).
+
+    The exported model averages each image's prediction with its mirror's
+    (--tta), so the cross-validated head is judged, and trained, on them too.
+    """
+    key = cache_lib.make_key(what="mirror", split="train", **key_parts)
+
+    def compute():
+        flipped = images.map(lambda x, y: (tf.image.flip_left_right(x), y))
+        return (features.extract(clf.features, flipped,
+                                 features.inference_batch_size(cfg.batch_size),
+                                 progress=False)[0],)
+
+    (arrays,), _ = cache.get_or_compute(key, ("f",), compute, log)
+    return arrays
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
@@ -156,7 +186,8 @@ def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
 
 def split_images(cfg: Config, dist, data: sources_lib.Dataset, size: int,
                  image_cache: data_pipeline.CacheBudget):
-    """The decoded (and cached) training and validation images of this worker.
+    """The decoded (and cached) training and validation images of this worker
+    (validation None without a validation split).
 
     Training images stream in `data_pipeline.example_order(n, cfg.seed)`, so
     row i of their cached features is that order's i-th image of the split.
@@ -164,5 +195,5 @@ def split_images(cfg: Config, dist, data: sources_lib.Dataset, size: int,
     train_images = data_pipeline.image_dataset(dist.shard(data.train), size, budget=image_cache,
                                                name="train", order_seed=cfg.seed)
     val_images = data_pipeline.image_dataset(dist.shard(data.val), size, budget=image_cache,
-                                             name="val")
+                                             name="val") if len(data.val) else None
     return train_images, val_images

@@ -23,14 +23,34 @@ predicts it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 # Inverse regularisation strengths tried (scikit-learn's C: the weight of the
 # data term against 0.5 * |W|^2). Log-spaced over the range where linear probes
 # on pooled ImageNet features peak.
 DEFAULT_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def _one_blas_thread(fn):
+    """Runs `fn` with numpy's BLAS on one thread.
+
+    The fits multiply small matrices thousands of times; OpenBLAS's worker
+    threads spin between calls, and on a busy 2-core machine (TensorFlow's own
+    threads, a second job) they starved each other: a 5-fold cross-validation
+    on 750 flowers took 374 s with 2 BLAS threads and 8.7 s with one, under
+    the same load (benchmarks/README.md, issue 20).
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with threadpool_limits(1, user_api="blas"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def fold_ids(labels: np.ndarray, k: int, seed: int,
@@ -102,6 +122,7 @@ class LogisticHead:
         return _sigmoid(z) if self.multi_label else _softmax(z)
 
 
+@_one_blas_thread
 def fit_logistic(x: np.ndarray, targets: np.ndarray, c: float, multi_label: bool = False,
                  init: Optional[LogisticHead] = None, max_iter: int = 100,
                  weights: Optional[np.ndarray] = None, tol: float = 1e-4) -> LogisticHead:
@@ -191,7 +212,8 @@ class CrossValidation:
         return float(np.mean(self.oof_probs.argmax(axis=1) == labels))
 
 
-def _log_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
+def log_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
+    """Mean log loss of probabilities against one-hot (multi-hot) targets."""
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     if multi_label:
         return float(-np.mean(np.sum(targets * np.log(p) + (1 - targets) * np.log(1 - p), 1)))
@@ -235,6 +257,7 @@ class Projection:
         return LogisticHead(kernel, head.bias - self.mean @ kernel, head.multi_label)
 
 
+@_one_blas_thread
 def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.ndarray,
                    mirror: Optional[np.ndarray] = None, multi_label: bool = False,
                    grid: Sequence[float] = DEFAULT_C_GRID, weights: Optional[np.ndarray] = None,
@@ -280,11 +303,12 @@ def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.n
             if mirror is not None:
                 p = (p + head.predict(mirror[te])) / 2
             oof[c][te] = p
-    losses = {c: _log_loss(oof[c], targets, multi_label) for c in grid}
+    losses = {c: log_loss(oof[c], targets, multi_label) for c in grid}
     best = min(grid, key=lambda c: (losses[c], -c))
     return CrossValidation(best, losses, oof[best], folds)
 
 
+@_one_blas_thread
 def fit_views(views: Sequence[np.ndarray], targets: np.ndarray, c: float,
               mirror: Optional[np.ndarray] = None, multi_label: bool = False,
               weights: Optional[np.ndarray] = None, max_dim: int = 256) -> LogisticHead:

@@ -42,9 +42,13 @@ class StageResult:
     history: dict
 
     def summary(self) -> dict:
+        """JSON-able figures (validation ones None for a stage run without validation)."""
+        def measured(v):
+            return None if v is None or np.isnan(v) else v
+
         return {"epochs": self.epochs, "best_epoch": self.best_epoch,
-                "seconds": round(self.seconds, 2), "val_accuracy": self.val_accuracy,
-                "val_loss": self.val_loss}
+                "seconds": round(self.seconds, 2), "val_accuracy": measured(self.val_accuracy),
+                "val_loss": measured(self.val_loss)}
 
 
 def snapshot(model: keras.Model) -> list[np.ndarray]:
@@ -295,16 +299,19 @@ def _metrics_like(model):
 def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initial_epoch,
               callbacks, class_weight, verbose, steps_per_epoch=None,
               global_batch=None, own_loop=False) -> tuple[dict, int, float]:
+    checks = [c for c in callbacks or [] if isinstance(c, CachedValidation)]
+    validated = validation_data is not None or bool(checks)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=max(patience, 1),
                                          restore_best_weights=True)
     if not patience:
         stop.patience = epochs + 1  # patience 0: never stop early, still keep the best
     # Validation first: early stopping and the checkpoints read its logs.
-    checks = [c for c in callbacks or [] if isinstance(c, CachedValidation)]
-    cbs = checks + [stop, _LearningRateLogger()] + [c for c in callbacks or []
-                                                    if c not in checks]
+    # Without validation (a fixed schedule, see `fit_finetune`) the last
+    # epoch's weights are the result.
+    cbs = checks + ([stop] if validated else []) + [_LearningRateLogger()] + [
+        c for c in callbacks or [] if c not in checks]
     for c in cbs:  # a resumable fit (resume.StageCheckpoint) saves and restores its state
-        if hasattr(c, "track_early_stopping"):
+        if validated and hasattr(c, "track_early_stopping"):
             c.track_early_stopping(stop)
     t0 = time.perf_counter()
     # loop_lib.fit is this very model.fit call under the default strategy,
@@ -322,7 +329,7 @@ def _fit_once(model, x, y, validation_data, epochs, batch_size, patience, initia
     seconds = time.perf_counter() - t0
     # Keras numbers epochs absolutely (from initial_epoch), 0-based.
     last = initial_epoch + len(hist.history.get("loss", [])) - 1
-    best = stop.best_epoch if stop.best_epoch is not None else last
+    best = stop.best_epoch if validated and stop.best_epoch is not None else last
     return hist.history, best + 1, seconds
 
 
@@ -522,6 +529,9 @@ def fit_finetune(model: keras.Model, train_data, val_data, spec: StageSpec, *,
         train_data / val_data: batched (inputs, targets) tf.data datasets
             (training batches augmented by the pipeline), or (x, y) arrays
             of cached activations, batched here with `spec.batch_size`.
+            `val_data` None: no validation; the stage runs its whole
+            schedule and keeps the last weights (`val_accuracy`/`val_loss`
+            are NaN).
         spec: epochs, peak learning rate after warmup, warmup, patience,
             loss, batching.
         initial_epoch: epochs already run by stage 1 (numbering continues).
@@ -550,7 +560,13 @@ def fit_finetune(model: keras.Model, train_data, val_data, spec: StageSpec, *,
                   metrics=_metrics(spec.multi_label), jit_compile=spec.jit_compile,
                   steps_per_execution=_steps_per_call(per_epoch))
     _create_state(model, train_data[0] if isinstance(train_data, tuple) else train_data)
-    val_data, checks, evaluate = _validation(model, val_data, batch_size)
+    if val_data is None:  # a fixed schedule: no early stopping, the last weights kept
+        checks = []
+
+        def evaluate():
+            return float("nan"), float("nan")
+    else:
+        val_data, checks, evaluate = _validation(model, val_data, batch_size)
     history, best_epoch, seconds = fit_model(model, x, y, val_data, epochs, bs, spec.patience,
                                              initial_epoch, checks + list(callbacks),
                                              class_weight=spec.class_weight, verbose=verbose,
