@@ -155,6 +155,6 @@ def test_help_names_the_text_defaults():
     from tl_keras.config import fields_with_help
 
     helps = {f.name: h for f, h in fields_with_help()}
-    assert helps["finetune_learning_rate"].endswith("(text: 0.001)")
+    assert helps["finetune_learning_rate"].endswith("(text: 0.002)")
     assert helps["dropout"].endswith("(text: 0.5)")
     assert "(text:" not in helps["head_learning_rate"] + helps["seed"]
