@@ -127,8 +127,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     arms = [a for a in args.arms.split(",") if a]
     settings = {**recipe(), **overrides}
-    base = Config(task="text", data=str(paths["train"]), val_data=str(paths["val"]),
-                  test_data=str(paths["test"]), embedding_dim=50, export=False)
+    base = Config.for_text(data=str(paths["train"]), val_data=str(paths["val"]),
+                           test_data=str(paths["test"]), embedding_dim=50, export=False)
     base = base.replace(**settings)
     print(f"settings ({FLAGFILE.relative_to(REPO)} and --set): {json.dumps(settings)}",
           flush=True)

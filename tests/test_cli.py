@@ -113,3 +113,48 @@ def test_python_dash_m_help_lists_core_flags():
                  "--weights", "--image_size", "--batch_size", "--head_epochs",
                  "--finetune_epochs", "--finetune_blocks", "--seed"):
         assert flag in proc.stdout, flag
+
+
+def _parsed_config(*args: str):
+    """config_from_flags of `tl-keras train ARGS`, parsed in-process on fresh flags."""
+    from absl import flags as absl_flags
+
+    from tl_keras import cli
+
+    fv = absl_flags.FlagValues()
+    cli.define_flags(fv)
+    fv(["tl-keras", "train", *args])
+    return cli.config_from_flags(fv)
+
+
+def test_text_runs_take_the_text_defaults_of_the_flags_not_given(tmp_path):
+    from tl_keras.config import TEXT_DEFAULTS, Config
+
+    image = Config()
+    cfg = _parsed_config("--task=text", "--data=t.tsv")
+    for name, value in TEXT_DEFAULTS.items():
+        assert getattr(cfg, name) == value != getattr(image, name), name
+    assert cfg == Config.for_text(data="t.tsv")
+    # An image run keeps the image defaults.
+    assert _parsed_config("--data=photos") == Config(data="photos")
+    # A flag given wins, even at the image default's value, on the command line or in a
+    # flagfile (where flags/rt_polarity.flags-like recipes set them).
+    cfg = _parsed_config("--task=text", "--data=t.tsv", "--dropout=0.2", "--patience=8")
+    assert (cfg.dropout, cfg.patience) == (0.2, 8)
+    assert cfg.batch_size == TEXT_DEFAULTS["batch_size"]
+    flagfile = tmp_path / "t.flags"
+    flagfile.write_text("--task=text\n--data=t.tsv\n--batch_size=32\n--finetune_epochs=6\n")
+    cfg = _parsed_config(f"--flagfile={flagfile}")
+    assert (cfg.batch_size, cfg.finetune_epochs) == (32, 6)
+    assert cfg.head_epochs == TEXT_DEFAULTS["head_epochs"]
+    # Library users: Config.for_text's keyword arguments win over the text defaults.
+    assert Config.for_text(dropout=0.1).dropout == 0.1
+
+
+def test_help_names_the_text_defaults():
+    from tl_keras.config import fields_with_help
+
+    helps = {f.name: h for f, h in fields_with_help()}
+    assert helps["finetune_learning_rate"].endswith("(text: 0.002)")
+    assert helps["dropout"].endswith("(text: 0.5)")
+    assert "(text:" not in helps["head_learning_rate"] + helps["seed"]

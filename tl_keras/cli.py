@@ -47,8 +47,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def config_from_flags(flag_values: flags.FlagValues = FLAGS) -> Config:
-    """Builds a Config from parsed flags."""
-    return Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
+    """Builds a Config from parsed flags; --task=text takes the text defaults of the flags
+    not given (on the command line or in a flagfile): config.TEXT_DEFAULTS."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    given = {n for n in names if flag_values[n].present or not flag_values[n].using_default_value}
+    return Config(**{n: flag_values[n].value for n in names}).with_text_defaults(given)
 
 
 def _train(cfg: Config) -> int:

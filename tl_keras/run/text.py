@@ -47,9 +47,9 @@ def validate_text(cfg: Config) -> None:
     if cfg.max_tokens < 3:
         raise fail("max_tokens", cfg.max_tokens, "must be >= 3 (padding, [UNK] and a word)")
     shortest = max(text_model.CNN_WIDTHS) if cfg.encoder == "cnn" else 1
-    if cfg.sequence_length < shortest:
+    if cfg.sequence_length != 0 and cfg.sequence_length < shortest:
         raise fail("sequence_length", cfg.sequence_length,
-                   f"must be >= {shortest} for --encoder={cfg.encoder}")
+                   f"must be >= {shortest} for --encoder={cfg.encoder} (or 0: auto)")
     if cfg.encoder_units < 1:
         raise fail("encoder_units", cfg.encoder_units, "must be >= 1")
     if not 0 <= cfg.embedding_dropout < 1:
@@ -116,7 +116,12 @@ def train(cfg: Config) -> dict:
         return state.report()
 
     # --- vocabulary and word vectors -----------------------------------------
-    vectorizer = text_model.build_vectorizer(data.train.items, cfg.max_tokens, cfg.sequence_length)
+    seq_len = cfg.sequence_length
+    if not seq_len:
+        seq_len, p = text_model.auto_sequence_length(data.train.items)
+        log(f"sequence length {seq_len} (--sequence_length=0, auto: {p} tokens hold "
+            f"{text_model.AUTO_LENGTH_PERCENTILE}% of the training texts)")
+    vectorizer = text_model.build_vectorizer(data.train.items, cfg.max_tokens, seq_len)
     training_words = len(vectorizer.get_vocabulary()) - 2
     vectors = None
     if cfg.embeddings:
@@ -162,7 +167,7 @@ def train(cfg: Config) -> dict:
                                          cfg.encoder_units, cfg.dropout,
                                          train_embeddings=not pretrained,
                                          embedding_dropout=cfg.embedding_dropout)
-    log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {cfg.sequence_length} tokens "
+    log(f"encoder {cfg.encoder}, vocabulary {len(vocabulary)}, {seq_len} tokens "
         f"per text, {clf.ids_model.count_params()} parameters")
 
     # --- stage 1: encoder and head on frozen word vectors -------------------
@@ -180,7 +185,7 @@ def train(cfg: Config) -> dict:
     log_stage(1, s1)
     report = {"task": "text", "classes": classes, "class_counts": counts,
               "encoder": cfg.encoder, "vocabulary": len(vocabulary),
-              "sequence_length": cfg.sequence_length, "embeddings": embeddings,
+              "sequence_length": seq_len, "embeddings": embeddings,
               "stage1": s1.summary(), "stage2": {"epochs": 0}}
     kept = "stage1"
 
@@ -228,7 +233,7 @@ def train(cfg: Config) -> dict:
         log(f"test accuracy {report['test']['accuracy']:.4f} on {report['test']['n']} texts")
 
     # --- write outputs and export ----------------------------------------------
-    resolved = cfg.replace(embedding_dim=dim)
+    resolved = cfg.replace(embedding_dim=dim, sequence_length=seq_len)
     artifacts.write_model_files(out, final, classes, resolved)
     rejected = None
     if cfg.export:

@@ -50,6 +50,29 @@ def standardize_text(texts):
     return tf.strings.regex_replace(texts, PUNCTUATION, r" \1 ")
 
 
+# --sequence_length=0 (auto): this percentile of the training texts' token counts, rounded
+# up to a multiple of AUTO_LENGTH_MULTIPLE, within [AUTO_LENGTH_MIN, AUTO_LENGTH_MAX].
+AUTO_LENGTH_PERCENTILE = 99
+AUTO_LENGTH_MULTIPLE = 8
+AUTO_LENGTH_MIN = 8
+AUTO_LENGTH_MAX = 512
+
+
+def auto_sequence_length(texts: list[str]) -> tuple[int, int]:
+    """The tokens kept per text when --sequence_length=0, from the training texts.
+
+    Long enough for all but the longest 1% of texts, so padding, not cutting, is the
+    rule; capped so that a few huge documents cannot make every batch huge.
+
+    Returns:
+        (sequence length, the percentile's token count before rounding).
+    """
+    tokens = tf.strings.split(standardize_text(tf.constant(list(texts)))).row_lengths().numpy()
+    p = int(np.ceil(np.percentile(tokens, AUTO_LENGTH_PERCENTILE))) if len(tokens) else 0
+    rounded = -(-p // AUTO_LENGTH_MULTIPLE) * AUTO_LENGTH_MULTIPLE
+    return int(min(max(rounded, AUTO_LENGTH_MIN), AUTO_LENGTH_MAX)), p
+
+
 def build_vectorizer(texts: list[str], max_tokens: int, sequence_length: int
                      ) -> keras.layers.TextVectorization:
     """A TextVectorization layer whose vocabulary is the training texts' most frequent words.
