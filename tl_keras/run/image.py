@@ -127,9 +127,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
     tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
-                                 cfg.cache_views, augmenter, cache, key_parts)
+                                 cfg.cache_views, augmenter, cache, key_parts, copy_grid=cfg.audit)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
-                               key_parts)
+                               key_parts, copy_grid=cfg.audit)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")

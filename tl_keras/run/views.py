@@ -25,7 +25,7 @@ from tl_keras.model import classifier as model_lib
 from tl_keras.model import families as families_lib
 from tl_keras.model import model_files as model_files_lib
 from tl_keras.run.setup import data_spec, log
-from tl_keras.train import activations, features
+from tl_keras.train import activations, copies, features
 
 
 def resolve_family(cfg: Config):
@@ -118,33 +118,50 @@ def plan_cut(cfg: Config, blocks: int, clf, data):
 
 
 def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
-                 augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
+                 augmenter, cache, key_parts: dict, copy_grid: bool = False
+                 ) -> tuple[dict, bool]:
     """Backbone outputs of `views` views of a split, from the cache or one
     inference pass: pooled features ("f") for stage 1 and, with a cut, the
     activations below the unfrozen blocks ("a") for stage 2.
 
+    With `copy_grid` (the audit), the same pass also outputs the copy
+    descriptor ("g", `tl_keras.train.copies`); it is stored next to the
+    others under the same key, so a later run without it reads the entry.
+
     Returns:
-        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
+        ({"f": ..., "y": ..., ["a": ...], ["g": ...]}, whether the cache was used).
     """
-    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    names = ("a", "f") if cut is not None else ("f",)
+    # --- the audit's copy grid (kept apart from the features' own path) ---
+    copy_grid = copy_grid and copies.available(clf)
+    names += ("g", "y") if copy_grid else ("y",)
     key = cache_lib.make_key(what="views", split=split, views=views,
                              blocks=blocks if cut is not None else 0, **key_parts)
 
     def compute():
-        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+        # Built only on a cache miss (like the images: `images` may be a
+        # function that builds them).
+        model = (copies.extraction_model(clf, cut) if copy_grid
+                 else cut.joint if cut is not None else clf.features)
+        ds = images() if callable(images) else images
+        out, labels, _ = features.extract(model, ds,
                                           features.inference_batch_size(cfg.batch_size), views,
                                           augmenter, seed=cfg.seed, progress=split == "train")
-        return (*out, labels) if cut is not None else (out, labels)
+        return (*out, labels) if len(names) > 2 else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
     return dict(zip(names, arrays)), hit
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
-                  key_parts: dict) -> np.ndarray:
-    """Pooled features of the clean test images (the audit's; cached like the others)."""
-    images = data_pipeline.image_dataset(split, size, name="test")
-    return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts)[0]["f"]
+                  key_parts: dict) -> dict:
+    """Pooled features ("f") and copy grids ("g") of the clean test images (the
+    audit's; cached like the others)."""
+    def images():  # decoded only on a cache miss: building the pipeline takes seconds
+        return data_pipeline.image_dataset(split, size, name="test")
+
+    return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts,
+                        copy_grid=True)[0]
 
 
 def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
