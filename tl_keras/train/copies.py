@@ -65,12 +65,30 @@ def grid_pool(x, grid: int = GRID):
     return keras.ops.concatenate(cells, axis=-1)
 
 
+# The last few extraction models, by (classifier, cut): the train and val
+# passes share one, so its prediction function is traced once, as
+# `clf.features` (or `cut.joint`) is for training.
+_MODELS: dict = {}
+
+
 def extraction_model(clf, cut=None):
     """images -> [(activations below the cut,) pooled features, copy grid] in one pass.
 
     The same outputs as `clf.features` (or `cut.joint`), with the copy grid
-    appended; None when the backbone has no spatial map to pool.
+    appended; None when the backbone has no spatial map to pool. The same
+    model object for the same `clf` and `cut`.
     """
+    key = (id(clf.model), id(cut))
+    if key in _MODELS and _MODELS[key][0] is clf.model and _MODELS[key][1] is cut:
+        return _MODELS[key][2]
+    model = _build(clf, cut)
+    if len(_MODELS) >= 4:
+        _MODELS.pop(next(iter(_MODELS)))
+    _MODELS[key] = (clf.model, cut, model)
+    return model
+
+
+def _build(clf, cut):
     mid = copy_tensor(clf)
     if mid is None:
         return None
