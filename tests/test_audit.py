@@ -112,6 +112,22 @@ def test_copy_grid_comes_from_the_same_pass(planted):
     assert grid.shape == (6, 5 * 5 * 32)
 
 
+def test_audit_through_the_stage2_cut_finds_the_same(planted, audited):
+    # With stage 2 planned, the pass also outputs the cut's activations and the
+    # test split reuses that model (dropping them): the same findings.
+    import dataclasses
+
+    from tl_keras.run import audit
+
+    cfg = dataclasses.replace(_cfg(planted, planted["root"] / "cut_out"), finetune_epochs=1,
+                              cache_dir=str(planted["root"] / "cut_cache"))
+    result = audit.audit(cfg)
+    kinds = [f.split(".")[-2] for f in os.listdir(cfg.cache_dir) if f.endswith(".npy")]
+    assert kinds.count("a") == 2 and kinds.count("g") == 3  # train, val cut; test no activations
+    assert result["near_duplicates"] == audited[0]["near_duplicates"]
+    assert result["label_issues"] == audited[0]["label_issues"]
+
+
 def test_relabelled_csv_round_trips(planted, audited):
     from tl_keras.data import sources
 

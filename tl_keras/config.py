@@ -147,7 +147,7 @@ class Config:
     # train: audit the data on the cached features (likely label errors, near-duplicates and
     # leakage, outliers): OUT/audit.md, label_issues.csv, relabelled.csv, a summary in
     # report.md (tl-keras audit runs it alone). Off by default: its cost next to the caching
-    # pass (1.07x, 1.46x with a test split's own feature pass) is in benchmarks/README.md.
+    # pass (1.29x with a test split's own feature pass, 1.1x without) is in benchmarks/README.md.
     audit: bool = False
     # Audit: cosine similarity of centred copy descriptors (a grid of a middle block's
     # activations) from which two images are near-duplicates (chosen on flowers128 photos

@@ -80,7 +80,7 @@ def _audit(cfg: Config, dist) -> dict:
                                cache, key_parts, copy_grid=True)
     t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out)
+    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out, cut)
     image_cache.cleanup()
     result["caching_seconds"] = round(t_cache, 2)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -89,7 +89,7 @@ def _audit(cfg: Config, dist) -> dict:
 
 
 def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                   cache, key_parts: dict) -> tuple[dict, Optional[dict]]:
+                   cache, key_parts: dict, cut=None) -> tuple[dict, Optional[dict]]:
     """Clean-view pooled features and copy grids, {split: rows in the split's order}.
 
     For train, val and test. Training rows are cached in
@@ -102,7 +102,7 @@ def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, c
     """
     n = len(data.train)
     order = data_pipeline.example_order(n, cfg.seed)
-    test = (views.test_features(cfg, clf, data.test, size, cache, key_parts)
+    test = (views.test_features(cfg, clf, data.test, size, cache, key_parts, cut)
             if data.test is not None and len(data.test) else None)
     out = []
     for name in ("f", "g"):
@@ -119,14 +119,15 @@ def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, c
 
 
 def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                cache, key_parts: dict, out: str) -> dict:
+                cache, key_parts: dict, out: str, cut=None) -> dict:
     """Audits a run's data on its cached features and writes the audit's files to `out`.
 
     Args:
         cfg: the run's settings (--seed, --audit_similarity, --data, ...).
         data: the run's dataset (after the pre-flight scan).
         tr, va: `views.cached_views` of train and val.
-        clf, size, cache, key_parts: for the test split's features.
+        clf, size, cache, key_parts, cut: for the test split's features (the
+            cut of tr's and va's pass, whose model the test pass reuses).
         out: the output folder.
 
     Returns:
@@ -135,7 +136,7 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
     t0 = time.perf_counter()
     # Copies are found on the copy grids where the pass made them (pooled
     # features otherwise: a backbone without a spatial map).
-    feats, grids = clean_features(cfg, data, tr, va, clf, size, cache, key_parts)
+    feats, grids = clean_features(cfg, data, tr, va, clf, size, cache, key_parts, cut)
     splits = {"train": data.train, "val": data.val}
     if "test" in feats:
         splits["test"] = data.test

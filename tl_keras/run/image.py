@@ -137,7 +137,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- data audit (issue 22) on the cached features -------------------------
     audited = None
     if cfg.audit and dist.num_workers == 1:
-        audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out)
+        audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out,
+                                        cut)
         if cfg.drop_leakage:
             data, tr, va, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed)
             audited["dropped"] = dropped

@@ -154,14 +154,34 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
-                  key_parts: dict) -> dict:
+                  key_parts: dict, cut=None) -> dict:
     """Pooled features ("f") and copy grids ("g") of the clean test images (the
-    audit's; cached like the others)."""
+    audit's; cached like the others).
+
+    With the run's `cut`, the pass reuses the model (and its traced
+    prediction function) that made the training and validation entries,
+    and drops the activations, when the test split's activations fit in
+    --cache_max_mb: tracing a second model cost more than the 200 test
+    images of the flowers.
+    """
     def images():  # decoded only on a cache miss: building the pipeline takes seconds
         return data_pipeline.image_dataset(split, size, name="test")
 
-    return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts,
-                        copy_grid=True)[0]
+    if cut is None or not copies.available(clf) or (
+            activations.estimate_bytes(cut, len(split), 1) > cfg.cache_max_mb * 2 ** 20):
+        return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts,
+                            copy_grid=True)[0]
+    names = ("f", "g", "y")
+    key = cache_lib.make_key(what="views", split="test", views=1, blocks=0, **key_parts)
+
+    def compute():
+        (_, f, g), labels, _ = features.extract(
+            copies.extraction_model(clf, cut), images(),
+            features.inference_batch_size(cfg.batch_size), 1, None, seed=cfg.seed,
+            progress=False)
+        return f, g, labels
+
+    return dict(zip(names, cache.get_or_compute(key, names, compute, log)[0]))
 
 
 def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
