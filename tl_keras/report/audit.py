@@ -4,9 +4,10 @@ Every image's pooled backbone features are already computed (and cached) for
 training; with them the audit is nearly free:
 
 * **label issues**: out-of-fold probabilities of k-fold logistic heads
-  (`tl_keras.train.kfold.cross_validate`, the one k-fold machinery), ranked by
-  cleanlab's confident learning (`cleanlab.filter.find_label_issues`, scores
-  from `cleanlab.rank.get_label_quality_scores`); multi-label data through
+  (`tl_keras.train.kfold.cross_validate`, the one k-fold machinery) on the
+  features' top principal directions, filtered by cleanlab
+  (`cleanlab.filter.find_label_issues`, `LABEL_FILTER`; scores from
+  `cleanlab.rank.get_label_quality_scores`); multi-label data through
   cleanlab's multi-label versions;
 * **near-duplicates**: exact cosine similarity of centred copy descriptors (a
   5x5 grid of a middle block's activations, `tl_keras.train.copies`, from the
