@@ -22,11 +22,6 @@ from audit_quality import altered_copy  # noqa: E402  (the benchmark's alteratio
 FLIPPED = ("sunflower", "tulip")  # the first sunflower, filed under tulip
 
 
-COPY_GAP = pytest.mark.xfail(
-    strict=True, reason="issue 22 not met yet: pooled-feature cosine misses a 70%/q60/10%-crop "
-    "copy (benchmarks/README.md, audit: copy recall 0.08)")
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
@@ -78,13 +73,59 @@ def test_flipped_label_is_flagged(planted, audited):
         assert (out / name).is_file(), name
 
 
-@COPY_GAP
 def test_altered_copy_across_splits_is_found(planted, audited):
     result, _ = audited
     pairs = [d for d in result["near_duplicates"]
              if {d["a"], d["b"]} == {planted["copy"], planted["original"]}]
     assert len(pairs) == 1 and pairs[0]["kind"] == "across", result["near_duplicates"]
     assert pairs[0]["drop"]["split"] in ("train", "val")
+
+
+def test_the_copy_is_the_only_cross_split_pair(planted, audited):
+    # The copy descriptor, not a low threshold, finds it: no other test photo
+    # pairs with a training photo, and the pair clears the threshold.
+    result, _ = audited
+    across = [d for d in result["near_duplicates"] if d["kind"] == "across"]
+    assert [{d["a"], d["b"]} for d in across] == [{planted["copy"], planted["original"]}]
+    assert across[0]["similarity"] >= result["duplicate_similarity"]
+
+
+def test_copy_grid_comes_from_the_same_pass(planted):
+    # The grid is one more output of the feature pass: the pooled features
+    # (stage 1's input) are bit-identical with and without it.
+    from tl_keras.config import Config
+    from tl_keras.data import pipeline, sources
+    from tl_keras.run import views
+    from tl_keras.train import copies, features
+
+    cfg = Config(data=str(planted["root"] / "train"), backbone="mobilenet_v2", alpha=0.35,
+                 weights=str(WEIGHTS_MNV2_035), image_size=160)
+    family, size = views.resolve_family(cfg)
+    clf = views.build_model(cfg, family, size, 5, False).clf
+    files = sorted(str(p) for p in (planted["root"] / "test").rglob("*.jpg"))[:6]
+    images = pipeline.image_dataset(sources.Split(files, np.zeros(len(files), int)), size)
+    plain, _, _ = features.extract(clf.features, images, 4, progress=False)
+    (pooled, grid), _, _ = features.extract(copies.extraction_model(clf), images, 4,
+                                            progress=False)
+    np.testing.assert_array_equal(plain, pooled)
+    # MobileNetV2 at 160 px: block_12 (10x10x32 at alpha 0.35) on a 5x5 grid.
+    assert grid.shape == (6, 5 * 5 * 32)
+
+
+def test_audit_through_the_stage2_cut_finds_the_same(planted, audited):
+    # With stage 2 planned, the pass also outputs the cut's activations and the
+    # test split reuses that model (dropping them): the same findings.
+    import dataclasses
+
+    from tl_keras.run import audit
+
+    cfg = dataclasses.replace(_cfg(planted, planted["root"] / "cut_out"), finetune_epochs=1,
+                              cache_dir=str(planted["root"] / "cut_cache"))
+    result = audit.audit(cfg)
+    kinds = [f.split(".")[-2] for f in os.listdir(cfg.cache_dir) if f.endswith(".npy")]
+    assert kinds.count("a") == 2 and kinds.count("g") == 3  # train, val cut; test no activations
+    assert result["near_duplicates"] == audited[0]["near_duplicates"]
+    assert result["label_issues"] == audited[0]["label_issues"]
 
 
 def test_relabelled_csv_round_trips(planted, audited):
@@ -123,7 +164,6 @@ def test_train_reuses_features_and_reports_the_audit(planted, trained):
     assert "## Data audit" in (out / "report.md").read_text()
 
 
-@COPY_GAP
 def test_train_drops_the_copy(planted, trained):
     report, out = trained
     assert report["audit"]["dropped"] == {"train": 1} or report["audit"]["dropped"] == {"val": 1}

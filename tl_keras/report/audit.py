@@ -4,13 +4,16 @@ Every image's pooled backbone features are already computed (and cached) for
 training; with them the audit is nearly free:
 
 * **label issues**: out-of-fold probabilities of k-fold logistic heads
-  (`tl_keras.train.kfold.cross_validate`, the one k-fold machinery), ranked by
-  cleanlab's confident learning (`cleanlab.filter.find_label_issues`, scores
-  from `cleanlab.rank.get_label_quality_scores`); multi-label data through
+  (`tl_keras.train.kfold.cross_validate`, the one k-fold machinery) on the
+  features' top principal directions, filtered by cleanlab
+  (`cleanlab.filter.find_label_issues`, `LABEL_FILTER`; scores from
+  `cleanlab.rank.get_label_quality_scores`); multi-label data through
   cleanlab's multi-label versions;
-* **near-duplicates**: exact cosine similarity of centred features, within a
-  split and across train/val/test (resized, re-encoded and lightly cropped
-  copies, which the byte-identical pre-flight check cannot see);
+* **near-duplicates**: exact cosine similarity of centred copy descriptors (a
+  5x5 grid of a middle block's activations, `tl_keras.train.copies`, from the
+  same frozen pass), within a split and across train/val/test (resized,
+  re-encoded and lightly cropped copies, which the byte-identical pre-flight
+  check cannot see);
 * **outliers**: cleanlab's out-of-distribution scores on the features
   (`cleanlab.outlier.OutOfDistribution`, k nearest neighbours), against all
   images and against the image's own class.
@@ -31,19 +34,27 @@ import numpy as np
 from tl_keras.core import outputs
 from tl_keras.train import kfold
 
-# Cosine similarity of centred features at or above which two images are
-# near-duplicates. Looked at on 500 flowers128 photos that are not in flowers/
-# (data the benchmark does not report; `benchmarks/audit_quality.py --tune`):
-# there, altered copies (10% crop, 70% size, JPEG q60 of 128 px photos) scored
-# 0.56-0.92 (median 0.79) and the most similar distinct photos 0.90 (a natural
-# re-upload), 0.81, 0.80: no threshold separates them at that resolution, and
-# 0.9 keeps false pairs out. benchmarks/README.md reports what it finds at 160 px.
-DUPLICATE_SIMILARITY = 0.9
+# Cosine similarity of centred copy descriptors (`tl_keras.train.copies`) at or
+# above which two images are near-duplicates. Chosen on 500 flowers128 photos
+# that are not in flowers/ (data the benchmark does not report;
+# `benchmarks/audit_quality.py --tune`), with 25 altered copies (10% crop, 70%
+# size, JPEG q60): midway between the 24th most similar copy (0.755) and the
+# most similar distinct photos after one natural duplicate (0.673). Pooled
+# features could not separate them (copies 0.56-0.92, distinct photos up to
+# 0.81). benchmarks/README.md reports what this finds on the flowers.
+DUPLICATE_SIMILARITY = 0.72
 # Folds of the out-of-fold heads behind the label audit.
 AUDIT_FOLDS = 5
 # Regularisation grid of the audit's heads: on the tuning photos above, the same
 # out-of-fold accuracy as kfold's 7-value grid (0.592 vs 0.594) in half the time.
 AUDIT_C_GRID = (0.01, 0.03, 0.1)
+# cleanlab's filter of likely label errors: the images whose given label's
+# probability falls furthest below the best other class's (normalised margin).
+# On the benchmark's flowers it flags fewer correct labels at the same recall
+# than confident learning's default "prune_by_noise_rate" (benchmarks/README.md).
+LABEL_FILTER = "low_normalized_margin"
+# Principal directions the label and outlier audits work on (as kfold's heads).
+PRINCIPAL_DIM = 256
 # Fraction of the images listed as outliers (the lowest OOD scores).
 OUTLIER_FRACTION = 0.01
 # Images shown per picture.
@@ -65,6 +76,26 @@ def _normalised(features: np.ndarray) -> np.ndarray:
     x = np.asarray(features, np.float32)
     x = x - x.mean(axis=0)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def principal_components(features: np.ndarray, dim: int = PRINCIPAL_DIM) -> np.ndarray:
+    """The centred features on their top `dim` principal directions.
+
+    The label and outlier audits work there (`kfold.Projection` keeps the
+    same directions for its heads). Computed from the smaller of the Gram and
+    covariance matrices by `eigh`: for 1000 images x 1280 features a tenth of
+    the full SVD's time.
+    """
+    x = np.asarray(features, np.float64)
+    x = x - x.mean(axis=0)
+    if dim >= min(x.shape):
+        return x.astype(np.float32)
+    if len(x) <= x.shape[1]:  # Gram: x = U S V^T, x V = U S
+        w, u = np.linalg.eigh(x @ x.T)
+        top = np.argsort(w)[::-1][:dim]
+        return (u[:, top] * np.sqrt(np.maximum(w[top], 0.0))).astype(np.float32)
+    w, v = np.linalg.eigh(x.T @ x)
+    return (x @ v[:, np.argsort(w)[::-1][:dim]]).astype(np.float32)
 
 
 def near_duplicates(features: np.ndarray, threshold: float = DUPLICATE_SIMILARITY,
@@ -134,7 +165,8 @@ def label_issues(features: np.ndarray, labels: np.ndarray, num_classes: int, see
     targets = (labels.astype(np.float32) if multi
                else np.eye(num_classes, dtype=np.float32)[labels.astype(int)])
     fid = kfold.fold_ids(labels, k, seed, groups=None if groups is None else groups.tolist())
-    cv = kfold.cross_validate([features], targets, fid, multi_label=multi, grid=AUDIT_C_GRID)
+    cv = kfold.cross_validate([features], targets, fid, multi_label=multi, grid=AUDIT_C_GRID,
+                              max_dim=PRINCIPAL_DIM)
     probs = np.clip(cv.oof_probs.astype(np.float64), 1e-6, 1.0)
     if multi:
         from cleanlab.multilabel_classification import filter as mfilter
@@ -150,7 +182,8 @@ def label_issues(features: np.ndarray, labels: np.ndarray, num_classes: int, see
         y = labels.astype(int)
         scores = cleanlab.rank.get_label_quality_scores(y, probs)
         issues = cleanlab.filter.find_label_issues(  # n_jobs=1: no process pool for this
-            y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+            y, probs, filter_by=LABEL_FILTER, return_indices_ranked_by="self_confidence",
+            n_jobs=1)
         suggested = probs.argmax(axis=1)
     return {"issues": np.asarray(issues, int), "scores": np.asarray(scores, np.float64),
             "suggested": suggested, "oof_accuracy": cv.accuracy(labels), "c": cv.c,
@@ -193,8 +226,13 @@ def _label_text(label, class_names: Sequence[str]) -> str:
 
 def analyse(features: dict, labels: dict, items: dict, class_names: Sequence[str], seed: int = 0,
             threshold: float = DUPLICATE_SIMILARITY,
-            outlier_fraction: float = OUTLIER_FRACTION) -> dict:
+            outlier_fraction: float = OUTLIER_FRACTION,
+            copy_features: Optional[dict] = None) -> dict:
     """Audits the labelled images of every split together.
+
+    Its matrices are small (images x a few hundred), so BLAS runs on one
+    thread: threads of a multi-threaded BLAS wait on each other on a busy
+    machine (measured: 45 s instead of 2 s on 2 cores under load).
 
     Args:
         features: {split: [N_split, D] clean-view features} for train/val/test.
@@ -205,12 +243,23 @@ def analyse(features: dict, labels: dict, items: dict, class_names: Sequence[str
         seed: the folds' seed.
         threshold: near-duplicate cosine similarity.
         outlier_fraction: the share of images listed as outliers.
+        copy_features: {split: [N_split, G] copy descriptors} in the same
+            order, for the near-duplicates; None: the features.
 
     Returns:
         The audit (JSON-able; `write_files` writes it): label issues,
         near-duplicate pairs (`within` a split or `across` splits, with the
         copy the training side can drop), outliers, counts.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _analyse(features, labels, items, class_names, seed, threshold, outlier_fraction,
+                        copy_features)
+
+
+def _analyse(features, labels, items, class_names, seed, threshold, outlier_fraction,
+             copy_features) -> dict:
     names = [s for s in SPLITS if s in features and len(features[s])]
     x = np.concatenate([np.asarray(features[s], np.float32) for s in names])
     y = np.concatenate([np.asarray(labels[s]) for s in names])
@@ -218,7 +267,8 @@ def analyse(features: dict, labels: dict, items: dict, class_names: Sequence[str
     files = [_name(items[s][i], s, i) for s, i in where]
     multi = y.ndim == 2
 
-    pairs = near_duplicates(x, threshold)
+    pairs = near_duplicates(x if copy_features is None else np.concatenate(
+        [np.asarray(copy_features[s], np.float32) for s in names]), threshold)
     dup = []
     for a, b, sim in pairs:
         (sa, ia), (sb, ib) = where[a], where[b]
@@ -230,7 +280,8 @@ def analyse(features: dict, labels: dict, items: dict, class_names: Sequence[str
                     "similarity": round(sim, 4), "kind": "across" if across else "within",
                     "drop": {"split": drop[0], "index": drop[1]} if drop else None})
 
-    lab = label_issues(x, y, len(class_names), seed, groups=_groups(len(x), pairs))
+    z = principal_components(x)
+    lab = label_issues(z, y, len(class_names), seed, groups=_groups(len(x), pairs))
     issues = []
     for i in lab["issues"].tolist():
         s, j = where[i]
@@ -239,7 +290,7 @@ def analyse(features: dict, labels: dict, items: dict, class_names: Sequence[str
                        "suggested": _label_text(lab["suggested"][i], class_names),
                        "score": round(float(lab["scores"][i]), 4)})
 
-    overall, own = outlier_scores(x, y)
+    overall, own = outlier_scores(z, y)
     score = np.minimum(overall, own)
     n_out = max(1, int(round(outlier_fraction * len(x))))
     outliers = [{"file": files[i], "split": where[i][0], "index": where[i][1],
@@ -309,7 +360,7 @@ def write_files(out_dir: str, result: dict, items: dict, relabelled: list[list[s
     Returns:
         The names of the files written.
     """
-    from tl_keras.report import plots
+    from tl_keras.report import montage
 
     written = []
     outputs.atomic_write_json(os.path.join(out_dir, AUDIT_JSON), result)
@@ -322,7 +373,7 @@ def write_files(out_dir: str, result: dict, items: dict, relabelled: list[list[s
     images = {}
     if issues:
         shown = issues[:SHOWN]
-        plots.image_grid_png([items[d["split"]][d["index"]] for d in shown],
+        montage.grid_png([items[d["split"]][d["index"]] for d in shown],
                              [f"{_short(d['file'])}\ngiven: {d['given']}\n"
                               f"suggested: {d['suggested']} ({d['score']:.2f})" for d in shown],
                              os.path.join(out_dir, LABELS_PNG), "likely label errors")
@@ -336,12 +387,12 @@ def write_files(out_dir: str, result: dict, items: dict, relabelled: list[list[s
                 s = d["split_" + side]
                 pics.append(_item(items, s, d[side]))
                 titles.append(f"{_short(d[side])}\n{s} ({d['kind']})\ncosine {d['similarity']:.3f}")
-        plots.image_grid_png(pics, titles, os.path.join(out_dir, DUPLICATES_PNG),
+        montage.grid_png(pics, titles, os.path.join(out_dir, DUPLICATES_PNG),
                              "near-duplicate pairs (side by side)")
         images["duplicates"] = DUPLICATES_PNG
     if result["outliers"]:
         shown = result["outliers"][:SHOWN]
-        plots.image_grid_png([items[d["split"]][d["index"]] for d in shown],
+        montage.grid_png([items[d["split"]][d["index"]] for d in shown],
                              [f"{_short(d['file'])}\n{d['label']}\nall {d['score_all']:.2f} "
                               f"class {d['score_class']:.2f}" for d in shown],
                              os.path.join(out_dir, OUTLIERS_PNG), "outliers")

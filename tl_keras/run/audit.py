@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -54,19 +55,34 @@ def _audit(cfg: Config, dist) -> dict:
     data, _ = views.load_data(cfg, cache_dir, out, cross_validated=cfg.head_fit == "cv_logistic")
     step = views.build_model(cfg, family, size, len(data.class_names), data.train.multi_label)
     image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
-    train_images, val_images = views.split_images(cfg, dist, data, size, image_cache)
+    built: list = []
+    build_seconds = [0.0]
+
+    def images(i: int):
+        # Decoding pipelines are built only on a cache miss (seconds to build);
+        # their building is not part of the caching pass (train builds them
+        # before its pass, too).
+        def make():
+            if not built:
+                t = time.perf_counter()
+                built.extend(views.split_images(cfg, dist, data, size, image_cache))
+                build_seconds[0] += time.perf_counter() - t
+            return built[i]
+        return make
+
     key_parts = {**views.cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
     t0 = time.perf_counter()
     # The very entries train computes (with its stage-2 activations when it
     # would cache them), so that train after audit reads them.
     cut = views.plan_cut(cfg, step.blocks, step.clf, data)
-    tr, hit = views.cached_views(scaled, step.blocks, step.clf, cut, train_images, "train",
-                                 cfg.cache_views, step.augmenter, cache, key_parts)
-    va, _ = views.cached_views(scaled, step.blocks, step.clf, cut, val_images, "val", 1, None,
-                               cache, key_parts)
-    t_cache = time.perf_counter() - t0
+    tr, hit = views.cached_views(scaled, step.blocks, step.clf, cut, images(0), "train",
+                                 cfg.cache_views, step.augmenter, cache, key_parts,
+                                 copy_grid=True)
+    va, _ = views.cached_views(scaled, step.blocks, step.clf, cut, images(1), "val", 1, None,
+                               cache, key_parts, copy_grid=True)
+    t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out)
+    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out, cut)
     image_cache.cleanup()
     result["caching_seconds"] = round(t_cache, 2)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
@@ -75,45 +91,61 @@ def _audit(cfg: Config, dist) -> dict:
 
 
 def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                   cache, key_parts: dict) -> dict:
-    """{split: clean-view features in the split's order} for train, val and test.
+                   cache, key_parts: dict, cut=None) -> tuple[dict, Optional[dict]]:
+    """Clean-view pooled features and copy grids, {split: rows in the split's order}.
 
-    Training rows are cached in `data_pipeline.example_order`; they are put
-    back in the split's order. Test features are cached like the others.
+    For train, val and test. Training rows are cached in
+    `data_pipeline.example_order`; they are put back in the split's order.
+    Test rows are cached like the others.
+
+    Returns:
+        (features, copy grids; None where the pass made none: a backbone
+        without a spatial map).
     """
     n = len(data.train)
     order = data_pipeline.example_order(n, cfg.seed)
-    f = np.empty((n, tr["f"].shape[1]), np.float32)
-    f[order] = np.asarray(tr["f"][:n], np.float32)
-    feats = {"train": f, "val": np.asarray(va["f"], np.float32)}
-    if data.test is not None and len(data.test):
-        feats["test"] = np.asarray(views.test_features(cfg, clf, data.test, size, cache,
-                                                       key_parts), np.float32)
-    return feats
+    test = (views.test_features(cfg, clf, data.test, size, cache, key_parts, cut)
+            if data.test is not None and len(data.test) else None)
+    out = []
+    for name in ("f", "g"):
+        if name not in tr or name not in va or (test is not None and name not in test):
+            out.append(None)
+            continue
+        f = np.empty((n, tr[name].shape[1]), np.float32)
+        f[order] = np.asarray(tr[name][:n], np.float32)
+        feats = {"train": f, "val": np.asarray(va[name], np.float32)}
+        if test is not None:
+            feats["test"] = np.asarray(test[name], np.float32)
+        out.append(feats)
+    return out[0], out[1]
 
 
 def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                cache, key_parts: dict, out: str) -> dict:
+                cache, key_parts: dict, out: str, cut=None) -> dict:
     """Audits a run's data on its cached features and writes the audit's files to `out`.
 
     Args:
         cfg: the run's settings (--seed, --audit_similarity, --data, ...).
         data: the run's dataset (after the pre-flight scan).
         tr, va: `views.cached_views` of train and val.
-        clf, size, cache, key_parts: for the test split's features.
+        clf, size, cache, key_parts, cut: for the test split's features (the
+            cut of tr's and va's pass, whose model the test pass reuses).
         out: the output folder.
 
     Returns:
         The audit (`tl_keras.report.audit.analyse`).
     """
     t0 = time.perf_counter()
-    feats = clean_features(cfg, data, tr, va, clf, size, cache, key_parts)
+    # Copies are found on the copy grids where the pass made them (pooled
+    # features otherwise: a backbone without a spatial map).
+    feats, grids = clean_features(cfg, data, tr, va, clf, size, cache, key_parts, cut)
     splits = {"train": data.train, "val": data.val}
     if "test" in feats:
         splits["test"] = data.test
     items = {k: list(s.items) for k, s in splits.items()}
     result = audit_lib.analyse(feats, {k: s.labels for k, s in splits.items()}, items,
-                               data.class_names, seed=cfg.seed, threshold=cfg.audit_similarity)
+                               data.class_names, seed=cfg.seed, threshold=cfg.audit_similarity,
+                               copy_features=grids)
     # relabelled.csv lists the images of the --data source: train, and the
     # held-out splits cut from it.
     from_data = [k for k in splits if k == "train" or not getattr(cfg, f"{k}_data")]
@@ -122,8 +154,9 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
         np.concatenate([splits[k].labels for k in from_data]), data.class_names, result,
         from_data)
     result["relabelled_splits"] = from_data
-    result["audit_seconds"] = round(time.perf_counter() - t0, 2)
     written = audit_lib.write_files(out, result, items, rows)
+    # Everything the audit adds to the caching pass: test features, analysis, files.
+    result["audit_seconds"] = round(time.perf_counter() - t0, 2)
     s = result["summary"]
     log(f"audit: {s['label_issues']} likely label error(s), {s['near_duplicate_pairs']} "
         f"near-duplicate pair(s) ({s['across_splits']} across splits), {s['outliers']} "

@@ -134,9 +134,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
     tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
-                                 cfg.cache_views, augmenter, cache, key_parts)
+                                 cfg.cache_views, augmenter, cache, key_parts, copy_grid=cfg.audit)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
-                               key_parts)
+                               key_parts, copy_grid=cfg.audit)
     # The exported model averages each image with its mirror (--tta): the
     # cross-validated head is trained and judged on the mirrored images too.
     mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts)
@@ -148,7 +148,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     # --- data audit (issue 22) on the cached features -------------------------
     audited = None
     if cfg.audit and dist.num_workers == 1:
-        audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out)
+        audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out,
+                                        cut)
         if cfg.drop_leakage:
             data, tr, va, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed)
             audited["dropped"] = dropped

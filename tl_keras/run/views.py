@@ -26,7 +26,7 @@ from tl_keras.model import classifier as model_lib
 from tl_keras.model import families as families_lib
 from tl_keras.model import model_files as model_files_lib
 from tl_keras.run.setup import data_spec, log
-from tl_keras.train import activations, features
+from tl_keras.train import activations, copies, features
 
 
 def resolve_family(cfg: Config):
@@ -124,32 +124,52 @@ def plan_cut(cfg: Config, blocks: int, clf, data):
 
 
 def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
-                 augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
+                 augmenter, cache, key_parts: dict, copy_grid: bool = False
+                 ) -> tuple[dict, bool]:
     """Backbone outputs of `views` views of a split, from the cache or one
     inference pass: pooled features ("f") for stage 1 and, with a cut, the
     activations below the unfrozen blocks ("a") for stage 2.
 
+    With `copy_grid` (the audit), the same pass also outputs the copy
+    descriptor ("g", `tl_keras.train.copies`); it is stored next to the
+    others under the same key, so a later run without it reads the entry.
+
     Returns:
-        ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used); arrays
-        of no rows when `images` is None (no validation split).
+        ({"f": ..., "y": ..., ["a": ...], ["g": ...]}, whether the cache was used);
+        arrays of no rows when `images` is None (no validation split).
     """
-    names = ("a", "f", "y") if cut is not None else ("f", "y")
+    names = ("a", "f") if cut is not None else ("f",)
+    # --- the audit's copy grid (kept apart from the features' own path) ---
+    copy_grid = copy_grid and copies.available(clf)
+    names += ("g", "y") if copy_grid else ("y",)
     if images is None:  # no validation split (a cross-validated run): no rows
-        shapes = {"a": (0, *cut.shape) if cut is not None else None,
-                  "f": (0, clf.features.output_shape[-1]), "y": (0,)}
-        return {k: np.zeros(shapes[k], np.int64 if k == "y" else np.float32)
+        return {k: np.zeros(_empty_shape(k, clf, cut), np.int64 if k == "y" else np.float32)
                 for k in names}, False
     key = cache_lib.make_key(what="views", split=split, views=views,
                              blocks=blocks if cut is not None else 0, **key_parts)
 
     def compute():
-        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+        # Built only on a cache miss (like the images: `images` may be a
+        # function that builds them).
+        model = (copies.extraction_model(clf, cut) if copy_grid
+                 else cut.joint if cut is not None else clf.features)
+        ds = images() if callable(images) else images
+        out, labels, _ = features.extract(model, ds,
                                           features.inference_batch_size(cfg.batch_size), views,
                                           augmenter, seed=cfg.seed, progress=split == "train")
-        return (*out, labels) if cut is not None else (out, labels)
+        return (*out, labels) if len(names) > 2 else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
     return dict(zip(names, arrays)), hit
+
+
+def _empty_shape(name: str, clf, cut) -> tuple:
+    """The shape of a cached array of no rows (a run without a validation split)."""
+    if name == "a":
+        return (0, *cut.shape)
+    if name == "g":
+        return (0, int(copies.extraction_model(clf, cut).outputs[-1].shape[-1]))
+    return (0, clf.features.output_shape[-1]) if name == "f" else (0,)
 
 
 def mirror_features(cfg: Config, clf, images, cache, key_parts: dict) -> np.ndarray:
@@ -171,10 +191,34 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict) -> np.ndar
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
-                  key_parts: dict) -> np.ndarray:
-    """Pooled features of the clean test images (the audit's; cached like the others)."""
-    images = data_pipeline.image_dataset(split, size, name="test")
-    return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts)[0]["f"]
+                  key_parts: dict, cut=None) -> dict:
+    """Pooled features ("f") and copy grids ("g") of the clean test images (the
+    audit's; cached like the others).
+
+    With the run's `cut`, the pass reuses the model (and its traced
+    prediction function) that made the training and validation entries,
+    and drops the activations, when the test split's activations fit in
+    --cache_max_mb: tracing a second model cost more than the 200 test
+    images of the flowers.
+    """
+    def images():  # decoded only on a cache miss: building the pipeline takes seconds
+        return data_pipeline.image_dataset(split, size, name="test")
+
+    if cut is None or not copies.available(clf) or (
+            activations.estimate_bytes(cut, len(split), 1) > cfg.cache_max_mb * 2 ** 20):
+        return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts,
+                            copy_grid=True)[0]
+    names = ("f", "g", "y")
+    key = cache_lib.make_key(what="views", split="test", views=1, blocks=0, **key_parts)
+
+    def compute():
+        (_, f, g), labels, _ = features.extract(
+            copies.extraction_model(clf, cut), images(),
+            features.inference_batch_size(cfg.batch_size), 1, None, seed=cfg.seed,
+            progress=False)
+        return f, g, labels
+
+    return dict(zip(names, cache.get_or_compute(key, names, compute, log)[0]))
 
 
 def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
