@@ -126,10 +126,13 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     cut = views.plan_cut(cfg, blocks, clf, data)
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
+    engine = views.frozen_engine(cfg, dist, policy,
+                                 cfg.cache_views * len(data.train) + len(data.val), cache,
+                                 key_parts)
     tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
-                                 cfg.cache_views, augmenter, cache, key_parts)
+                                 cfg.cache_views, augmenter, cache, key_parts, engine)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
-                               key_parts)
+                               key_parts, engine)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")

@@ -26,6 +26,7 @@ from tl_keras.model import families as families_lib
 from tl_keras.model import model_files as model_files_lib
 from tl_keras.run.setup import data_spec, log
 from tl_keras.train import activations, features
+from tl_keras.train import engine as engine_lib
 
 
 def resolve_family(cfg: Config):
@@ -117,11 +118,21 @@ def plan_cut(cfg: Config, blocks: int, clf, data):
     return cut
 
 
+def frozen_engine(cfg: Config, dist, policy: str, images: int, cache,
+                  key_parts: dict) -> engine_lib.FrozenEngine:
+    """The engine of the run's frozen passes (--frozen_engine) for `images` image views."""
+    return engine_lib.FrozenEngine(cfg.frozen_engine, images, cache, key_parts, policy,
+                                   dist.kind, log)
+
+
 def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
-                 augmenter, cache, key_parts: dict) -> tuple[dict, bool]:
+                 augmenter, cache, key_parts: dict, engine=None) -> tuple[dict, bool]:
     """Backbone outputs of `views` views of a split, from the cache or one
     inference pass: pooled features ("f") for stage 1 and, with a cut, the
     activations below the unfrozen blocks ("a") for stage 2.
+
+    The pass runs on `engine` (a `train.engine.FrozenEngine`), or with
+    TensorFlow when None.
 
     Returns:
         ({"f": ..., "y": ..., ["a": ...]}, whether the cache was used).
@@ -131,9 +142,11 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
                              blocks=blocks if cut is not None else 0, **key_parts)
 
     def compute():
-        out, labels, _ = features.extract(cut.joint if cut is not None else clf.features, images,
+        model = cut.joint if cut is not None else clf.features
+        out, labels, _ = features.extract(model, images,
                                           features.inference_batch_size(cfg.batch_size), views,
-                                          augmenter, seed=cfg.seed, progress=split == "train")
+                                          augmenter, seed=cfg.seed, progress=split == "train",
+                                          predict=engine and engine.predictor(model))
         return (*out, labels) if cut is not None else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
