@@ -201,12 +201,13 @@ class FrozenEngine:
         if self.chosen == "tensorflow":
             return None
         key = self._key(model)
+        why = ""
         if not self.chosen:
-            self.chosen, why = self._choose(key)
-            if self.chosen == "tensorflow":
+            chosen, why = self._choose(key)
+            if chosen == "tensorflow":
+                self.chosen = chosen
                 self.log(f"frozen passes: TensorFlow ({why})")
                 return None
-            self.log(f"frozen passes: LiteRT with XNNPACK, {cpu_threads()} threads ({why})")
         t0 = time.perf_counter()
         try:
             (flat,), hit = self.cache.get_or_compute(
@@ -217,9 +218,24 @@ class FrozenEngine:
         except Exception as e:  # noqa: BLE001 - any converter/interpreter error: fall back
             self.chosen = "tensorflow"
             self.log(f"frozen passes: TensorFlow, {model.name} did not convert to LiteRT "
-                     f"({one_line(e)[:300]})")
+                     f"({_reason(e)})")
             return None
-        self.convert_seconds += time.perf_counter() - t0
-        if not hit:
-            self.log(f"frozen passes: {model.name} converted in {time.perf_counter() - t0:.1f}s")
+        self.chosen = "litert"
+        seconds = time.perf_counter() - t0
+        self.convert_seconds += seconds
+        done = ("conversion read from the cache" if hit else f"converted in {seconds:.1f}s")
+        if why:
+            self.log(f"frozen passes: LiteRT with XNNPACK, {runner.num_threads} threads ({why}); "
+                     f"{model.name} {done}")
+        elif not hit:
+            self.log(f"frozen passes: {model.name} {done}")
         return runner.predict_on_batch
+
+
+def _reason(e: BaseException) -> str:
+    """The converter's own error line (`error: 'tf.X' op is neither a custom op nor a
+    flex op`) without the MLIR locations and source lines around it; else the exception."""
+    errors = [line.split("error: ", 1)[1].strip() for line in str(e).splitlines()
+              if "error: " in line]
+    text = errors[0] if errors else one_line(e)
+    return text if len(text) <= 200 else text[:197] + "..."
