@@ -46,12 +46,17 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WEIGHTS = DATA / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 FLOWERS128 = DATA / "flowers128"
 BATCH = 64
-# (label, family, alpha, size, weights)
+# label: (family, alpha, size, weights)
 MODELS = {
     "mnv2_035_160": ("mobilenet_v2", 0.35, 160, str(WEIGHTS)),
     "mnv2_100_224": ("mobilenet_v2", 1.0, 224, "none"),
     "effnet_b0_224": ("efficientnet_b0", 0.0, 224, "none"),
     "resnet50_224": ("resnet50", 0.0, 224, "none"),
+    # Beyond the four: which families `auto` sends to LiteRT (engine.LITERT_FAMILIES).
+    "mnv1_025_160": ("mobilenet", 0.25, 160,
+                     str(DATA / "weights" / "mobilenet_2_5_224_tf_no_top.h5")),
+    "mnv3_small_224": ("mobilenet_v3_small", 0.0, 224, "none"),
+    "effnetv2_b0_224": ("efficientnet_v2_b0", 0.0, 224, "none"),
 }
 
 
@@ -188,7 +193,8 @@ def part2(n_images: int):
 
 def main(argv):
     p = argparse.ArgumentParser()
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated labels of MODELS (empty: none)")
     p.add_argument("--images", type=int, default=10000)
     p.add_argument("--min_seconds", type=float, default=4.0)
     args = p.parse_args(argv)

@@ -168,10 +168,12 @@ def test_auto_converts_only_where_it_pays(tmp_path, passes):
         (10, "float32", "default", cache, "litert", "conversion is cached"),
         (10 ** 6, "mixed_bfloat16", "default", cache, "tensorflow", "mixed_bfloat16 policy"),
         (10 ** 6, "float32", "mirrored", cache, "tensorflow", "mirrored strategy"),
+        (10 ** 6, "float32", "default", cache, "tensorflow", "resnet50 was not measured faster"),
     ]
     for images, policy, kind, c, expected, why in cases:
         log = _Log()
-        eng = engine.FrozenEngine("auto", images, c, KEY, policy, kind, log=log)
+        key = {**KEY, "backbone": "resnet50"} if "resnet50" in why else KEY
+        eng = engine.FrozenEngine("auto", images, c, key, policy, kind, log=log)
         eng.predictor(cut.joint)
         assert eng.chosen == expected, (images, policy, kind, log)
         assert why in log[0], log

@@ -3,7 +3,8 @@
 A caching pass runs the frozen part of the model once over every view of
 every image. On a CPU, TensorFlow's graph runs these networks several times
 slower than the same network converted to TFLite and run by the XNNPACK
-delegate (benchmarks/frozen_pass.py: MobileNetV2-0.35 at 160 px 4-6x). So on
+delegate (MobileNetV2-0.35 at 160 px: 5.6x on an idle 2-core CPU, 2.5x in CPU
+seconds under load; benchmarks/frozen_pass.py). So on
 CPU-only machines the frozen model is converted once (the TFLite converter
 the export uses, float32, no optimizations: the same computation) and run
 through `ai_edge_litert`, with one thread per core.
@@ -12,9 +13,10 @@ through `ai_edge_litert`, with one thread per core.
   tensorflow  the Keras model, as before (any device, strategy, precision).
   litert      the converted model on the CPU; float32 policies only.
   auto        litert on CPU-only machines, one process on the default
-              strategy, float32, when the images to pass make the conversion
-              pay (`BREAK_EVEN_IMAGES`, or a conversion already on disk);
-              tensorflow otherwise.
+              strategy, float32, for the backbone families measured faster
+              there (`LITERT_FAMILIES`), when the images to pass make the
+              conversion pay (`BREAK_EVEN_IMAGES`, or a conversion already on
+              disk); tensorflow otherwise.
 
 A conversion is cached on disk like the features it computes (the run's
 ArrayCache, keyed by what determines the model), so a rerun with other data
@@ -39,13 +41,23 @@ from tl_keras.errors import one_line
 ENGINES = ("auto", "tensorflow", "litert")
 
 # `auto` converts when a run passes at least this many images (all views of
-# all splits together). Measured with benchmarks/frozen_pass.py on a 2-core
-# CPU: the whole caching pass, decoding included, of TensorFlow and of
-# LiteRT with its conversion, fitted as fixed cost + images / rate for each;
-# the break-even n = (fixed_litert - fixed_tf) / (1/rate_tf - 1/rate_litert)
-# was largest for the smallest network (MobileNetV2-0.35 at 160 px, where
-# the conversion is the largest share); this rounds it up.
-BREAK_EVEN_IMAGES = 1000
+# all splits together). benchmarks/frozen_pass.py measures, per backbone, the
+# break-even in CPU work: (conversion + LiteRT's first batch - TensorFlow's
+# first, tracing, batch) / (TensorFlow's - LiteRT's CPU seconds per image).
+# Of the families below it was 146-281 images (EfficientNetB0 the largest,
+# MobileNetV2-0.35 at 160 px 149). The conversion runs on about one core while
+# the pass uses them all, so in wall time on 2 cores it is up to twice that:
+# 600 covers both.
+BREAK_EVEN_IMAGES = 600
+
+# Backbone families whose frozen pass `auto` runs on LiteRT: those measured at
+# least 1.3x faster there than on TensorFlow in CPU seconds per image
+# (benchmarks/frozen_pass.py, 2-core x86 CPU with AVX-512): MobileNet 0.25
+# 2.4x, MobileNetV2 2.4-2.5x, MobileNetV3-small 2.5x, EfficientNetB0 1.4x.
+# Dense convolutions run about as fast in TensorFlow's oneDNN kernels
+# (ResNet50 0.97x, EfficientNetV2-B0 1.1x), and families not measured keep
+# TensorFlow (--frozen_engine=litert runs any of them).
+LITERT_FAMILIES = ("mobilenet", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
 
 # Conversions run in this process (tests check that a rerun reads the cache).
 conversions = 0
@@ -158,6 +170,8 @@ class FrozenEngine:
         precision_policy: the Keras dtype policy the model was built under.
         distribution: the strategy's kind ("default" for one process, one device).
         log: where the choice and any fallback are said.
+
+    The backbone family is key_parts["backbone"].
     """
 
     def __init__(self, requested: str, images: int, cache: cache_lib.ArrayCache,
@@ -200,6 +214,10 @@ class FrozenEngine:
         devices = accelerators()
         if devices:
             return "tensorflow", f"the pass runs on the {devices[0]}"
+        family = self.key_parts.get("backbone", "")
+        if family not in LITERT_FAMILIES:
+            return "tensorflow", (f"{family or 'this backbone'} was not measured faster on "
+                                  "LiteRT; --frozen_engine=litert to use it")
         if self._cached(key):
             return "litert", "its conversion is cached"
         if self.images < BREAK_EVEN_IMAGES:
