@@ -170,7 +170,7 @@ def part2(n_images: int):
             eng = engine.FrozenEngine("litert", n_images, cache_lib.ArrayCache(""), {},
                                       log=lambda s: None)
             predict = eng.predictor(cut.joint)
-            conv, conv_cpu = clock.read()
+            conv = clock.read()[0]
         images = data_pipeline.image_dataset(split, size)
         (a, f), _, pass_s = features.extract(cut.joint, images, BATCH, progress=False,
                                              predict=predict)

@@ -125,7 +125,7 @@ def test_a_second_engine_reads_the_conversion_from_the_cache(passes):
     assert engine.conversions == before
     assert not any("converted" in line for line in log), log
     x = data_pipeline.image_dataset(_split("test"), SIZE).batch(30)
-    a, f = predict(next(iter(x))[0])
+    _, f = predict(next(iter(x))[0])
     np.testing.assert_array_equal(f, out["litert"]["test"][1])
     # Another model (the features alone) is another conversion.
     engine.FrozenEngine("litert", 0, cache, key, log=log).predictor(passes[0].features)

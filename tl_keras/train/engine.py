@@ -202,8 +202,8 @@ class FrozenEngine:
     def _choose(self, key: str) -> tuple[str, str]:
         """(engine, why) for a run that has not chosen yet."""
         if self.precision_policy != "float32":
-            return "tensorflow", f"the {self.precision_policy} policy computes in reduced " \
-                                 "precision; the converted model is float32"
+            return "tensorflow", (f"the {self.precision_policy} policy computes in reduced "
+                                  "precision; the converted model is float32")
         missing = litert_missing()
         if missing:
             return "tensorflow", missing
