@@ -187,3 +187,25 @@ def test_frozen_engine_flag_is_validated():
     with pytest.raises(ConfigError, match=r"--frozen_engine.*'xnnpack'.*auto, tensorflow, "
                                           r"litert"):
         validate(Config(data="x", output_dir="y", frozen_engine="xnnpack"))
+
+
+def test_train_caches_on_litert_and_a_rerun_reuses_the_conversion(tmp_path):
+    """`tl-keras train --frozen_engine=litert` end to end (stage 2 on cached activations,
+    so the joint two-output model); a rerun with other cached views converts nothing."""
+    from conftest import run_cli
+
+    args = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
+            "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
+            "--head_epochs=3", "--finetune_epochs=1", "--finetune_blocks=1", "--export=false",
+            "--tensorboard=false", "--frozen_engine=litert", f"--cache_dir={tmp_path / 'cache'}",
+            f"--output_dir={tmp_path / 'out'}")
+    first = run_cli("train", *args)
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    assert ("frozen passes: LiteRT with XNNPACK" in first.stdout
+            and "bottom_and_features converted in" in first.stdout), first.stdout[-3000:]
+    assert "stage 2: training the top on cached activations" in first.stdout
+    second = run_cli("train", *args, "--restart", "--cache_views=1")
+    assert second.returncode == 0, second.stderr[-3000:] + second.stdout[-3000:]
+    assert "bottom_and_features conversion read from the cache" in second.stdout, \
+        second.stdout[-3000:]
+    assert "converted in" not in second.stdout
