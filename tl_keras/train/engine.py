@@ -20,7 +20,10 @@ through `ai_edge_litert`, with one thread per core.
 
 A conversion is cached on disk like the features it computes (the run's
 ArrayCache, keyed by what determines the model), so a rerun with other data
-or augmentation does not convert again. A model the converter or the
+or augmentation does not convert again. The cached features do not record
+which engine computed them: the two agree within float rounding (max abs
+difference <= 3e-4 on features in [0, 6], tests/test_engine.py), as
+TensorFlow's own results differ between CPUs. A model the converter or the
 interpreter rejects (an op without a TFLite kernel) falls back to TensorFlow
 with one log line saying why: correct, only slower.
 """
