@@ -47,6 +47,7 @@ BAD_STRINGS = {
     "weights": "imagenet21k",
     "precision": "fp8",
     "jit_compile": "sometimes",
+    "frozen_engine": "xnnpack",
     "output_dir": "{file}/out",
     "cache_dir": "{file}/cache",
     "class_weight": "sometimes",

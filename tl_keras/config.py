@@ -120,6 +120,11 @@ class Config:
     # auto | true | false: XLA-compile training steps (auto: on GPUs); falls back
     # to plain TensorFlow, saying so, when an op cannot be compiled.
     jit_compile: str = "auto"
+    # auto | tensorflow | litert: what runs the frozen passes that cache features and
+    # activations. litert: the frozen model converted to TFLite once (cached like the
+    # features) and run by XNNPACK on the CPU's cores; auto: litert on CPU-only machines
+    # (default strategy, float32) when the images to pass make the conversion pay.
+    frozen_engine: str = "auto"
 
     # --- distribution: tf.distribute strategies (issue 8, tl_keras/distribute.py) ---
     # auto | default | one_device | mirrored | multi_worker | tpu (auto: tpu when --tpu
@@ -407,6 +412,8 @@ def validate(cfg: Config) -> None:
                    "choose one of auto, float32, mixed_float16, mixed_bfloat16")
     if cfg.jit_compile.lower() not in ("auto", "true", "false"):
         raise fail("jit_compile", cfg.jit_compile, "choose one of auto, true, false")
+    if cfg.frozen_engine not in ("auto", "tensorflow", "litert"):
+        raise fail("frozen_engine", cfg.frozen_engine, "choose one of auto, tensorflow, litert")
     for name in ("cache_ram_mb", "cache_max_mb", "checkpoint_seconds"):
         if getattr(cfg, name) < 0:
             raise fail(name, getattr(cfg, name), "must be >= 0")

@@ -78,7 +78,8 @@ def _audit(cfg: Config, dist) -> dict:
     tr, hit = views.cached_views(scaled, step.blocks, step.clf, cut, images(0), "train",
                                  cfg.cache_views, step.augmenter, cache, key_parts,
                                  copy_grid=True)
-    va, _ = views.cached_views(scaled, step.blocks, step.clf, cut, images(1), "val", 1, None,
+    va, _ = views.cached_views(scaled, step.blocks, step.clf, cut,
+                               images(1) if len(data.val) else None, "val", 1, None,
                                cache, key_parts, copy_grid=True)
     t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")

@@ -133,14 +133,19 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     cut = views.plan_cut(cfg, blocks, clf, data)
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
+    mirrored = cv_head and cfg.tta and cfg.flip  # a mirror pass of the training images too
+    engine = views.frozen_engine(cfg, dist, policy,
+                                 (cfg.cache_views + mirrored) * len(data.train) + len(data.val),
+                                 cache, key_parts)
     tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
-                                 cfg.cache_views, augmenter, cache, key_parts, copy_grid=cfg.audit)
+                                 cfg.cache_views, augmenter, cache, key_parts, engine,
+                                 copy_grid=cfg.audit)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
-                               key_parts, copy_grid=cfg.audit)
+                               key_parts, engine, copy_grid=cfg.audit)
     # The exported model averages each image with its mirror (--tta): the
     # cross-validated head is trained and judged on the mirrored images too.
-    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts)
-              if cv_head and cfg.tta and cfg.flip else None)
+    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine)
+              if mirrored else None)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")

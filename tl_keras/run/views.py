@@ -27,6 +27,7 @@ from tl_keras.model import families as families_lib
 from tl_keras.model import model_files as model_files_lib
 from tl_keras.run.setup import data_spec, log
 from tl_keras.train import activations, copies, features
+from tl_keras.train import engine as engine_lib
 
 
 def resolve_family(cfg: Config):
@@ -123,16 +124,25 @@ def plan_cut(cfg: Config, blocks: int, clf, data):
     return cut
 
 
+def frozen_engine(cfg: Config, dist, policy: str, images: int, cache,
+                  key_parts: dict) -> engine_lib.FrozenEngine:
+    """The engine of the run's frozen passes (--frozen_engine) for `images` image views."""
+    return engine_lib.FrozenEngine(cfg.frozen_engine, images, cache, key_parts, policy,
+                                   dist.kind, log)
+
+
 def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: int,
-                 augmenter, cache, key_parts: dict, copy_grid: bool = False
+                 augmenter, cache, key_parts: dict, engine=None, copy_grid: bool = False
                  ) -> tuple[dict, bool]:
     """Backbone outputs of `views` views of a split, from the cache or one
     inference pass: pooled features ("f") for stage 1 and, with a cut, the
     activations below the unfrozen blocks ("a") for stage 2.
 
-    With `copy_grid` (the audit), the same pass also outputs the copy
-    descriptor ("g", `tl_keras.train.copies`); it is stored next to the
-    others under the same key, so a later run without it reads the entry.
+    The pass runs on `engine` (a `train.engine.FrozenEngine`), or with
+    TensorFlow when None. With `copy_grid` (the audit), the same pass also
+    outputs the copy descriptor ("g", `tl_keras.train.copies`); it is stored
+    next to the others under the same key, so a later run without it reads
+    the entry.
 
     Returns:
         ({"f": ..., "y": ..., ["a": ...], ["g": ...]}, whether the cache was used);
@@ -156,7 +166,8 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
         ds = images() if callable(images) else images
         out, labels, _ = features.extract(model, ds,
                                           features.inference_batch_size(cfg.batch_size), views,
-                                          augmenter, seed=cfg.seed, progress=split == "train")
+                                          augmenter, seed=cfg.seed, progress=split == "train",
+                                          predict=engine and engine.predictor(model))
         return (*out, labels) if len(names) > 2 else (out, labels)
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
@@ -172,11 +183,13 @@ def _empty_shape(name: str, clf, cut) -> tuple:
     return (0, clf.features.output_shape[-1]) if name == "f" else (0,)
 
 
-def mirror_features(cfg: Config, clf, images, cache, key_parts: dict) -> np.ndarray:
+def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=None
+                    ) -> np.ndarray:
     """Pooled features of the mirrored training images (cached like the views).
 
     The exported model averages each image's prediction with its mirror's
     (--tta), so the cross-validated head is judged, and trained, on them too.
+    The pass runs on `engine` like `cached_views`'.
     """
     key = cache_lib.make_key(what="mirror", split="train", **key_parts)
 
@@ -184,7 +197,8 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict) -> np.ndar
         flipped = images.map(lambda x, y: (tf.image.flip_left_right(x), y))
         return (features.extract(clf.features, flipped,
                                  features.inference_batch_size(cfg.batch_size),
-                                 progress=False)[0],)
+                                 progress=False,
+                                 predict=engine and engine.predictor(clf.features))[0],)
 
     (arrays,), _ = cache.get_or_compute(key, ("f",), compute, log)
     return arrays

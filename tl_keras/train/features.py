@@ -47,8 +47,8 @@ def _decode_ahead(images: tf.data.Dataset) -> int:
 
 
 def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
-            views: int = 1, augmenter=None, seed: int = 0, progress: bool = True
-            ) -> tuple[np.ndarray, np.ndarray, float]:
+            views: int = 1, augmenter=None, seed: int = 0, progress: bool = True,
+            predict=None) -> tuple[np.ndarray, np.ndarray, float]:
     """Computes pooled features of every (image, label) in `images`.
 
     Args:
@@ -60,6 +60,8 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
             None, which makes every view identical, so only one is computed.
         seed: seeds the augmenter's random draws per view.
         progress: print one line per view.
+        predict: runs `feature_model` on a batch in its place (the LiteRT
+            engine's, `train.engine.FrozenEngine.predictor`); None: Keras.
 
     Returns:
         (features [N*views, D] float32, labels [N*views] int, seconds); for a
@@ -92,7 +94,8 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
             if n < batch_size:  # one traced shape: padding is cheaper than a retrace
                 x = data_pipeline.pad_batch(x, batch_size)
             # model.predict_on_batch, or split over this worker's replicas.
-            out = loop_lib.predict_on_batch(feature_model, x)
+            out = (predict(x) if predict is not None
+                   else loop_lib.predict_on_batch(feature_model, x))
             outs = out if isinstance(out, (list, tuple)) else [out]
             fs.append([np.asarray(o[:n], dtype=np.float32) for o in outs])
             ys.append(y.numpy())

@@ -55,8 +55,10 @@ LOCK_FILE = ".lock"
 _VERSION = 1
 
 # Settings that do not change what a run computes: where things go, how
-# fast they are computed, whether progress is logged.
-IGNORED_FIELDS = ("output_dir", "cache_dir", "cache_ram_mb", "jit_compile", "tensorboard",
+# fast they are computed, whether progress is logged. (XLA and the frozen-pass
+# engine change float rounding, within tested tolerances, as another CPU does.)
+IGNORED_FIELDS = ("output_dir", "cache_dir", "cache_ram_mb", "jit_compile", "frozen_engine",
+                  "tensorboard",
                   "restart", "checkpoint_seconds",
                   # read only by other commands (pretrain, predict), e.g. from a shared flagfile
                   "architecture", "pretrain_epochs", "pretrain_learning_rate",
