@@ -113,3 +113,26 @@ def test_python_dash_m_help_lists_core_flags():
                  "--weights", "--image_size", "--batch_size", "--head_epochs",
                  "--finetune_epochs", "--finetune_blocks", "--seed"):
         assert flag in proc.stdout, flag
+
+
+def test_the_console_process_ends_without_teardown_but_after_exit_handlers_and_threads():
+    # `tl-keras` (argv None) ends with os._exit after a successful command
+    # (the interpreter's teardown of TensorFlow cost 1.5 s): the exit handlers
+    # still run, other threads are waited for, buffered output is flushed, and
+    # the command's exit code is kept.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import atexit, threading, time\n"
+            "from tl_keras.cli import _exit_process\n"
+            "atexit.register(print, 'exit handler ran')\n"
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+            "print('buffered', end='')\n"
+            "_exit_process(3)\n"
+            "print('not reached')\n")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "bufferedthread done\nexit handler ran\n"
