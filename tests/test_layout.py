@@ -35,7 +35,8 @@ def test_the_library_never_reads_flags():
 
 def _modules_after(code: str) -> set:
     """The modules loaded by running `code` in a fresh interpreter on this checkout."""
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+    code += "\nimport sys; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code],
                          cwd=REPO, env={"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3",
                                         "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)

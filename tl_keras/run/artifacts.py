@@ -91,7 +91,8 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         calibration_images=(tflite_lib.representative_images(
             data.train, image_size, cfg.int8_calibration_images, cfg.seed)
             if "int8" in spec.tflite_variants else None),
-        parity_split=data.val, parity_reference=val_probs, eval_split=eval_split, eval_name=eval_name,
+        parity_split=data.val, parity_reference=val_probs, eval_split=eval_split,
+        eval_name=eval_name,
         check_path=os.path.join(out, "export_check.json"),
         extra_files={"manifest.json": json.dumps(run_manifest, indent=2), **(extra_files or {})},
         originals=parity.odd_files(preflight_report, cfg.parity_images, cfg.seed), log=log)
