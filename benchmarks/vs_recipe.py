@@ -22,15 +22,26 @@ recipe, ...), the speed-up is the ratio of the median totals, and the floor
 is measured before and after each tl_keras run (its mean is the floor that
 run is divided by).
 
+Whole processes (--mode=whole_process, or both): what a user waits for.
+Each side runs as its own subprocess, timed from start to exit (imports,
+reports, export and interpreter exit included), one after the other: the
+recipe as a plain script (benchmarks/tutorial_recipe.py, on the same
+split's folders) and `python -m tl_keras train` with the defaults of
+flags/flowers.flags (export and reports on) and this checkout's code. Wall
+seconds and the child's CPU seconds (user + system, all threads) are
+printed; the CPU seconds are the steadier figure on a shared machine.
+
 Usage: python benchmarks/vs_recipe.py [--data DIR] [--weights FILE] [--skip_recipe]
-       [--repeats N]
+       [--repeats N] [--mode in_process|whole_process|both]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,10 +61,11 @@ from tl_keras.model import classifier as model_lib  # noqa: E402
 from tl_keras.model import families as families_lib
 from tl_keras.run import image as pipeline  # noqa: E402
 from tl_keras.train import features  # noqa: E402
+from tutorial_recipe import ALPHA, SEED, SIZE, recipe  # noqa: E402 (benchmarks/)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, ".."))
 SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
-SIZE, ALPHA, SEED, BATCH = 160, 0.35, 42, 32
 
 
 def materialize(split: sources_lib.Split, classes: list[str], root: str) -> str:
@@ -63,52 +75,6 @@ def materialize(split: sources_lib.Split, classes: list[str], root: str) -> str:
         os.makedirs(d, exist_ok=True)
         os.symlink(os.path.abspath(path), os.path.join(d, os.path.basename(path)))
     return root
-
-
-def recipe(dirs: dict, weights: str, n_cls: int) -> dict:
-    """The TensorFlow tutorial's transfer-learning recipe, adapted to n classes.
-
-    Its total runs from listing the files to the test accuracy (datasets,
-    model, both fits, evaluation), like tl_keras's, which also writes its
-    reports and model file inside its total.
-    """
-    t_start = time.perf_counter()
-    keras.utils.set_random_seed(SEED)
-    kw = dict(batch_size=BATCH, image_size=(SIZE, SIZE), seed=SEED, label_mode="int")
-    train_ds = keras.utils.image_dataset_from_directory(dirs["train"], shuffle=True, **kw)
-    val_ds = keras.utils.image_dataset_from_directory(dirs["val"], shuffle=False, **kw)
-    test_ds = keras.utils.image_dataset_from_directory(dirs["test"], shuffle=False, **kw)
-    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
-    val_ds = val_ds.prefetch(tf.data.AUTOTUNE)
-    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
-                                     keras.layers.RandomRotation(0.2)])
-    base = keras.applications.MobileNetV2(input_shape=(SIZE, SIZE, 3), include_top=False,
-                                          weights=weights, alpha=ALPHA)
-    base.trainable = False
-    inputs = keras.Input((SIZE, SIZE, 3))
-    x = augmentation(inputs)
-    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1)(x)  # mobilenet_v2.preprocess_input
-    x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    outputs = keras.layers.Dense(n_cls, activation="softmax")(x)
-    model = keras.Model(inputs, outputs)
-    model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    t0 = time.perf_counter()
-    model.fit(train_ds, epochs=10, validation_data=val_ds, verbose=0)
-    t1 = time.perf_counter() - t0
-    base.trainable = True
-    for layer in base.layers[:100]:
-        layer.trainable = False
-    model.compile(optimizer=keras.optimizers.RMSprop(1e-5),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    t0 = time.perf_counter()
-    model.fit(train_ds, epochs=20, initial_epoch=10, validation_data=val_ds, verbose=0)
-    t2 = time.perf_counter() - t0
-    _, acc = model.evaluate(test_ds, verbose=0)
-    return {"stage1": t1, "stage2": t2, "total": time.perf_counter() - t_start,
-            "test_accuracy": float(acc)}
 
 
 def inference_floor(cfg: Config, data, views: int) -> float:
@@ -144,6 +110,55 @@ def inference_floor(cfg: Config, data, views: int) -> float:
     return time.perf_counter() - t0
 
 
+def run_process(cmd: list[str], cwd: str) -> tuple[float, float, str]:
+    """Runs `cmd` to its exit: (wall seconds, the child's CPU seconds, its output)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{out[-3000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, out
+
+
+def whole_process_pair(args, dirs: dict, work: str, i: int) -> list[tuple[str, dict]]:
+    """One recipe process, then one `tl_keras train` process, each timed start to exit."""
+    rows = []
+    if not args.skip_recipe:
+        wall, cpu, out = run_process([sys.executable, os.path.join(HERE, "tutorial_recipe.py"),
+                                      os.path.dirname(dirs["train"]), args.weights], ROOT)
+        acc = json.loads(out.strip().splitlines()[-1])["test_accuracy"]
+        rows.append(("tutorial recipe", {"total": wall, "cpu": cpu, "test_accuracy": acc}))
+    out_dir = os.path.join(work, f"process{i}")
+    wall, cpu, _ = run_process([
+        sys.executable, "-m", "tl_keras", "train", f"--data={args.data}", "--test_fraction=0.25",
+        "--backbone=mobilenet_v2", f"--alpha={ALPHA}", f"--image_size={SIZE}",
+        f"--weights={args.weights}", f"--seed={SEED}", f"--output_dir={out_dir}"], ROOT)
+    with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
+        acc = json.load(f)["test"]["accuracy"]
+    rows.append(("tl-keras train", {"total": wall, "cpu": cpu, "test_accuracy": acc}))
+    return rows
+
+
+def print_whole_process(rows: list[tuple[str, dict]]) -> None:
+    print("\nwhole processes, start to exit, one after the other:")
+    print(f"{'process':<20}{'wall s':>10}{'CPU s':>10}{'test acc':>10}")
+    for name, r in rows:
+        print(f"{name:<20}{r['total']:>10.1f}{r['cpu']:>10.1f}{r['test_accuracy']:>10.3f}")
+    ours = [r for name, r in rows if name == "tl-keras train"]
+    base = [r for name, r in rows if name == "tutorial recipe"]
+    if base:
+        med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
+        print(f"whole-process speed-up: {med(base, 'total') / med(ours, 'total'):.2f}x wall "
+              f"(median {med(base, 'total'):.1f}s / {med(ours, 'total'):.1f}s), "
+              f"{med(base, 'cpu') / med(ours, 'cpu'):.2f}x CPU "
+              f"(median {med(base, 'cpu'):.1f}s / {med(ours, 'cpu'):.1f}s); test accuracy "
+              f"{med(ours, 'test_accuracy'):.3f} vs {med(base, 'test_accuracy'):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(SHARED, "flowers"))
@@ -152,10 +167,13 @@ def main() -> None:
     ap.add_argument("--skip_recipe", action="store_true")
     ap.add_argument("--repeats", type=int, default=1,
                     help="alternate the two runs this many times (medians compared)")
+    ap.add_argument("--mode", choices=("in_process", "whole_process", "both"), default="both",
+                    help="time the runs inside this process, as whole processes, or both")
     args = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="tl_keras_bench_")
     rows: list[tuple[str, dict]] = []
+    processes: list[tuple[str, dict]] = []
     try:
         cfg = Config(data=args.data, test_fraction=0.25, backbone="mobilenet_v2", alpha=ALPHA,
                      image_size=SIZE, weights=args.weights, seed=SEED, export=False,
@@ -168,6 +186,10 @@ def main() -> None:
         dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
                 for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}
         for i in range(max(args.repeats, 1)):
+            if args.mode != "in_process":
+                processes += whole_process_pair(args, dirs, work, i)
+            if args.mode == "whole_process":
+                continue
             if not args.skip_recipe:
                 keras.backend.clear_session()
                 rows.append(("tutorial recipe", recipe(dirs, args.weights,
@@ -190,6 +212,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if processes:
+        print_whole_process(processes)
+    if not rows:
+        return
     print(f"\nflowers split: train {len(data.train)}, val {len(data.val)}, "
           f"test {len(data.test)}; MobileNetV2-{ALPHA} at {SIZE}px, seed {SEED}, "
           f"device {tf.config.list_physical_devices('GPU') and 'GPU' or 'CPU'}")

@@ -158,3 +158,26 @@ def test_help_names_the_text_defaults():
     assert helps["finetune_learning_rate"].endswith("(text: 0.002)")
     assert helps["dropout"].endswith("(text: 0.5)")
     assert "(text:" not in helps["head_learning_rate"] + helps["seed"]
+
+
+def test_the_console_process_ends_without_teardown_but_after_exit_handlers_and_threads():
+    # `tl-keras` (argv None) ends with os._exit after a successful command
+    # (the interpreter's teardown of TensorFlow cost 1.5 s): the exit handlers
+    # still run, other threads are waited for, buffered output is flushed, and
+    # the command's exit code is kept.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import atexit, threading, time\n"
+            "from tl_keras.cli import _exit_process\n"
+            "atexit.register(print, 'exit handler ran')\n"
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
+            "print('buffered', end='')\n"
+            "_exit_process(3)\n"
+            "print('not reached')\n")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "bufferedthread done\nexit handler ran\n"

@@ -31,3 +31,30 @@ def test_the_library_never_reads_flags():
                if p.name != "cli.py" and reads.search(p.read_text())]
     assert readers == []
     assert reads.search((REPO / "tl_keras" / "cli.py").read_text())  # the pattern does match
+
+
+def _modules_after(code: str) -> set:
+    """The modules loaded by running `code` in a fresh interpreter on this checkout."""
+    code += "\nimport sys; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code],
+                         cwd=REPO, env={"PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "3",
+                                        "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(out.stdout.split())
+
+
+def test_the_command_line_and_the_image_run_import_only_what_they_use():
+    # Parsing the command line loads no TensorFlow: `tl-keras --help` and a bad
+    # flag answer at once.
+    cli = _modules_after("import tl_keras.cli")
+    assert not {"tensorflow", "keras", "numpy"} & cli
+    # An image training run imports the data sources, the audit, the text task,
+    # the notebook helpers and the serving protos only when a run uses them
+    # (tfds:NAME, --audit, --task=text, notebooks, the export's warmup file).
+    # (scikit-learn, matplotlib and pandas come with Keras itself.)
+    image = _modules_after("import tl_keras.cli; from tl_keras.run import image")
+    lazy = {"tensorflow_datasets", "cleanlab", "tensorflow_serving", "tl_keras.notebook",
+            "tl_keras.run.text", "tl_keras.text.vectors", "pillow_heif", "tqdm"}
+    assert not lazy & image, sorted(lazy & image)
+    assert "tensorflow" in image  # the check sees what it claims to

@@ -423,6 +423,22 @@ def test_exports_get_new_versions_and_overwrite_replaces_the_newest(tiny, tmp_pa
     assert check["version"] == 2 and check["passed"]
 
 
+def test_the_gate_judges_the_served_model_against_the_runs_own_predictions(tiny, tmp_path):
+    # A run hands the gate its validation predictions (the same model on the
+    # same pixels) instead of predicting them again: the gate passes on them,
+    # to float rounding, and rejects an export that does not reproduce them.
+    model, classes, size, split = tiny
+    reference = np.asarray(model.predict(tflite_lib.load_pixels(split, size).astype(np.float32),
+                                         verbose=0))
+    res = _export_tiny(tiny, tmp_path / "export", parity_images=5, parity_reference=reference)
+    assert res["published"] and res["parity"]["n"] == 5
+    assert res["parity"]["artifacts"]["saved_model"]["max_prob_diff"] < 1e-5
+    wrong = reference[:, [1, 2, 0]]  # what a model with its classes out of order predicts
+    with pytest.raises(export_lib.ExportRejected):
+        _export_tiny(tiny, tmp_path / "export", parity_images=5, parity_reference=wrong)
+    assert sorted(os.listdir(tmp_path / "export")) == ["1"]
+
+
 def test_rejected_export_leaves_the_previous_version_intact(tiny, tmp_path):
     export_dir = tmp_path / "export"
     _export_tiny(tiny, export_dir)

@@ -147,7 +147,8 @@ def judge(name: str, result: dict, min_agreement: dict[str, float],
 def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
              class_names: list[str], min_agreement: dict[str, float],
              max_prob_diff: dict[str, float], batch_size: int = 32,
-             originals: Sequence[tuple[str, object]] = ()) -> dict:
+             originals: Sequence[tuple[str, object]] = (),
+             reference: Optional[np.ndarray] = None) -> dict:
     """Predicts `split` with every artifact and judges each against the Keras model.
 
     Args:
@@ -162,6 +163,9 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
         originals: (original file, item trained on) of the files the
             pre-flight converted (the item is its PNG) or noted (the file
             itself); see `check_originals`.
+        reference: the Keras model's probabilities [N, C] on `split`, when
+            already computed on the same pixels (the run's validation
+            predictions); None: predicted here.
 
     Returns:
         The comparison (what `OUT/export_check.json` holds): {"n", "images",
@@ -169,9 +173,16 @@ def run_gate(model, saved_model, tflite_models: dict, split, image_size: int,
     """
     from tl_keras.export import tflite as tflite_lib
 
-    pixels = tflite_lib.load_pixels(split, image_size)
-    reference = np.asarray(loop_lib.predict(model, pixels.astype(np.float32), batch_size),
-                           np.float32)
+    # Decoded by the training pipeline's function: what the reference and the
+    # TFLite variants see (the SavedModel gets the encoded bytes).
+    pixels = (tflite_lib.load_pixels(split, image_size)
+              if reference is None or tflite_models else None)
+    if reference is None:
+        reference = loop_lib.predict(model, pixels.astype(np.float32), batch_size)
+    reference = np.asarray(reference, np.float32)
+    if reference.shape != (len(split), len(class_names)):
+        raise ValueError(f"reference probabilities {reference.shape} for {len(split)} images "
+                         f"of {len(class_names)} classes")
     encoded = [_encoded(item) for item in split.items]
     artifacts: dict[str, dict] = {}
     failures: list[str] = []

@@ -12,6 +12,7 @@ import time
 from typing import Callable, Optional
 
 import keras
+import numpy as np
 
 from tl_keras.config import Config
 from tl_keras.core import outputs
@@ -62,7 +63,8 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
                data: sources_lib.Dataset, eval_split: sources_lib.Split, eval_name: str,
                run_manifest: dict, log: Callable[[str], None] = lambda s: None,
                preflight_report: Optional[dict] = None,
-               extra_files: Optional[dict] = None) -> dict:
+               extra_files: Optional[dict] = None,
+               val_probs: Optional[np.ndarray] = None) -> dict:
     """`export_version` with a run's settings: OUT/export, the TFLite variants,
     int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
 
@@ -78,6 +80,8 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         preflight_report: the run's pre-flight report: the gate also serves the
             original bytes of the files it converted or noted.
         extra_files: more {file name: text} for assets.extra (e.g. selective.json).
+        val_probs: `model`'s probabilities on `data.val` when the run has them
+            (the gate's reference; see `export_version`'s `parity_reference`).
 
     Returns / Raises: as `export_version`.
     """
@@ -87,9 +91,12 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         calibration_images=(tflite_lib.representative_images(
             data.train, image_size, cfg.int8_calibration_images, cfg.seed)
             if "int8" in spec.tflite_variants else None),
-        # The gate's Keras-vs-served comparison: validation images, or training
-        # images in a run without a validation split (cross-validated).
-        parity_split=data.val if len(data.val) else data.train, eval_split=eval_split, eval_name=eval_name,
+        # The gate's Keras-vs-served comparison: validation images (with the
+        # run's own predictions of them), or training images in a run without a
+        # validation split (cross-validated).
+        parity_split=data.val if len(data.val) else data.train,
+        parity_reference=val_probs if len(data.val) else None, eval_split=eval_split,
+        eval_name=eval_name,
         check_path=os.path.join(out, "export_check.json"),
         extra_files={"manifest.json": json.dumps(run_manifest, indent=2), **(extra_files or {})},
         originals=parity.odd_files(preflight_report, cfg.parity_images, cfg.seed), log=log)

@@ -362,7 +362,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                 final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
                 gate_split, gate_name, run_manifest, log, preflight_report=scan,
                 extra_files=({"selective.json": json.dumps(report["selective"], indent=2)}
-                             if "selective" in report else None)),
+                             if "selective" in report else None), val_probs=val_probs),
                 lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
