@@ -54,7 +54,7 @@ SMALL_RUN_ARGS = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=m
                   "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
                   "--head_fit=adamw", "--head_epochs=6", "--finetune_epochs=2", "--finetune_blocks=2",
                   "--cache_views=2", "--cache_max_mb=0", "--batch_size=16",
-                  "--tensorboard=false", "--deterministic", "--seed=7")
+                  "--deterministic", "--seed=7")
 
 
 @pytest.fixture(scope="session")

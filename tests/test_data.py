@@ -472,6 +472,7 @@ def test_the_training_run_augments_training_images_only(tmp_path, monkeypatch):
     monkeypatch.setattr(data_pipeline, "batched", watched_batched)
     cfg = Config(data=str(FLOWERS_MINI), test_fraction=0.3, backbone="mobilenet_v2", alpha=0.35,
                  weights=str(WEIGHTS_MNV2_035), image_size=32, head_epochs=1,
+                 head_fit="adamw",
                  finetune_epochs=1, finetune_blocks=1, cache_views=2, cache_max_mb=0,
                  batch_size=32, tensorboard=False, export=False,
                  output_dir=str(tmp_path / "out"))

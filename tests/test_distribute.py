@@ -384,7 +384,7 @@ def test_mirrored_on_two_devices_matches_one_device(tmp_path, tiny_backbone):
     # the image pipeline (--cache_max_mb=0), stage 1 on cached features.
     # (Export under a distributed strategy is covered by the multi-worker test.)
     base = dict(data=str(FLOWERS_MINI), backbone=tiny_backbone, weights="none",
-                image_size=32, batch_size=16, head_epochs=3, finetune_epochs=2,
+                image_size=32, batch_size=16, head_fit="adamw", head_epochs=3, finetune_epochs=2,
                 finetune_blocks=1, cache_views=1, flip=False, rotation=0.0, zoom=0.0,
                 contrast=0.0, dropout=0.0, patience=1, cache_max_mb=0,
                 replica_scaling="none", tensorboard=False, export=False)

@@ -319,7 +319,8 @@ _DRIVER = textwrap.dedent("""
 # resumed fit draws afresh from the resumed epoch, as the README says: the
 # same kind of run, not the same numbers.)
 _ARGS = ("train", f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
-         "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64", "--head_epochs=6",
+         "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
+         "--head_fit=adamw", "--head_epochs=6",
          "--finetune_epochs=3", "--finetune_blocks=2", "--cache_views=1", "--cache_max_mb=0",
          "--batch_size=64", "--flip=false", "--rotation=0", "--zoom=0", "--contrast=0",
          "--dropout=0", "--tensorboard=false", "--deterministic", "--seed=7",

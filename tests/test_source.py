@@ -48,7 +48,8 @@ def source_run(tmp_path_factory):
 def transfer_run(source_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer") / "out"
     proc = run_cli("train", f"--data={FLOWERS_MINI}", f"--backbone={source_run / 'model.keras'}",
-                   "--test_fraction=0.2", "--head_epochs=3", "--finetune_epochs=1",
+                   "--test_fraction=0.2", "--val_fraction=0.2", "--head_epochs=3",
+                   "--finetune_epochs=1",
                    "--finetune_blocks=1", "--cache_views=1", "--notensorboard",
                    f"--output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]

@@ -48,6 +48,7 @@ BAD_STRINGS = {
     "precision": "fp8",
     "jit_compile": "sometimes",
     "frozen_engine": "xnnpack",
+    "head_fit": "sgd",
     "output_dir": "{file}/out",
     "cache_dir": "{file}/cache",
     "class_weight": "sometimes",
@@ -102,7 +103,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("unknown_flag", ["--no_such_flag=1"], "no_such_flag"),
         ("test_fraction+test_data", ["--test_fraction=0.2", f"--test_data={FLOWERS_MINI}"],
          "test_fraction"),
-        ("val_fraction_without_val_data", ["--val_fraction=0"], "val_fraction"),
+        ("val_fraction_without_val_data", ["--val_fraction=1"], "val_fraction"),
+        ("cv_folds<2", ["--cv_folds=1"], "cv_folds"),
         ("alpha_without_imagenet_weights", ["--alpha=0.3", "--weights=imagenet"], "alpha"),
         ("finetune_blocks>blocks", ["--finetune_blocks=99"], "finetune_blocks"),
         ("head_epochs=0", ["--head_epochs=0"], "head_epochs"),
@@ -186,8 +188,11 @@ DATA_CASES = {
                    f"--val_data={_folder(t / 'v', {'cat': 2, 'emu': 2})}"],
         "val_data", "'emu' does not occur"),
     "too_few_images_to_validate": (
-        lambda t: [f"--data={_folder(t / 'd', {'cat': 1, 'dog': 1})}"],
+        lambda t: [f"--data={_folder(t / 'd', {'cat': 1, 'dog': 1})}", "--val_fraction=0.5"],
         "val_fraction", "validation split is empty"),
+    "too_few_images_to_cross_validate": (
+        lambda t: [f"--data={_folder(t / 'd', {'cat': 3, 'dog': 1})}"],
+        "data", "class 'dog' has 1 training image"),
     "no_class_folders": (lambda t: [f"--data={FLOWERS_MINI / 'daisy'}"], "data",
                          "no class subfolders"),
 }

@@ -19,6 +19,7 @@ from tl_keras.core import cache as cache_lib
 from tl_keras.core import determinism, outputs, precision
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.data import sources as sources_lib
+from tl_keras.errors import fail
 from tl_keras.export import saved_model as export_lib
 from tl_keras.model import blocks as blocks_lib
 from tl_keras.model import families as families_lib
@@ -95,6 +96,12 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     counts = {"train": data.train.class_counts(n_cls), "val": data.val.class_counts(n_cls)}
     if data.test is not None:
         counts["test"] = data.test.class_counts(n_cls)
+    if cv_head:  # each fold must see every class: at least 2 images of each
+        few = [(c, k) for c, k in zip(classes, counts["train"]) if k < 2]
+        if few:
+            raise fail("data", cfg.data, f"class {few[0][0]!r} has {few[0][1]} training image; "
+                       "the cross-validated head (--head_fit=cv_logistic) needs at least 2 "
+                       "of each class")
     sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test or [])}
     log(f"{n_cls} classes; images: " + ", ".join(f"{k} {sizes[k]}" for k in counts))
 
@@ -142,10 +149,6 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                  copy_grid=cfg.audit)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
                                key_parts, engine, copy_grid=cfg.audit)
-    # The exported model averages each image with its mirror (--tta): the
-    # cross-validated head is trained and judged on the mirrored images too.
-    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine)
-              if mirrored else None)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
@@ -163,6 +166,16 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                                               image_cache)
     elif cfg.audit:
         log("audit: skipped with several workers (run tl-keras audit on one machine)")
+    # The exported model averages each image with its mirror (--tta): the
+    # cross-validated head is trained and judged on the mirrored images too.
+    # (After the audit: --drop_leakage may have dropped training images.)
+    mirror = None
+    if mirrored:
+        t0 = time.perf_counter()
+        mirror = views.mirror_features(scaled, clf, train_images, cache, {
+            **key_parts, "train": cache_lib.split_fingerprint(data.train.items,
+                                                              data.train.labels)}, engine)
+        t_cache += time.perf_counter() - t0
     head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
     n_train = len(data.train)
     cv = None

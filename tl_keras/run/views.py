@@ -238,7 +238,8 @@ def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
 def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:
     """The rows of images `idx` (of `n`) in cached view arrays laid out view after view."""
     views = len(arrays["y"]) // max(n, 1)
-    rows = np.concatenate([v * n + np.asarray(idx, int) for v in range(views)])
+    rows = np.concatenate([v * n + np.asarray(idx, int) for v in range(views)] or
+                          [np.zeros(0, int)])
     return {k: np.asarray(a[rows]) for k, a in arrays.items()}
 
 
