@@ -298,13 +298,12 @@ _DRIVER = textwrap.dedent("""
         train._LearningRateLogger.on_epoch_begin = on_epoch_begin
         train._LearningRateLogger.on_train_batch_end = on_train_batch_end
     elif where == "export":  # the SavedModel is written to its temporary folder
-        import keras
-        archive = type(keras.export.ExportArchive())  # the backend's class
-        write_out = archive.write_out
-        def write_out_then_die(self, *a, **k):
-            write_out(self, *a, **k)
+        from tl_keras.export import saved_model
+        save = saved_model._save_signatures
+        def save_then_die(*a, **k):
+            save(*a, **k)
             die()
-        archive.write_out = write_out_then_die
+        saved_model._save_signatures = save_then_die
 
     from tl_keras import cli
     cli.run(["tl-keras"] + sys.argv[1:])

@@ -188,7 +188,7 @@ DATA_CASES = {
                    f"--val_data={_folder(t / 'v', {'cat': 2, 'emu': 2})}"],
         "val_data", "'emu' does not occur"),
     "too_few_images_to_validate": (
-        lambda t: [f"--data={_folder(t / 'd', {'cat': 1, 'dog': 1})}", "--val_fraction=0.5"],
+        lambda t: [f"--data={_folder(t / 'd', {'cat': 1, 'dog': 1})}", "--head_fit=adamw"],
         "val_fraction", "validation split is empty"),
     "too_few_images_to_cross_validate": (
         lambda t: [f"--data={_folder(t / 'd', {'cat': 3, 'dog': 1})}"],

@@ -571,7 +571,7 @@ def prepare_dataset(spec: sources_lib.DataSpec, *, max_pixels: int = 100_000_000
     if report_path:
         outputs.atomic_write_json(report_path, report)
     log_class_counts(ds, log)
-    _check(ds, report, report_path)
+    _check(ds, report, report_path, spec.val_fraction)
     return ds, report
 
 
@@ -585,7 +585,8 @@ def log_class_counts(ds: sources_lib.Dataset, log=print) -> None:
         log(f"  {c:<{width}}  " + "/".join(str(counts[k][i]) for k in cols))
 
 
-def _check(ds: sources_lib.Dataset, report: dict, report_path: str) -> None:
+def _check(ds: sources_lib.Dataset, report: dict, report_path: str,
+           val_fraction: float) -> None:
     where = f"; see {report_path}" if report_path else ""
     skipped: dict[str, int] = {}
     for e in report["sources"]["train"]["skipped"]:
@@ -597,7 +598,7 @@ def _check(ds: sources_lib.Dataset, report: dict, report_path: str) -> None:
             raise fail("data", ds.train.source,
                        f"class {name!r} has no usable training images (the pre-flight scan "
                        f"skipped {skipped[name]}{where})")
-    sources_lib.check_dataset(ds)
+    sources_lib.check_dataset(ds, val_fraction)
 
 
 def scan_for_evaluation(split: sources_lib.Split, class_names: list[str], max_pixels: int,

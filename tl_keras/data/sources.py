@@ -523,12 +523,16 @@ def load_dataset(spec: DataSpec) -> Dataset:
                                         spec.tfds_split, spec.tfds_data_dir,
                                         spec.allow_external_paths)
     ds = split_sources(class_names, sources, spec.val_fraction, spec.test_fraction, spec.seed)
-    check_dataset(ds)
+    check_dataset(ds, spec.val_fraction)
     return ds
 
 
-def check_dataset(ds: Dataset) -> None:
-    """Stops with one line when the data cannot train a classifier."""
+def check_dataset(ds: Dataset, val_fraction: float = 0.2) -> None:
+    """Stops with one line when the data cannot train a classifier.
+
+    An empty validation split is refused unless none was asked for
+    (`val_fraction` 0 without a validation source: a cross-validated run).
+    """
     if len(ds.class_names) < 2:
         raise fail("data", ds.train.source,
                    f"found {len(ds.class_names)} class(es); a classifier needs at least 2")
@@ -536,7 +540,7 @@ def check_dataset(ds: Dataset) -> None:
     for name, n in zip(ds.class_names, counts):
         if n == 0:
             raise fail("data", ds.train.source, f"class {name!r} has no training images")
-    if len(ds.val) == 0 and ds.val.source != ds.train.source:
+    if len(ds.val) == 0 and (val_fraction or ds.val.source != ds.train.source):
         raise fail("val_data" if ds.val.source != ds.train.source else "val_fraction",
                    ds.val.source, "validation split is empty")
 
