@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tl_keras import Config
+from tl_keras.config import DEFAULT_VAL_FRACTION
 from tl_keras.data import augment  # noqa: E402
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.data import sources as sources_lib
@@ -181,7 +182,8 @@ def main() -> None:
         data = sources_lib.load_dataset(
                                         sources_lib.DataSpec(data=cfg.data,
                                                              test_fraction=cfg.test_fraction,
-                                                             val_fraction=cfg.val_fraction,
+                                                             # the recipe's validation split
+                                                             val_fraction=DEFAULT_VAL_FRACTION,
                                                              seed=cfg.seed))
         dirs = {k: materialize(getattr(data, s), data.class_names, os.path.join(work, k))
                 for k, s in (("train", "train"), ("val", "val"), ("test", "test"))}
