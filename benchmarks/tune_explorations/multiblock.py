@@ -2,12 +2,13 @@
 import os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO); sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, REPO); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import numpy as np, tensorflow as tf, keras
 from transfer_quality import flowers128_halves, WEIGHTS, CLASSES
 from tl_keras.data import pipeline, sources
 from tl_keras.model import families
-from tl_keras.train import kfold
+
+from draws import cv_head_accuracy, draws
 
 tune, _ = flowers128_halves()
 cache = os.environ.get("TUNE_WORK", "/tmp") + "/mb_feats.npz"
@@ -56,14 +57,8 @@ for per in (10, 25):
     for arm, layers in ARMS.items():
         clean, mirror = feats("clean", layers), feats("mirror", layers)
         accs = []
-        for draw in (1, 2, 3):
-            rng = np.random.default_rng(draw)
-            tr = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(5)])
-            te = np.setdiff1d(np.arange(len(y)), tr)
-            t = np.eye(5, dtype=np.float32)[y[tr]]
-            folds = kfold.fold_ids(y[tr], 5, 0)
-            cv = kfold.cross_validate([clean[tr]], t, folds, mirror=mirror[tr])
-            head = kfold.fit_views([clean[tr]], t, cv.c, mirror=mirror[tr])
-            p = (head.predict(clean[te]) + head.predict(mirror[te])) / 2
-            accs.append(np.mean(p.argmax(1) == y[te]))
-        print(f"per={per} {arm:12s} acc {np.mean(accs):.4f} {np.round(accs,3)} c={cv.c}", flush=True)
+        for tr, te, t, folds in draws(y, per):
+            acc, c = cv_head_accuracy([clean[tr]], mirror[tr], t, folds, clean[te], mirror[te],
+                                      y[te])
+            accs.append(acc); cs.append(c)
+        print(f"per={per} {arm:12s} acc {np.mean(accs):.4f} {np.round(accs,3)} c={c}", flush=True)

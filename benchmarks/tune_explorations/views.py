@@ -1,12 +1,13 @@
 import os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO); sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, REPO); sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))); sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import numpy as np, tensorflow as tf
 from transfer_quality import flowers128_halves, WEIGHTS
 from tl_keras.data import pipeline, sources, augment
 from tl_keras.model import families, classifier
-from tl_keras.train import features, kfold
+from tl_keras.train import features
+from draws import cv_head_accuracy, draws
 tune, _ = flowers128_halves()
 y = np.array([l for _, l in tune])
 cache = os.environ.get("TUNE_WORK", "/tmp") + "/views_feats.npz"
@@ -34,15 +35,8 @@ clean, mirror = z["clean"], z["mirror"]
 for per in (10, 25):
     for arm, nv in (("default", 0), ("default", 1), ("default", 3), ("default", 8), ("crop", 3), ("crop", 8)):
         accs, cs = [], []
-        for draw in (1, 2, 3):
-            rng = np.random.default_rng(draw)
-            tr = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(5)])
-            te = np.setdiff1d(np.arange(len(y)), tr)
-            t = np.eye(5, dtype=np.float32)[y[tr]]
-            folds = kfold.fold_ids(y[tr], 5, 0)
-            vs = [clean[tr]] + [z[arm][i][tr] for i in range(nv)]
-            cv = kfold.cross_validate(vs, t, folds, mirror=mirror[tr])
-            head = kfold.fit_views(vs, t, cv.c, mirror=mirror[tr])
-            p = (head.predict(clean[te]) + head.predict(mirror[te])) / 2
-            accs.append(np.mean(p.argmax(1) == y[te])); cs.append(cv.c)
+        for tr, te, t, folds in draws(y, per):
+            acc, c = cv_head_accuracy([clean[tr]] + [z[arm][i][tr] for i in range(nv)], mirror[tr], t, folds, clean[te], mirror[te],
+                                      y[te])
+            accs.append(acc); cs.append(c)
         print(f"per={per} {arm:8s} views={nv} acc {np.mean(accs):.4f} {np.round(accs,3)} c={cs}", flush=True)
