@@ -184,7 +184,10 @@ def test_train_drops_the_copy(planted, trained):
 
 
 def test_no_audit_flag_skips_it(planted):
+    from tl_keras.config import Config
     from tl_keras.run import image
+
+    assert Config().audit  # train audits by default; --noaudit turns it off
 
     out = planted["root"] / "no_audit_out"
     report = image.train(_cfg(planted, out, audit=False))

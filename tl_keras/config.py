@@ -166,9 +166,10 @@ class Config:
     drop_leakage: bool = False
     # train: audit the data on the cached features (likely label errors, near-duplicates and
     # leakage, outliers): OUT/audit.md, label_issues.csv, relabelled.csv, a summary in
-    # report.md (tl-keras audit runs it alone). Off by default: its cost next to the caching
-    # pass (1.29x with a test split's own feature pass, 1.1x without) is in benchmarks/README.md.
-    audit: bool = False
+    # report.md (tl-keras audit runs it alone). On by default (issue 22): 2.5 s on 100
+    # photos; its cost next to the caching pass (1.29x with a test split's own feature
+    # pass, 1.1x without) is in benchmarks/README.md; --noaudit skips it.
+    audit: bool = True
     # Audit: cosine similarity of centred copy descriptors (a grid of a middle block's
     # activations) from which two images are near-duplicates (chosen on flowers128 photos
     # not in the benchmark's flowers: benchmarks/README.md).
