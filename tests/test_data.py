@@ -481,7 +481,8 @@ def test_the_training_run_augments_training_images_only(tmp_path, monkeypatch):
     augmented = {(where, name) for where, name, aug in calls if aug is not None}
     plain = {(where, name) for where, name, aug in calls if aug is None}
     assert augmented == {("extract", "train"), ("batched", "train")}, calls
-    assert plain == {("extract", "val"), ("batched", "val")}, calls
+    # (The data audit, on by default, also passes the clean test images.)
+    assert plain == {("extract", "val"), ("extract", "test"), ("batched", "val")}, calls
     assert all(isinstance(aug, augment.Augment) for _, _, aug in calls if aug is not None)
 
 

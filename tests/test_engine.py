@@ -197,6 +197,7 @@ def test_train_caches_on_litert_and_a_rerun_reuses_the_conversion(tmp_path):
     args = (f"--data={FLOWERS_MINI}", "--test_fraction=0.3", "--backbone=mobilenet_v2",
             "--alpha=0.35", f"--weights={WEIGHTS_MNV2_035}", "--image_size=64",
             "--val_fraction=0.2", "--finetune_epochs=1", "--finetune_blocks=1", "--export=false",
+            "--noaudit",
             "--tensorboard=false", "--frozen_engine=litert", f"--cache_dir={tmp_path / 'cache'}",
             f"--output_dir={tmp_path / 'out'}")
     first = run_cli("train", *args)
