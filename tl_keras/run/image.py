@@ -35,7 +35,7 @@ from tl_keras.run import manifest as manifest_lib
 from tl_keras.run import audit as audit_run
 from tl_keras.run import views
 from tl_keras.run.setup import log, log_calibration, log_stage, validate
-from tl_keras.train import features, finetune_trial, linear_head, resume
+from tl_keras.train import features, finetune_trial, kfold, linear_head, resume
 from tl_keras.train import stages as train_lib
 from tl_keras.train import strategy as strategy_lib
 
@@ -304,7 +304,9 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     if holdout:
         val_split = data.val
     else:
-        val_split = data.train.subset(_order(len(data.train), cfg.seed)[heldout[1]])
+        # (row i of the cached training arrays is example_order's i-th image)
+        val_split = data.train.subset(
+            data_pipeline.example_order(len(data.train), cfg.seed)[heldout[1]])
     eval_name, eval_split = (("test", data.test) if data.test is not None else
                              ("val", data.val) if holdout else ("cross_validation", val_split))
     uncalibrated, temperature, val_probs = final, None, None
@@ -352,7 +354,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         + (" (held-out predictions of the cross-validation; give --test_data or "
            "--test_fraction for a test)" if eval_name == "cross_validation" else ""))
     if tb is not None:
-        tb.log_evaluation(eval_name, report[eval_name], sum(len(h.get("loss", ())) for h in histories))
+        tb.log_evaluation(eval_name, report[eval_name],
+                          sum(len(h.get("loss", ())) for h in histories))
         tb.close()
 
     # --- write outputs and export ----------------------------------------------
@@ -426,27 +429,18 @@ def _per_view(rows: np.ndarray, n: int) -> list[np.ndarray]:
     return [rows[v * n:(v + 1) * n] for v in range(len(rows) // max(n, 1))]
 
 
-def _order(n: int, seed: int) -> np.ndarray:
-    """Split index of each cached training row (images stream in this order)."""
-    return data_pipeline.example_order(n, seed)
-
-
 def _keys_in_order(split: sources_lib.Split, seed: int):
     """The split's content keys in cached-row order (copies share a fold), or None."""
     if split.keys is None:
         return None
-    return [split.keys[i] for i in _order(len(split), seed)]
+    return [split.keys[i] for i in data_pipeline.example_order(len(split), seed)]
 
 
 def _head_on(head, arrays: dict, n_cls: int, multi: bool) -> tuple[float, float]:
     """(log loss, accuracy) of the head on cached validation features."""
-    from tl_keras.train import kfold
-
     probs = np.asarray(head.predict(arrays["f"], batch_size=1024, verbose=0), np.float32)
     targets = sources_lib.targets(arrays["y"], n_cls)
-    acc = (float(np.mean(((probs >= 0.5) == (targets > 0.5)).all(axis=1))) if multi
-           else float(np.mean(probs.argmax(1) == arrays["y"])))
-    return kfold.log_loss(probs, targets, multi), acc
+    return kfold.log_loss(probs, targets, multi), kfold.accuracy(probs, arrays["y"])
 
 
 def _trial_record(trial) -> dict:

@@ -67,12 +67,6 @@ class Trial:
                 "finetune_kept": self.finetune_wins}
 
 
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    if labels.ndim == 2:
-        return float(np.mean(((probs >= 0.5) == (labels > 0.5)).all(axis=1)))
-    return float(np.mean(probs.argmax(axis=1) == labels))
-
-
 def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence[np.ndarray],
                  features: Sequence[np.ndarray], labels: np.ndarray, targets: np.ndarray,
                  cv: kfold.CrossValidation, spec: stages_lib.StageSpec,
@@ -129,5 +123,6 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
     index = np.concatenate(idx)
     p1, p2 = np.concatenate(head_p), np.concatenate(tuned_p)
     t = targets[index]
-    return Trial(tried, len(index), _accuracy(p1, labels[index]), _accuracy(p2, labels[index]),
+    return Trial(tried, len(index), kfold.accuracy(p1, labels[index]),
+                 kfold.accuracy(p2, labels[index]),
                  kfold.log_loss(p1, t, multi), kfold.log_loss(p2, t, multi), p2, index)

@@ -207,9 +207,15 @@ class CrossValidation:
 
     def accuracy(self, labels: np.ndarray) -> float:
         """Out-of-fold accuracy (exact match for multi-hot labels)."""
-        if labels.ndim == 2:
-            return float(np.mean(((self.oof_probs >= 0.5) == (labels > 0.5)).all(axis=1)))
-        return float(np.mean(self.oof_probs.argmax(axis=1) == labels))
+        return accuracy(self.oof_probs, labels)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of probabilities: argmax for class ids, exact match of every
+    label at 0.5 for [N, C] multi-hot rows."""
+    if labels.ndim == 2:
+        return float(np.mean(((probs >= 0.5) == (labels > 0.5)).all(axis=1)))
+    return float(np.mean(probs.argmax(axis=1) == labels))
 
 
 def log_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
