@@ -206,3 +206,28 @@ def test_cli_audit_reads_the_cache(planted, audited):
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["label_issues"] >= 1
     assert np.isclose(summary["oof_accuracy"], audited[0]["oof_accuracy"])
+
+
+def test_dropped_copies_leave_cached_rows_in_the_smaller_splits_order():
+    # Row i of cached training arrays is image example_order(n, seed)[i] of the
+    # split; after --drop_leakage the mirror pass, the folds and the held-out
+    # predictions index the smaller split the same way, so the rows must follow.
+    from tl_keras.data import pipeline as data_pipeline
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.run import audit
+
+    n, seed = 10, 42
+    order = data_pipeline.example_order(n, seed)
+    split = sources_lib.Split([f"{i}.jpg" for i in range(n)], np.arange(n) % 2, "d")
+    data = sources_lib.Dataset(["a", "b"], split, split.subset([]), None)
+    rows = np.concatenate([order, order]).astype(np.float32)  # 2 views: each row's image
+    tr = {"f": rows[:, None], "y": np.concatenate([order, order]) % 2}
+    va = {"f": np.zeros((0, 1), np.float32), "y": np.zeros(0, int)}
+    result = {"near_duplicates": [{"drop": {"split": "train", "index": 3}}]}
+    data, tr, va, dropped = audit.drop_copies(result, data, tr, va, seed)
+    assert dropped == {"train": 1} and len(data.train) == 9
+    names = [data.train.items[i] for i in data_pipeline.example_order(9, seed)]
+    for view in (0, 1):
+        got = tr["f"][view * 9:(view + 1) * 9, 0]
+        assert [f"{int(i)}.jpg" for i in got] == names
+        np.testing.assert_array_equal(tr["y"][view * 9:(view + 1) * 9], got.astype(int) % 2)

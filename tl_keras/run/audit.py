@@ -177,9 +177,14 @@ def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, see
         return data, tr, va, {}
     n = len(data.train)
     gone = set(drop.get("train", []))
-    order = data_pipeline.example_order(n, seed)
-    tr = views.keep_rows(tr, n, [i for i, j in enumerate(order.tolist()) if j not in gone])
-    train = data.train.subset([j for j in range(n) if j not in gone])
+    kept = [j for j in range(n) if j not in gone]
+    # Row i of cached training arrays is image example_order(n, seed)[i] of the
+    # split; the kept rows are reordered so that this holds for the smaller split
+    # too (the mirror pass, the folds and the held-out predictions rely on it).
+    row_of = {j: i for i, j in enumerate(data_pipeline.example_order(n, seed).tolist())}
+    tr = views.keep_rows(tr, n, [row_of[kept[k]] for k in
+                                 data_pipeline.example_order(len(kept), seed).tolist()])
+    train = data.train.subset(kept)
     gone_val = set(drop.get("val", []))
     keep_val = [j for j in range(len(data.val)) if j not in gone_val]
     va = views.keep_rows(va, len(data.val), keep_val)
