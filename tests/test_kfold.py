@@ -105,3 +105,29 @@ def test_the_mirror_view_trains_and_averages_held_out_predictions(digits):
     assert np.abs(both.oof_probs - plain.oof_probs).max() > 0.05
     head = kfold.fit_views([x], t, 0.3, mirror=mirror, max_dim=64)
     assert head.kernel.shape == (64, 10)
+
+
+def test_the_path_stops_past_the_minimum_with_the_full_grids_choice(digits, monkeypatch):
+    x, y = digits
+    t = np.eye(10, dtype=np.float32)[y]
+    folds = kfold.fold_ids(y, 5, seed=0)
+    # Strong regularisation first: on digits the out-of-fold loss falls to its
+    # minimum at C=10, then stops improving (the last strengths are skipped).
+    grid = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 1e4)
+    fitted = []
+    real_fit = kfold.fit_logistic
+    monkeypatch.setattr(kfold, "fit_logistic", lambda *a, **k: fitted.append(a[2]) or
+                        real_fit(*a, **k))
+    early = kfold.cross_validate([x], t, folds, grid=grid, max_dim=64)
+    stopped_fits = list(fitted)
+    monkeypatch.setattr(kfold, "PATH_PATIENCE", len(grid))
+    fitted.clear()
+    full = kfold.cross_validate([x], t, folds, grid=grid, max_dim=64)
+    assert len(full.losses) == len(grid) and len(fitted) == 5 * len(grid)
+    # The strengths past the minimum were skipped, and nothing else changed.
+    assert len(early.losses) < len(grid) and len(stopped_fits) == 5 * len(early.losses)
+    assert max(early.losses) == sorted(grid)[len(early.losses) - 1]
+    assert early.c == full.c
+    np.testing.assert_array_equal(early.oof_probs, full.oof_probs)
+    for c, loss in early.losses.items():
+        assert loss == full.losses[c]
