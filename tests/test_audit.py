@@ -160,14 +160,38 @@ def trained(planted, audited):
 
 def test_train_reuses_features_and_reports_the_audit(planted, trained):
     report, out = trained
-    # The audit's cached views are read, not computed again. The one new entry is
-    # train's own mirror pass (the cross-validated head's mirrored images), made
-    # after --drop_leakage dropped the copy: one row per training image kept.
-    (entry,) = planted["new_cache_entries"]
-    rows = np.load(planted["root"] / "cache" / entry, mmap_mode="r").shape[0]
-    assert rows == sum(report["class_counts"]["train"]) - report["audit"]["dropped"]["train"]
+    # Everything the audit cached (views, the mirror pass, test features) is
+    # read, not computed again, even though --drop_leakage drops the copy: the
+    # kept rows are taken from the entries of the whole split.
+    assert planted["new_cache_entries"] == set()
+    assert report["stage1"]["head_fit"] == "cv_logistic"
+    assert report["stage1"]["cross_validation"]["images"] == (
+        sum(report["class_counts"]["train"]) - report["audit"]["dropped"]["train"])
     assert "audit" in report and (out / "audit.json").is_file()
     assert "## Data audit" in (out / "report.md").read_text()
+
+
+def test_the_kept_head_is_evaluated_on_cached_test_features(planted, trained):
+    # The kept model is the frozen backbone with its head, so train evaluates
+    # the head on the test images' cached features and their mirrors' (the
+    # audit's entry: no new pass, above) and gets what the saved model
+    # computes from the raw test images.
+    from tl_keras.model import model_files
+    from tl_keras.report import metrics as metrics_lib
+    from tl_keras.run import views
+
+    report, out = trained
+    assert report["kept"] == "stage1" and report["tta"] == "mirror_average"
+    cfg = _cfg(planted, planted["root"] / "reload_out")
+    data, _ = views.load_data(cfg, str(planted["root"] / "cache"), str(cfg.output_dir),
+                              cross_validated=True)
+    model = model_files.load_model(str(out / "model.keras"))
+    probs = metrics_lib.predict(model, data.test, 160)
+    assert report["test"]["n"] == len(data.test)
+    assert report["test"]["accuracy"] == pytest.approx(
+        float(np.mean(probs.argmax(axis=1) == data.test.labels)), abs=1e-9)
+    ece, _ = metrics_lib.calibration_of(probs, data.test.labels)
+    assert report["test"]["ece"] == pytest.approx(ece, abs=2e-3)
 
 
 def test_train_drops_the_copy(planted, trained):
@@ -210,8 +234,8 @@ def test_cli_audit_reads_the_cache(planted, audited):
 
 def test_dropped_copies_leave_cached_rows_in_the_smaller_splits_order():
     # Row i of cached training arrays is image example_order(n, seed)[i] of the
-    # split; after --drop_leakage the mirror pass, the folds and the held-out
-    # predictions index the smaller split the same way, so the rows must follow.
+    # split; after --drop_leakage the folds and the held-out predictions index
+    # the smaller split the same way, so the rows (views' and mirror's) must follow.
     from tl_keras.data import pipeline as data_pipeline
     from tl_keras.data import sources as sources_lib
     from tl_keras.run import audit
@@ -224,9 +248,11 @@ def test_dropped_copies_leave_cached_rows_in_the_smaller_splits_order():
     tr = {"f": rows[:, None], "y": np.concatenate([order, order]) % 2}
     va = {"f": np.zeros((0, 1), np.float32), "y": np.zeros(0, int)}
     result = {"near_duplicates": [{"drop": {"split": "train", "index": 3}}]}
-    data, tr, va, dropped = audit.drop_copies(result, data, tr, va, seed)
+    mirror = order.astype(np.float32)[:, None]  # one row per image, in the same order
+    data, tr, va, mirror, dropped = audit.drop_copies(result, data, tr, va, seed, mirror)
     assert dropped == {"train": 1} and len(data.train) == 9
     names = [data.train.items[i] for i in data_pipeline.example_order(9, seed)]
+    assert [f"{int(i)}.jpg" for i in mirror[:, 0]] == names
     for view in (0, 1):
         got = tr["f"][view * 9:(view + 1) * 9, 0]
         assert [f"{int(i)}.jpg" for i in got] == names

@@ -209,6 +209,24 @@ def test_feature_extraction_pads_the_last_batch_without_changing_results():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_mirror_view_is_each_images_mirror_in_the_images_order():
+    # The test split's pass (the audit's, and a kept head's evaluation) runs
+    # each image and its mirror in the same batches: rows come back as the
+    # clean view, then the mirrored one, each in the images' order.
+    from tl_keras.train import features
+
+    model = keras.Sequential([keras.Input((6, 6, 3)), keras.layers.Flatten()])
+    imgs = np.random.default_rng(3).integers(0, 256, (9, 6, 6, 3)).astype("uint8")
+    ds = tf.data.Dataset.from_tensor_slices((imgs, np.arange(9)))
+    got, labels, _ = features.extract(model, ds, batch_size=4, progress=False, mirror=True)
+    assert got.shape == (18, 108) and labels.tolist() == list(range(9)) * 2
+    np.testing.assert_array_equal(got[:9], imgs.reshape(9, -1))
+    np.testing.assert_array_equal(got[9:], imgs[:, :, ::-1].reshape(9, -1))
+    with pytest.raises(ValueError, match="one clean view"):
+        features.extract(model, ds, batch_size=4, views=2, augmenter=lambda x, **k: x,
+                         mirror=True)
+
+
 def test_augmented_views_are_the_same_on_every_run_and_differ_by_seed():
     # The views are augmented in parallel; each batch's draws come from its
     # own seed, so thread timing cannot change them (it did with one shared

@@ -32,7 +32,9 @@ def audit(cfg: Config) -> dict:
     `train` uses with the same flags.
 
     Returns:
-        The audit (as in audit.json), with "seconds" and "caching_seconds".
+        The audit (as in audit.json), with "seconds", "caching_seconds" (the
+        training and validation images' passes), "test_pass_seconds" and
+        "audit_seconds" (the analysis and its files).
     """
     validate(cfg)
     strategy_lib.require_one_device(cfg.strategy, cfg.tpu, "audit")
@@ -52,7 +54,8 @@ def _audit(cfg: Config, dist) -> dict:
     cache_dir, cache = views.open_cache(cfg, out)
     # The splits train makes (none held out where its head is cross-validated),
     # so that the cache entries are shared.
-    data, _ = views.load_data(cfg, cache_dir, out, cross_validated=cfg.head_fit == "cv_logistic")
+    cross_validated = cfg.head_fit == "cv_logistic"
+    data, _ = views.load_data(cfg, cache_dir, out, cross_validated=cross_validated)
     step = views.build_model(cfg, family, size, len(data.class_names), data.train.multi_label)
     image_cache = data_pipeline.CacheBudget(cfg.cache_ram_mb, cache_dir)
     built: list = []
@@ -73,31 +76,47 @@ def _audit(cfg: Config, dist) -> dict:
     key_parts = {**views.cache_key_parts(cfg, family, size, data, policy), **dist.cache_key()}
     t0 = time.perf_counter()
     # The very entries train computes (with its stage-2 activations when it
-    # would cache them), so that train after audit reads them.
+    # would cache them, and its mirror pass), on the engine it would choose,
+    # so that train after audit computes nothing again.
     cut = views.plan_cut(cfg, step.blocks, step.clf, data)
+    mirrored = views.mirrors_training_images(cfg, cross_validated)
+    engine = views.frozen_engine(cfg, dist, policy, views.images_to_pass(cfg, data, mirrored),
+                                 cache, key_parts)
     tr, hit = views.cached_views(scaled, step.blocks, step.clf, cut, images(0), "train",
-                                 cfg.cache_views, step.augmenter, cache, key_parts,
+                                 cfg.cache_views, step.augmenter, cache, key_parts, engine,
                                  copy_grid=True)
     va, _ = views.cached_views(scaled, step.blocks, step.clf, cut,
                                images(1) if len(data.val) else None, "val", 1, None,
-                               cache, key_parts, copy_grid=True)
+                               cache, key_parts, engine, copy_grid=True)
+    mirror = (views.mirror_features(scaled, step.clf, images(0), cache, key_parts, engine)
+              if mirrored else None)
     t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
-    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out, cut)
+    # The test split's pass (train evaluates its kept head on the same entry).
+    t0 = time.perf_counter()
+    if data.test is not None and len(data.test):
+        views.test_features(scaled, step.clf, data.test, size, cache, key_parts, cut, engine,
+                            mirror=views.mirror_averaged(cfg))
+    t_test = time.perf_counter() - t0
+    result = on_features(cfg, data, tr, va, step.clf, size, cache, key_parts, out, cut, engine,
+                         mirror)
     image_cache.cleanup()
     result["caching_seconds"] = round(t_cache, 2)
+    result["test_pass_seconds"] = round(t_test, 2)
     result["seconds"] = round(time.perf_counter() - t_start, 2)
     outputs.atomic_write_json(os.path.join(out, audit_lib.AUDIT_JSON), result)
     return result
 
 
 def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                   cache, key_parts: dict, cut=None) -> tuple[dict, Optional[dict]]:
+                   cache, key_parts: dict, cut=None, engine=None
+                   ) -> tuple[dict, Optional[dict]]:
     """Clean-view pooled features and copy grids, {split: rows in the split's order}.
 
     For train, val and test. Training rows are cached in
     `data_pipeline.example_order`; they are put back in the split's order.
-    Test rows are cached like the others.
+    Test rows are cached like the others (their pass runs on `engine`), with
+    the mirrored images' features that train's evaluation reads.
 
     Returns:
         (features, copy grids; None where the pass made none: a backbone
@@ -105,7 +124,8 @@ def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, c
     """
     n = len(data.train)
     order = data_pipeline.example_order(n, cfg.seed)
-    test = (views.test_features(cfg, clf, data.test, size, cache, key_parts, cut)
+    test = (views.test_features(cfg, clf, data.test, size, cache, key_parts, cut, engine,
+                                mirror=views.mirror_averaged(cfg))
             if data.test is not None and len(data.test) else None)
     out = []
     for name in ("f", "g"):
@@ -122,15 +142,20 @@ def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, c
 
 
 def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
-                cache, key_parts: dict, out: str, cut=None) -> dict:
+                cache, key_parts: dict, out: str, cut=None, engine=None,
+                mirror: Optional[np.ndarray] = None) -> dict:
     """Audits a run's data on its cached features and writes the audit's files to `out`.
 
     Args:
         cfg: the run's settings (--seed, --audit_similarity, --data, ...).
         data: the run's dataset (after the pre-flight scan).
         tr, va: `views.cached_views` of train and val.
-        clf, size, cache, key_parts, cut: for the test split's features (the
-            cut of tr's and va's pass, whose model the test pass reuses).
+        clf, size, cache, key_parts, cut, engine: for the test split's
+            features (the cut of tr's and va's pass, whose model the test
+            pass reuses, and the run's frozen-pass engine).
+        mirror: the mirrored training images' features
+            (`views.mirror_features`), or None: with tr's augmented views,
+            more training rows for the label audit's heads.
         out: the output folder.
 
     Returns:
@@ -139,14 +164,25 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
     t0 = time.perf_counter()
     # Copies are found on the copy grids where the pass made them (pooled
     # features otherwise: a backbone without a spatial map).
-    feats, grids = clean_features(cfg, data, tr, va, clf, size, cache, key_parts, cut)
+    feats, grids = clean_features(cfg, data, tr, va, clf, size, cache, key_parts, cut, engine)
     splits = {"train": data.train, "val": data.val}
     if "test" in feats:
         splits["test"] = data.test
     items = {k: list(s.items) for k, s in splits.items()}
-    result = audit_lib.analyse(feats, {k: s.labels for k, s in splits.items()}, items,
-                               data.class_names, seed=cfg.seed, threshold=cfg.audit_similarity,
-                               copy_features=grids)
+    n = len(data.train)
+    order = data_pipeline.example_order(n, cfg.seed)
+
+    def in_split_order(rows):  # cached training rows are in example_order
+        out_rows = np.empty((n, rows.shape[1]), np.float32)
+        out_rows[order] = np.asarray(rows, np.float32)
+        return out_rows
+
+    result = audit_lib.analyse(
+        feats, {k: s.labels for k, s in splits.items()}, items, data.class_names,
+        seed=cfg.seed, threshold=cfg.audit_similarity, copy_features=grids,
+        train_views=[in_split_order(tr["f"][v * n:(v + 1) * n])
+                     for v in range(1, len(tr["f"]) // max(n, 1))],
+        train_mirror=None if mirror is None else in_split_order(mirror))
     # relabelled.csv lists the images of the --data source: train, and the
     # held-out splits cut from it.
     from_data = [k for k in splits if k == "train" or not getattr(cfg, f"{k}_data")]
@@ -156,7 +192,7 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
         from_data)
     result["relabelled_splits"] = from_data
     written = audit_lib.write_files(out, result, items, rows)
-    # Everything the audit adds to the caching pass: test features, analysis, files.
+    # The analysis and its files (and the test split's pass where none made it before).
     result["audit_seconds"] = round(time.perf_counter() - t0, 2)
     s = result["summary"]
     log(f"audit: {s['label_issues']} likely label error(s), {s['near_duplicate_pairs']} "
@@ -165,16 +201,25 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
     return result
 
 
-def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, seed: int):
+def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, seed: int,
+                mirror: Optional[np.ndarray] = None):
     """Drops the training-side copies of cross-split near-duplicates (--drop_leakage).
 
+    Args:
+        result: the audit.
+        data: the run's dataset.
+        tr, va: `views.cached_views` of train and val.
+        seed: the run's seed (the cached training rows' order).
+        mirror: the mirrored training images' features (`views.mirror_features`), or None.
+
     Returns:
-        (the dataset without them, tr and va without their rows, {split: count dropped}).
+        (the dataset without them, tr, va and mirror without their rows,
+        {split: count dropped}).
     """
     drop = audit_lib.training_side_copies(result)
     dropped = {k: len(v) for k, v in drop.items() if k in ("train", "val") and v}
     if not dropped:
-        return data, tr, va, {}
+        return data, tr, va, mirror, {}
     n = len(data.train)
     gone = set(drop.get("train", []))
     kept = [j for j in range(n) if j not in gone]
@@ -182,8 +227,10 @@ def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, see
     # split; the kept rows are reordered so that this holds for the smaller split
     # too (the mirror pass, the folds and the held-out predictions rely on it).
     row_of = {j: i for i, j in enumerate(data_pipeline.example_order(n, seed).tolist())}
-    tr = views.keep_rows(tr, n, [row_of[kept[k]] for k in
-                                 data_pipeline.example_order(len(kept), seed).tolist()])
+    rows = [row_of[kept[k]] for k in data_pipeline.example_order(len(kept), seed).tolist()]
+    tr = views.keep_rows(tr, n, rows)
+    if mirror is not None:
+        mirror = np.asarray(mirror)[rows]
     train = data.train.subset(kept)
     gone_val = set(drop.get("val", []))
     keep_val = [j for j in range(len(data.val)) if j not in gone_val]
@@ -191,4 +238,4 @@ def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, see
     data = sources_lib.Dataset(data.class_names, train, data.val.subset(keep_val), data.test)
     log("audit: --drop_leakage dropped near-duplicate copies of held-out images: "
         + ", ".join(f"{v} from {k}" for k, v in dropped.items()))
-    return data, tr, va, dropped
+    return data, tr, va, mirror, dropped

@@ -140,15 +140,18 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     cut = views.plan_cut(cfg, blocks, clf, data)
     resume.check_disk_space(dist.worker_dir(out), cache_dir, clf, cfg.cache_views, cut,
                             len(data.train), len(data.val))
-    mirrored = cv_head and cfg.tta and cfg.flip  # a mirror pass of the training images too
-    engine = views.frozen_engine(cfg, dist, policy,
-                                 (cfg.cache_views + mirrored) * len(data.train) + len(data.val),
+    mirrored = views.mirrors_training_images(cfg, cv_head)  # a pass of the mirrored images
+    engine = views.frozen_engine(cfg, dist, policy, views.images_to_pass(cfg, data, mirrored),
                                  cache, key_parts)
     tr, hit = views.cached_views(scaled, blocks, clf, cut, train_images, "train",
                                  cfg.cache_views, augmenter, cache, key_parts, engine,
                                  copy_grid=cfg.audit)
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
                                key_parts, engine, copy_grid=cfg.audit)
+    # The exported model averages each image with its mirror (--tta): the
+    # cross-validated head is trained and judged on the mirrored images too.
+    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine)
+              if mirrored else None)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
@@ -157,25 +160,16 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     audited = None
     if cfg.audit and dist.num_workers == 1:
         audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out,
-                                        cut)
+                                        cut, engine, mirror)
         if cfg.drop_leakage:
-            data, tr, va, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed)
+            data, tr, va, mirror, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed,
+                                                                  mirror)
             audited["dropped"] = dropped
             if dropped:  # the images stage 2 and the export read
                 train_images, val_images = views.split_images(cfg, dist, data, size,
                                                               image_cache)
     elif cfg.audit:
         log("audit: skipped with several workers (run tl-keras audit on one machine)")
-    # The exported model averages each image with its mirror (--tta): the
-    # cross-validated head is trained and judged on the mirrored images too.
-    # (After the audit: --drop_leakage may have dropped training images.)
-    mirror = None
-    if mirrored:
-        t0 = time.perf_counter()
-        mirror = views.mirror_features(scaled, clf, train_images, cache, {
-            **key_parts, "train": cache_lib.split_fingerprint(data.train.items,
-                                                              data.train.labels)}, engine)
-        t_cache += time.perf_counter() - t0
     head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
     n_train = len(data.train)
     cv = None
@@ -283,7 +277,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         clf.backbone.trainable = False
     report["kept"] = kept
     log(f"kept the weights of {kept}")
-    mirror = cfg.tta and cfg.flip
+    mirror = views.mirror_averaged(cfg)
     final = clf.inference_model(mirror_average=mirror)
     report["tta"] = "mirror_average" if mirror else "none"
     image_cache.cleanup()
@@ -345,6 +339,15 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                                classes, cfg.top_k, thresholds,
                                                report.get("selective")),
                              "estimate": "out-of-fold" if kept == "stage1" else "trial folds"}
+    elif eval_name == "test" and kept == "stage1":
+        # The kept model is the frozen backbone with its head: the head on the
+        # test images' cached features (the audit's entry, or one frozen pass
+        # on the run's engine) is what the model computes, without a new trace.
+        report[eval_name] = state.once("evaluation", lambda: _evaluate_probs(
+            views.head_probabilities(clf.head, views.test_features(
+                scaled, clf, eval_split, size, cache, key_parts, cut, engine, mirror=mirror),
+                mirror), temperature, multi, eval_split, classes, cfg.top_k, thresholds,
+            report.get("selective")))
     else:
         report[eval_name] = state.once("evaluation", lambda: _evaluate(
             uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,

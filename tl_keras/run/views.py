@@ -183,18 +183,33 @@ def _empty_shape(name: str, clf, cut) -> tuple:
     return (0, clf.features.output_shape[-1]) if name == "f" else (0,)
 
 
+def mirrors_training_images(cfg: Config, cross_validated: bool) -> bool:
+    """Whether the run passes the mirrored training images too (`mirror_features`):
+    a cross-validated head whose exported model averages each image with its
+    mirror (--tta with --flip)."""
+    return bool(cross_validated and cfg.tta and cfg.flip)
+
+
+def images_to_pass(cfg: Config, data: sources_lib.Dataset, mirrored: bool) -> int:
+    """The image views a run's caching passes go through (the engine's choice rests on it)."""
+    return (cfg.cache_views + int(mirrored)) * len(data.train) + len(data.val)
+
+
 def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=None
                     ) -> np.ndarray:
     """Pooled features of the mirrored training images (cached like the views).
 
     The exported model averages each image's prediction with its mirror's
     (--tta), so the cross-validated head is judged, and trained, on them too.
-    The pass runs on `engine` like `cached_views`'.
+    Rows are in the training images' cached order, like the views'. The pass
+    runs on `engine` like `cached_views`'; `images` may be a function that
+    builds the dataset (only on a cache miss).
     """
     key = cache_lib.make_key(what="mirror", split="train", **key_parts)
 
     def compute():
-        flipped = images.map(lambda x, y: (tf.image.flip_left_right(x), y))
+        ds = images() if callable(images) else images
+        flipped = ds.map(lambda x, y: (tf.image.flip_left_right(x), y))
         return (features.extract(clf.features, flipped,
                                  features.inference_batch_size(cfg.batch_size),
                                  progress=False,
@@ -204,35 +219,60 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=Non
     return arrays
 
 
+def mirror_averaged(cfg: Config) -> bool:
+    """Whether the exported model averages each image with its mirror (--tta with --flip)."""
+    return bool(cfg.tta and cfg.flip)
+
+
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
-                  key_parts: dict, cut=None) -> dict:
-    """Pooled features ("f") and copy grids ("g") of the clean test images (the
-    audit's; cached like the others).
+                  key_parts: dict, cut=None, engine=None, mirror: bool = False) -> dict:
+    """Backbone outputs of the clean test images, cached like the others.
+
+    Pooled features ("f"), copy grids ("g", the audit's; where the backbone
+    has a spatial map) and, with `mirror`, the pooled features of the
+    mirrored images ("m"): the audit reads them, and so does a run whose kept
+    model is the frozen backbone with its head, to evaluate without another
+    pass (`head_probabilities`). Each image and its mirror go through the
+    model in the same batches, decoded once (`features.extract`'s mirror).
 
     With the run's `cut`, the pass reuses the model (and its traced
     prediction function) that made the training and validation entries,
     and drops the activations, when the test split's activations fit in
     --cache_max_mb: tracing a second model cost more than the 200 test
-    images of the flowers.
+    images of the flowers. The pass runs on `engine` like `cached_views`'.
     """
-    def images():  # decoded only on a cache miss: building the pipeline takes seconds
-        return data_pipeline.image_dataset(split, size, name="test")
-
-    if cut is None or not copies.available(clf) or (
-            activations.estimate_bytes(cut, len(split), 1) > cfg.cache_max_mb * 2 ** 20):
-        return cached_views(cfg, 0, clf, None, images, "test", 1, None, cache, key_parts,
-                            copy_grid=True)[0]
-    names = ("f", "g", "y")
-    key = cache_lib.make_key(what="views", split="test", views=1, blocks=0, **key_parts)
+    grid = copies.available(clf)
+    reuse = cut is not None and grid and (
+        activations.estimate_bytes(cut, 2 * len(split), 1) <= cfg.cache_max_mb * 2 ** 20)
+    names = ("f", "g") if grid else ("f",)
+    names += ("m", "y") if mirror else ("y",)
+    key = cache_lib.make_key(what="views", split="test", views=1, blocks=0,
+                             **({"mirror": True} if mirror else {}), **key_parts)
 
     def compute():
-        (_, f, g), labels, _ = features.extract(
-            copies.extraction_model(clf, cut), images(),
+        model = (copies.extraction_model(clf, cut) if reuse
+                 else copies.extraction_model(clf) if grid else clf.features)
+        out, labels, _ = features.extract(
+            model, data_pipeline.image_dataset(split, size, name="test"),
             features.inference_batch_size(cfg.batch_size), 1, None, seed=cfg.seed,
-            progress=False)
-        return f, g, labels
+            progress=False, predict=engine and engine.predictor(model), mirror=mirror)
+        out = out if isinstance(out, list) else [out]
+        f, g = (out[-2], out[-1]) if grid else (out[0], None)
+        n = len(split)  # rows: the clean images, then (with mirror) their mirrors
+        arrays = [f[:n]] + ([g[:n]] if grid else []) + ([f[n:]] if mirror else [])
+        return (*arrays, labels[:n])
 
     return dict(zip(names, cache.get_or_compute(key, names, compute, log)[0]))
+
+
+def head_probabilities(head, arrays: dict, mirror: bool) -> np.ndarray:
+    """The head's probabilities on cached pooled features ("f"), averaged with
+    the mirrored images' ("m") as the exported model averages them."""
+    probs = np.asarray(head.predict(arrays["f"], batch_size=1024, verbose=0), np.float32)
+    if mirror:
+        probs = (probs + np.asarray(head.predict(arrays["m"], batch_size=1024, verbose=0),
+                                    np.float32)) / 2
+    return probs
 
 
 def keep_rows(arrays: dict, n: int, idx: np.ndarray) -> dict:

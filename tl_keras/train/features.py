@@ -48,7 +48,7 @@ def _decode_ahead(images: tf.data.Dataset) -> int:
 
 def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int,
             views: int = 1, augmenter=None, seed: int = 0, progress: bool = True,
-            predict=None) -> tuple[np.ndarray, np.ndarray, float]:
+            predict=None, mirror: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Computes pooled features of every (image, label) in `images`.
 
     Args:
@@ -62,6 +62,10 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
         progress: print one line per view.
         predict: runs `feature_model` on a batch in its place (the LiteRT
             engine's, `train.engine.FrozenEngine.predictor`); None: Keras.
+        mirror: also the left-right mirror of every image, as a second view
+            (one clean view only): each image is decoded once and followed
+            by its mirror in the same batches, whose size stays `batch_size`
+            (no second trace).
 
     Returns:
         (features [N*views, D] float32, labels [N*views] int, seconds); for a
@@ -70,7 +74,12 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
     """
     if augmenter is None:
         views = 1
+    if mirror and views > 1:
+        raise ValueError("mirror=True passes one clean view and its mirror")
     from tl_keras.data.augment import augment_batch, map_parallelism
+
+    if mirror:  # image, its mirror, image, its mirror, ...
+        images = images.flat_map(_with_mirror)
 
     # Each batch of a view has its own seed, (seed, view, batch): with the
     # Augment layer the views are augmented in parallel and are the same on
@@ -105,5 +114,15 @@ def extract(feature_model: keras.Model, images: tf.data.Dataset, batch_size: int
             print(f"  cached features: view {v + 1}/{views} "
                   f"({len(labels[-1])} images, {time.perf_counter() - t0:.1f}s)", flush=True)
     merged = [np.concatenate(parts) for parts in zip(*feats)]
-    return (merged if len(merged) > 1 else merged[0]), np.concatenate(labels), \
-        time.perf_counter() - t0
+    labels = np.concatenate(labels)
+    if mirror:  # interleaved rows -> the clean view, then the mirrored one
+        merged = [np.concatenate([m[0::2], m[1::2]]) for m in merged]
+        labels = np.concatenate([labels[0::2], labels[1::2]])
+    return (merged if len(merged) > 1 else merged[0]), labels, time.perf_counter() - t0
+
+
+@tf.autograph.experimental.do_not_convert  # see data._decoded
+def _with_mirror(x, y):
+    """One (image, label) -> a dataset of it and its left-right mirror."""
+    return tf.data.Dataset.from_tensor_slices(
+        (tf.stack([x, tf.image.flip_left_right(x)]), tf.stack([y, y])))
