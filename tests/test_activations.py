@@ -98,3 +98,38 @@ def test_no_cut_says_why_and_stage_2_logs_that_reason(monkeypatch, capsys):
                     "through the full model")
     monkeypatch.undo()
     assert activations.find_cut(clf, 2)[0] is not None  # the same split, not refused
+
+
+def test_cached_test_outputs_evaluate_the_kept_model_as_the_served_model(tmp_path):
+    # A run whose kept model left the part below the cut frozen evaluates it
+    # on the test images' cached outputs and their mirrors' (no new pass): the
+    # head on pooled features, or a fine-tuned top on the activations. Both
+    # must be what the mirror-averaging inference model gives on the images.
+    from conftest import FLOWERS_MINI
+
+    from tl_keras.config import Config
+    from tl_keras.core import cache as cache_lib
+    from tl_keras.data import sources as sources_lib
+    from tl_keras.report import metrics as metrics_lib
+    from tl_keras.run import views
+
+    paths = [str(p) for p in sorted(FLOWERS_MINI.rglob("*.jpg"))[::17]]
+    split = sources_lib.Split(paths, np.arange(len(paths)) % 3, "test")
+    clf = _clf()
+    blocks_lib.set_trainable_top_blocks(clf.backbone, clf.family, 2)
+    cut = activations.cut(clf, 2)
+    arrays = views.test_features(Config(batch_size=4), clf, split, 64,
+                                 cache_lib.ArrayCache(str(tmp_path)), {"run": "t"}, cut,
+                                 mirror=True)
+    assert {"f", "m", "a", "am", "y"} <= set(arrays)
+    served = clf.inference_model(mirror_average=True)
+    head = views.cached_probabilities(clf.head, arrays, "f", mirror=True)
+    np.testing.assert_allclose(head, metrics_lib.predict(served, split, 64), atol=2e-5)
+    # "Fine-tune" the top: every trainable weight moves.
+    rng = np.random.default_rng(4)
+    for w in clf.model.trainable_weights:
+        w.assign(w.numpy() + rng.normal(0, 0.05, w.shape).astype(w.dtype))
+    want = metrics_lib.predict(served, split, 64)
+    assert np.abs(want - head).max() > 1e-2  # the top changed: the check can fail
+    top = views.cached_probabilities(cut.trainer, arrays, "a", mirror=True)
+    np.testing.assert_allclose(top, want, atol=2e-5)

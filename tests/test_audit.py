@@ -114,7 +114,8 @@ def test_copy_grid_comes_from_the_same_pass(planted):
 
 def test_audit_through_the_stage2_cut_finds_the_same(planted, audited):
     # With stage 2 planned, the pass also outputs the cut's activations and the
-    # test split reuses that model (dropping them): the same findings.
+    # test split reuses that model (keeping its activations, and its mirrors',
+    # for the evaluation of a stage-2 top): the same findings.
     import dataclasses
 
     from tl_keras.run import audit
@@ -123,8 +124,8 @@ def test_audit_through_the_stage2_cut_finds_the_same(planted, audited):
                               cache_dir=str(planted["root"] / "cut_cache"))
     result = audit.audit(cfg)
     kinds = [f.split(".")[-2] for f in os.listdir(cfg.cache_dir) if f.endswith(".npy")]
-    # Train cut (no validation split: the run cross-validates); test no activations.
-    assert kinds.count("a") == 1 and kinds.count("g") == 2
+    # Train and test cut (no validation split: the run cross-validates).
+    assert kinds.count("a") == 2 and kinds.count("am") == 1 and kinds.count("g") == 2
     assert result["near_duplicates"] == audited[0]["near_duplicates"]
     assert result["label_issues"] == audited[0]["label_issues"]
 

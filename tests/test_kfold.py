@@ -131,3 +131,14 @@ def test_the_path_stops_past_the_minimum_with_the_full_grids_choice(digits, monk
     np.testing.assert_array_equal(early.oof_probs, full.oof_probs)
     for c, loss in early.losses.items():
         assert loss == full.losses[c]
+
+
+@pytest.mark.parametrize("rows", [40, 300])  # the Gram branch (N <= D), the covariance one
+def test_projection_keeps_the_top_principal_directions(rows):
+    x = np.random.default_rng(5).normal(size=(rows, 64)).astype(np.float32)
+    x[:, :8] *= np.arange(10, 2, -1)  # 8 clearly leading directions
+    proj = kfold.Projection.fit(x, 8)
+    np.testing.assert_allclose(proj.basis.T @ proj.basis, np.eye(8), atol=1e-4)
+    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    # The same subspace as the SVD's top 8 right singular vectors.
+    np.testing.assert_allclose(np.abs(np.linalg.svd(vt[:8] @ proj.basis)[1]), 1.0, atol=1e-4)

@@ -83,34 +83,6 @@ def _normalised(features: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def principal_projection(features: np.ndarray, dim: int = PRINCIPAL_DIM) -> kfold.Projection:
-    """x -> (x - mean) @ basis onto the features' top `dim` principal directions.
-
-    The label and outlier audits work there, and the other views of the
-    training images are projected the same way. Computed from the smaller of
-    the Gram and covariance matrices by `eigh`: for 1000 images x 1280
-    features a tenth of the full SVD's time.
-    """
-    x = np.asarray(features, np.float64)
-    mean = x.mean(axis=0)
-    x = x - mean
-    if dim >= min(x.shape):
-        return kfold.Projection(mean.astype(np.float32), np.eye(x.shape[1], dtype=np.float32))
-    if len(x) <= x.shape[1]:  # Gram: x = U S V^T, so V = x^T U S^-1
-        w, u = np.linalg.eigh(x @ x.T)
-        top = np.argsort(w)[::-1][:dim]
-        basis = (x.T @ u[:, top]) / np.sqrt(np.maximum(w[top], 1e-12))
-    else:
-        w, v = np.linalg.eigh(x.T @ x)
-        basis = v[:, np.argsort(w)[::-1][:dim]]
-    return kfold.Projection(mean.astype(np.float32), np.ascontiguousarray(basis, np.float32))
-
-
-def principal_components(features: np.ndarray, dim: int = PRINCIPAL_DIM) -> np.ndarray:
-    """The centred features on their top `dim` principal directions."""
-    return principal_projection(features, dim)(features)
-
-
 def near_duplicates(features: np.ndarray, threshold: float = DUPLICATE_SIMILARITY,
                     block: int = 2048) -> list[tuple[int, int, float]]:
     """Pairs of images whose features have cosine similarity >= threshold.
@@ -307,7 +279,7 @@ def _analyse(features, labels, items, class_names, seed, threshold, outlier_frac
                     "similarity": round(sim, 4), "kind": "across" if across else "within",
                     "drop": {"split": drop[0], "index": drop[1]} if drop else None})
 
-    proj = principal_projection(x)
+    proj = kfold.Projection.fit(x, PRINCIPAL_DIM)
     z = proj(x)
 
     def all_rows(train_rows):  # images of the other splits repeat their clean view

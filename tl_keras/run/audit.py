@@ -88,8 +88,8 @@ def _audit(cfg: Config, dist) -> dict:
     va, _ = views.cached_views(scaled, step.blocks, step.clf, cut,
                                images(1) if len(data.val) else None, "val", 1, None,
                                cache, key_parts, engine, copy_grid=True)
-    mirror = (views.mirror_features(scaled, step.clf, images(0), cache, key_parts, engine)
-              if mirrored else None)
+    mirror = (views.mirror_features(scaled, step.clf, images(0), cache, key_parts, engine, cut,
+                                    copy_grid=True) if mirrored else None)
     t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
     # The test split's pass (train evaluates its kept head on the same entry).

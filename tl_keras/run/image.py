@@ -150,8 +150,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                key_parts, engine, copy_grid=cfg.audit)
     # The exported model averages each image with its mirror (--tta): the
     # cross-validated head is trained and judged on the mirrored images too.
-    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine)
-              if mirrored else None)
+    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine, cut,
+                                    copy_grid=cfg.audit) if mirrored else None)
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
@@ -339,19 +339,27 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                                classes, cfg.top_k, thresholds,
                                                report.get("selective")),
                              "estimate": "out-of-fold" if kept == "stage1" else "trial folds"}
-    elif eval_name == "test" and kept == "stage1":
-        # The kept model is the frozen backbone with its head: the head on the
-        # test images' cached features (the audit's entry, or one frozen pass
-        # on the run's engine) is what the model computes, without a new trace.
-        report[eval_name] = state.once("evaluation", lambda: _evaluate_probs(
-            views.head_probabilities(clf.head, views.test_features(
-                scaled, clf, eval_split, size, cache, key_parts, cut, engine, mirror=mirror),
-                mirror), temperature, multi, eval_split, classes, cfg.top_k, thresholds,
-            report.get("selective")))
     else:
-        report[eval_name] = state.once("evaluation", lambda: _evaluate(
-            uncalibrated, temperature, multi, eval_split, classes, size, eval_batch, cfg.top_k,
-            thresholds, report.get("selective")))
+        def evaluation():
+            raw = None
+            if eval_name == "test" and (kept == "stage1" or report["stage2"].get("mode")
+                                        == "cached_activations"):
+                # The lower part of the kept model stayed frozen: the head on
+                # the test images' cached features, or stage 2's top on their
+                # activations below the cut (the audit's entry, or one frozen
+                # pass on the run's engine), is what the model computes.
+                arrays = views.test_features(scaled, clf, eval_split, size, cache, key_parts,
+                                             cut, engine, mirror=mirror)
+                raw = (views.cached_probabilities(clf.head, arrays, "f", mirror)
+                       if kept == "stage1" else
+                       views.cached_probabilities(cut.trainer, arrays, "a", mirror)
+                       if "a" in arrays else None)
+            if raw is None:
+                raw = metrics_lib.predict(uncalibrated, eval_split, size, eval_batch)
+            return _evaluate_probs(raw, temperature, multi, eval_split, classes, cfg.top_k,
+                                   thresholds, report.get("selective"))
+
+        report[eval_name] = state.once("evaluation", evaluation)
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
         f"{report[eval_name]['n']} images"
         + (" (held-out predictions of the cross-validation; give --test_data or "
@@ -394,24 +402,16 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     return artifacts.finish_run(out, report, state, rejected, t_start)
 
 
-def _evaluate(model, temperature, multi_label: bool, split, classes, size: int, batch: int,
-              top_k: int, thresholds, chosen: dict | None) -> dict:
-    """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
-
-    One prediction pass: the calibrated probabilities are the temperature's
-    formula applied to the uncalibrated ones (what the exported model's
-    `Temperature` layer computes). With `chosen` (the selective-prediction
-    threshold picked on validation), also the accuracy-coverage curve and
-    what that threshold answers on this split.
-    """
-    raw = metrics_lib.predict(model, split, size, batch)
-    return _evaluate_probs(raw, temperature, multi_label, split, classes, top_k, thresholds,
-                           chosen)
-
-
 def _evaluate_probs(raw: np.ndarray, temperature, multi_label: bool, split, classes, top_k: int,
                     thresholds, chosen: dict | None) -> dict:
-    """`_evaluate` of predictions already made (`raw`: uncalibrated, rows of `split`)."""
+    """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
+
+    `raw`: the uncalibrated probabilities of the rows of `split`; the
+    calibrated ones are the temperature's formula applied to them (what the
+    exported model's `Temperature` layer computes). With `chosen` (the
+    selective-prediction threshold picked on validation), also the
+    accuracy-coverage curve and what that threshold answers on this split.
+    """
     probs = raw if temperature is None else calibration.apply_temperature(raw, temperature,
                                                                            multi_label)
     ev = metrics_lib.evaluate_probs(probs, split, classes, top_k, thresholds)

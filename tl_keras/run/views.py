@@ -161,8 +161,7 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
     def compute():
         # Built only on a cache miss (like the images: `images` may be a
         # function that builds them).
-        model = (copies.extraction_model(clf, cut) if copy_grid
-                 else cut.joint if cut is not None else clf.features)
+        model = pass_model(clf, cut, copy_grid)
         ds = images() if callable(images) else images
         out, labels, _ = features.extract(model, ds,
                                           features.inference_batch_size(cfg.batch_size), views,
@@ -172,6 +171,15 @@ def cached_views(cfg: Config, blocks: int, clf, cut, images, split: str, views: 
 
     arrays, hit = cache.get_or_compute(key, names, compute, log)
     return dict(zip(names, arrays)), hit
+
+
+def pass_model(clf, cut, copy_grid: bool):
+    """The model of a caching pass: images -> [activations below the cut
+    (with one),] pooled features[, copy grid (with `copy_grid`, where the
+    backbone has a spatial map)]."""
+    if copy_grid and copies.available(clf):
+        return copies.extraction_model(clf, cut)
+    return cut.joint if cut is not None else clf.features
 
 
 def _empty_shape(name: str, clf, cut) -> tuple:
@@ -195,25 +203,27 @@ def images_to_pass(cfg: Config, data: sources_lib.Dataset, mirrored: bool) -> in
     return (cfg.cache_views + int(mirrored)) * len(data.train) + len(data.val)
 
 
-def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=None
-                    ) -> np.ndarray:
+def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=None, cut=None,
+                    copy_grid: bool = False) -> np.ndarray:
     """Pooled features of the mirrored training images (cached like the views).
 
     The exported model averages each image's prediction with its mirror's
     (--tta), so the cross-validated head is judged, and trained, on them too.
     Rows are in the training images' cached order, like the views'. The pass
-    runs on `engine` like `cached_views`'; `images` may be a function that
-    builds the dataset (only on a cache miss).
+    runs the model of the views' pass (`cut`, `copy_grid` as given to
+    `cached_views`: no second conversion or trace) on `engine`, keeping only
+    its pooled features; `images` may be a function that builds the dataset
+    (only on a cache miss).
     """
     key = cache_lib.make_key(what="mirror", split="train", **key_parts)
 
     def compute():
         ds = images() if callable(images) else images
         flipped = ds.map(lambda x, y: (tf.image.flip_left_right(x), y))
-        return (features.extract(clf.features, flipped,
-                                 features.inference_batch_size(cfg.batch_size),
-                                 progress=False,
-                                 predict=engine and engine.predictor(clf.features))[0],)
+        model = pass_model(clf, cut, copy_grid)
+        out = features.extract(model, flipped, features.inference_batch_size(cfg.batch_size),
+                               progress=False, predict=engine and engine.predictor(model))[0]
+        return (out[1 if cut is not None else 0] if isinstance(out, list) else out,)
 
     (arrays,), _ = cache.get_or_compute(key, ("f",), compute, log)
     return arrays
@@ -229,23 +239,27 @@ def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
     """Backbone outputs of the clean test images, cached like the others.
 
     Pooled features ("f"), copy grids ("g", the audit's; where the backbone
-    has a spatial map) and, with `mirror`, the pooled features of the
-    mirrored images ("m"): the audit reads them, and so does a run whose kept
-    model is the frozen backbone with its head, to evaluate without another
-    pass (`head_probabilities`). Each image and its mirror go through the
-    model in the same batches, decoded once (`features.extract`'s mirror).
+    has a spatial map), with the run's `cut` the activations below it ("a")
+    and, with `mirror`, the mirrored images' pooled features and activations
+    ("m", "am"). The audit reads them, and so does the evaluation of a kept
+    model whose lower part stayed frozen: the head on "f" (stage 1 kept) or
+    stage 2's top on "a" (`cached_probabilities`), without another pass.
+    Each image and its mirror go through the model in the same batches,
+    decoded once (`features.extract`'s mirror).
 
     With the run's `cut`, the pass reuses the model (and its traced
-    prediction function) that made the training and validation entries,
-    and drops the activations, when the test split's activations fit in
-    --cache_max_mb: tracing a second model cost more than the 200 test
+    prediction function) that made the training and validation entries
+    when the test split's activations fit in --cache_max_mb (else it keeps
+    no activations): tracing a second model cost more than the 200 test
     images of the flowers. The pass runs on `engine` like `cached_views`'.
     """
     grid = copies.available(clf)
     reuse = cut is not None and grid and (
         activations.estimate_bytes(cut, 2 * len(split), 1) <= cfg.cache_max_mb * 2 ** 20)
-    names = ("f", "g") if grid else ("f",)
-    names += ("m", "y") if mirror else ("y",)
+    names = (("f", "g") if grid else ("f",)) + (("a",) if reuse else ())
+    if mirror:
+        names += ("m", "am") if reuse else ("m",)
+    names += ("y",)
     key = cache_lib.make_key(what="views", split="test", views=1, blocks=0,
                              **({"mirror": True} if mirror else {}), **key_parts)
 
@@ -257,21 +271,29 @@ def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
             features.inference_batch_size(cfg.batch_size), 1, None, seed=cfg.seed,
             progress=False, predict=engine and engine.predictor(model), mirror=mirror)
         out = out if isinstance(out, list) else [out]
-        f, g = (out[-2], out[-1]) if grid else (out[0], None)
+        arrays = {"f": out[-2] if grid else out[0], "g": out[-1] if grid else None,
+                  "a": out[0] if reuse else None}
         n = len(split)  # rows: the clean images, then (with mirror) their mirrors
-        arrays = [f[:n]] + ([g[:n]] if grid else []) + ([f[n:]] if mirror else [])
-        return (*arrays, labels[:n])
+        clean = {k: v[:n] for k, v in arrays.items() if v is not None}
+        if mirror:
+            clean["m"] = arrays["f"][n:]
+            if reuse:
+                clean["am"] = arrays["a"][n:]
+        clean["y"] = labels[:n]
+        return tuple(clean[k] for k in names)
 
     return dict(zip(names, cache.get_or_compute(key, names, compute, log)[0]))
 
 
-def head_probabilities(head, arrays: dict, mirror: bool) -> np.ndarray:
-    """The head's probabilities on cached pooled features ("f"), averaged with
-    the mirrored images' ("m") as the exported model averages them."""
-    probs = np.asarray(head.predict(arrays["f"], batch_size=1024, verbose=0), np.float32)
+def cached_probabilities(model, arrays: dict, name: str, mirror: bool) -> np.ndarray:
+    """`model`'s probabilities on the cached test rows `arrays[name]` ("f"
+    for a head, "a" for stage 2's top), averaged with the mirrored images'
+    rows ("m", "am") as the exported model averages them."""
+    probs = np.asarray(model.predict(arrays[name], batch_size=256, verbose=0), np.float32)
     if mirror:
-        probs = (probs + np.asarray(head.predict(arrays["m"], batch_size=1024, verbose=0),
-                                    np.float32)) / 2
+        other = np.asarray(model.predict(arrays["m" if name == "f" else "am"], batch_size=256,
+                                         verbose=0), np.float32)
+        probs = (probs + other) / 2
     return probs
 
 
