@@ -340,3 +340,23 @@ def test_in_colab_uploads_downloads_and_drive(fake_colab, tmp_path):
     assert fake_colab["mount"] == [str(mount)] * 2
     with pytest.raises(ValueError, match=r"drive_folder='fotos'.*does not exist"):
         notebook.mount_drive("fotos", str(mount))
+
+
+@pytest.mark.parametrize("evaluated", ["test", "cross_validation"])
+def test_show_results_prints_a_cross_validated_run_that_fine_tuned_on_all_images(
+        tmp_path, capsys, evaluated):
+    # A run without a validation split: the head's out-of-fold figures, the
+    # stage-2 trial, stage 2 on all images (no validation accuracy), and the
+    # test or, without one, the held-out estimate.
+    report = {"stage1": {"epochs": 0, "val_accuracy": 0.8387, "seconds": 1.6,
+                         "cross_validation": {"folds": 5, "images": 750, "c": 0.003}},
+              "stage2_trial": {"images": 150, "head_accuracy": 0.8067,
+                               "finetune_accuracy": 0.8467},
+              "stage2": {"epochs": 6, "val_accuracy": None, "seconds": 3.0},
+              "kept": "stage2", evaluated: {"accuracy": 0.844, "n": 250, "ece": 0.02}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    notebook.show_results(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "out-of-fold accuracy 0.839" in out and "fine-tuned 0.847" in out
+    assert "stage2: on all images (no validation split) after 6 epochs" in out
+    assert f"{evaluated} (250 images): accuracy 0.844" in out

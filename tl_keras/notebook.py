@@ -229,13 +229,23 @@ def show_results(run_dir: str) -> None:
 
     with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    split = "test" if "test" in report else "val"
+    split = next(k for k in ("test", "val", "cross_validation") if k in report)
     head = metrics_lib.headline(report[split])
+    cv = report.get("stage1", {}).get("cross_validation")
+    if cv:
+        print(f"stage1: logistic head, C={cv['c']}, out-of-fold accuracy "
+              f"{report['stage1']['val_accuracy']:.3f} ({cv['folds']}-fold, "
+              f"{cv['images']} images)")
+    trial = report.get("stage2_trial")
+    if trial:
+        print(f"stage 2 trial on {trial['images']} held-out images: head "
+              f"{trial['head_accuracy']:.3f}, fine-tuned {trial['finetune_accuracy']:.3f}")
     for stage in ("stage1", "stage2"):
         s = report.get(stage, {})
         if s.get("epochs"):
-            print(f"{stage}: val_accuracy {s['val_accuracy']:.3f} after {s['epochs']} epochs "
-                  f"({s['seconds']:.0f}s)")
+            judged = ("on all images (no validation split)" if s.get("val_accuracy") is None
+                      else f"val_accuracy {s['val_accuracy']:.3f}")
+            print(f"{stage}: {judged} after {s['epochs']} epochs ({s['seconds']:.0f}s)")
     print(f"kept: {report.get('kept')}")
     print(f"{split} ({head.get('n')} images): " +
           ", ".join(f"{k} {v:.3f}" for k, v in head.items() if k != "n" and v is not None))
