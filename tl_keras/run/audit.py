@@ -132,13 +132,19 @@ def clean_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, c
         if name not in tr or name not in va or (test is not None and name not in test):
             out.append(None)
             continue
-        f = np.empty((n, tr[name].shape[1]), np.float32)
-        f[order] = np.asarray(tr[name][:n], np.float32)
-        feats = {"train": f, "val": np.asarray(va[name], np.float32)}
+        feats = {"train": _in_split_order(tr[name][:n], order),
+                 "val": np.asarray(va[name], np.float32)}
         if test is not None:
             feats["test"] = np.asarray(test[name], np.float32)
         out.append(feats)
     return out[0], out[1]
+
+
+def _in_split_order(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Cached training rows (in `data_pipeline.example_order`) put back in the split's order."""
+    out = np.empty((len(order), rows.shape[1]), np.float32)
+    out[order] = np.asarray(rows, np.float32)
+    return out
 
 
 def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf, size: int,
@@ -171,18 +177,12 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
     items = {k: list(s.items) for k, s in splits.items()}
     n = len(data.train)
     order = data_pipeline.example_order(n, cfg.seed)
-
-    def in_split_order(rows):  # cached training rows are in example_order
-        out_rows = np.empty((n, rows.shape[1]), np.float32)
-        out_rows[order] = np.asarray(rows, np.float32)
-        return out_rows
-
     result = audit_lib.analyse(
         feats, {k: s.labels for k, s in splits.items()}, items, data.class_names,
         seed=cfg.seed, threshold=cfg.audit_similarity, copy_features=grids,
-        train_views=[in_split_order(tr["f"][v * n:(v + 1) * n])
+        train_views=[_in_split_order(tr["f"][v * n:(v + 1) * n], order)
                      for v in range(1, len(tr["f"]) // max(n, 1))],
-        train_mirror=None if mirror is None else in_split_order(mirror))
+        train_mirror=None if mirror is None else _in_split_order(mirror, order))
     # relabelled.csv lists the images of the --data source: train, and the
     # held-out splits cut from it.
     from_data = [k for k in splits if k == "train" or not getattr(cfg, f"{k}_data")]

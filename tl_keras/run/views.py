@@ -182,6 +182,12 @@ def pass_model(clf, cut, copy_grid: bool):
     return cut.joint if cut is not None else clf.features
 
 
+def _named_outputs(out, cut, grid: bool) -> dict:
+    """`pass_model`'s outputs by name: "a" (with a cut), "f", "g" (with the copy grid)."""
+    names = ("a",) * (cut is not None) + ("f",) + ("g",) * grid
+    return dict(zip(names, out if isinstance(out, list) else [out]))
+
+
 def _empty_shape(name: str, clf, cut) -> tuple:
     """The shape of a cached array of no rows (a run without a validation split)."""
     if name == "a":
@@ -191,11 +197,16 @@ def _empty_shape(name: str, clf, cut) -> tuple:
     return (0, clf.features.output_shape[-1]) if name == "f" else (0,)
 
 
+def mirror_averaged(cfg: Config) -> bool:
+    """Whether the exported model averages each image with its mirror (--tta with --flip)."""
+    return bool(cfg.tta and cfg.flip)
+
+
 def mirrors_training_images(cfg: Config, cross_validated: bool) -> bool:
     """Whether the run passes the mirrored training images too (`mirror_features`):
     a cross-validated head whose exported model averages each image with its
     mirror (--tta with --flip)."""
-    return bool(cross_validated and cfg.tta and cfg.flip)
+    return bool(cross_validated) and mirror_averaged(cfg)
 
 
 def images_to_pass(cfg: Config, data: sources_lib.Dataset, mirrored: bool) -> int:
@@ -223,15 +234,10 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=Non
         model = pass_model(clf, cut, copy_grid)
         out = features.extract(model, flipped, features.inference_batch_size(cfg.batch_size),
                                progress=False, predict=engine and engine.predictor(model))[0]
-        return (out[1 if cut is not None else 0] if isinstance(out, list) else out,)
+        return (_named_outputs(out, cut, copy_grid and copies.available(clf))["f"],)
 
     (arrays,), _ = cache.get_or_compute(key, ("f",), compute, log)
     return arrays
-
-
-def mirror_averaged(cfg: Config) -> bool:
-    """Whether the exported model averages each image with its mirror (--tta with --flip)."""
-    return bool(cfg.tta and cfg.flip)
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
@@ -264,17 +270,14 @@ def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,
                              **({"mirror": True} if mirror else {}), **key_parts)
 
     def compute():
-        model = (copies.extraction_model(clf, cut) if reuse
-                 else copies.extraction_model(clf) if grid else clf.features)
+        model = pass_model(clf, cut if reuse else None, copy_grid=True)
         out, labels, _ = features.extract(
             model, data_pipeline.image_dataset(split, size, name="test"),
             features.inference_batch_size(cfg.batch_size), 1, None, seed=cfg.seed,
             progress=False, predict=engine and engine.predictor(model), mirror=mirror)
-        out = out if isinstance(out, list) else [out]
-        arrays = {"f": out[-2] if grid else out[0], "g": out[-1] if grid else None,
-                  "a": out[0] if reuse else None}
+        arrays = _named_outputs(out, cut if reuse else None, grid)
         n = len(split)  # rows: the clean images, then (with mirror) their mirrors
-        clean = {k: v[:n] for k, v in arrays.items() if v is not None}
+        clean = {k: v[:n] for k, v in arrays.items()}
         if mirror:
             clean["m"] = arrays["f"][n:]
             if reuse:
