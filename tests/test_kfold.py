@@ -107,6 +107,29 @@ def test_the_mirror_view_trains_and_averages_held_out_predictions(digits):
     assert head.kernel.shape == (64, 10)
 
 
+def test_held_out_views_average_every_views_prediction(digits):
+    x, y = digits
+    shifted = np.roll(x.reshape(-1, 8, 8), 1, axis=2).reshape(-1, 64)  # an "augmented" view
+    mirror = x.reshape(-1, 8, 8)[:, :, ::-1].reshape(-1, 64)
+    t = np.eye(10, dtype=np.float32)[y]
+    folds = kfold.fold_ids(y, 3, seed=0)
+    tta = kfold.cross_validate([x, shifted], t, folds, mirror=mirror, grid=(0.3,),
+                               max_dim=64, held_out_views=True)
+    clean = kfold.cross_validate([x, shifted], t, folds, mirror=mirror, grid=(0.3,), max_dim=64)
+    # Each fold's head (the same in both runs, fitted as cross_validate fits it)
+    # predicts its held-out images from all three views (the clean run: from
+    # the clean view and the mirror).
+    proj = kfold.Projection.fit(np.concatenate([x, shifted, mirror]), 64)
+    views = [proj(v) for v in (x, shifted, mirror)]
+    held, tr = np.flatnonzero(folds == 1), np.flatnonzero(folds != 1)
+    head = kfold.fit_logistic(np.concatenate([v[tr] for v in views]), np.tile(t[tr], (3, 1)), 0.3)
+    want = np.mean([head.predict(v[held]) for v in views], axis=0)
+    want_clean = np.mean([head.predict(v[held]) for v in (views[0], views[2])], axis=0)
+    np.testing.assert_allclose(tta.oof_probs[held], want, atol=1e-5)
+    np.testing.assert_allclose(clean.oof_probs[held], want_clean, atol=1e-5)
+    assert np.abs(tta.oof_probs - clean.oof_probs).max() > 0.05
+
+
 def test_the_path_stops_past_the_minimum_with_the_full_grids_choice(digits, monkeypatch):
     x, y = digits
     t = np.eye(10, dtype=np.float32)[y]
@@ -142,3 +165,23 @@ def test_projection_keeps_the_top_principal_directions(rows):
     _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
     # The same subspace as the SVD's top 8 right singular vectors.
     np.testing.assert_allclose(np.abs(np.linalg.svd(vt[:8] @ proj.basis)[1]), 1.0, atol=1e-4)
+
+
+def test_nested_fits_run_on_one_blas_thread_under_the_outer_limit():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+    inner = kfold._one_blas_thread(lambda: seen.append(blas_threads()))
+
+    @kfold._one_blas_thread
+    def outer():
+        inner()
+        seen.append(blas_threads())
+
+    outer()
+    inner()  # on its own again after the outer call: it sets the limit itself
+    assert seen == [{1}, {1}, {1}]
+    assert not kfold._limited.on

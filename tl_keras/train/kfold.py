@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -40,6 +41,9 @@ DEFAULT_C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 PATH_PATIENCE = 2
 
 
+_limited = threading.local()  # inside a one-BLAS-thread call on this thread
+
+
 def _one_blas_thread(fn):
     """Runs `fn` with numpy's BLAS on one thread.
 
@@ -52,8 +56,16 @@ def _one_blas_thread(fn):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with threadpool_limits(1, user_api="blas"):
+        # Nested calls (a cross-validation's fits) run under the outer limit:
+        # each threadpool_limits scans the loaded libraries (about 4 ms).
+        if getattr(_limited, "on", False):
             return fn(*args, **kwargs)
+        _limited.on = True
+        try:
+            with threadpool_limits(1, user_api="blas"):
+                return fn(*args, **kwargs)
+        finally:
+            _limited.on = False
 
     return wrapped
 
@@ -165,24 +177,35 @@ def fit_logistic(x: np.ndarray, targets: np.ndarray, c: float, multi_label: bool
               else np.asarray(weights, np.float32))[:, None]
     k = t.shape[1]
     lam = np.float32(1.0 / c)
+    # Classes along the rows ([C, N] logits): the per-image max, exp and sum
+    # then run along contiguous memory (a row-wise max over 5 columns of
+    # [N, 5] took as long as the matrix product), and the weighted targets
+    # and their per-image sums are computed once, not per iteration.
+    tw = np.ascontiguousarray((t * w_rows).T)
+    tw_sum = tw.sum(axis=0)
+    w_col = w_rows[:, 0]
+    tt = np.ascontiguousarray(t.T)
 
     def loss_grad(theta):
         w = theta[:d * k].reshape(d, k).astype(np.float32)
         b = theta[d * k:].astype(np.float32)
-        z = x @ w + b
+        z = np.ascontiguousarray((x @ w).T)
+        z += b[:, None]
         if multi_label:
             # log(1 + e^z) - t z per label, computed stably
-            loss = float(np.sum(w_rows * (np.logaddexp(0.0, z) - t * z)))
-            g = w_rows * (_sigmoid(z) - t)
+            loss = float(np.sum(w_col * (np.logaddexp(0.0, z) - tt * z)))
+            g = w_col * (_sigmoid(z) - tt)
         else:
-            zmax = z.max(axis=1, keepdims=True)
-            logsum = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
-            tw = t * w_rows
-            loss = float(np.sum(logsum * tw.sum(axis=1) - (tw * z).sum(axis=1)))
-            g = _softmax(z) * tw.sum(axis=1, keepdims=True) - tw
-        gw = x.T @ g + lam * w
-        loss += 0.5 * float(lam) * float(np.sum(w * w))
-        return loss, np.concatenate([gw.ravel(), g.sum(axis=0)]).astype(np.float64)
+            # z shifted by each image's max m: logsumexp = m + log(sum e^z), and
+            # sum_j tw_j (m + log s - z_j - m) needs no m.
+            z -= z.max(axis=0)
+            e = np.exp(z)
+            s = e.sum(axis=0)
+            loss = float(tw_sum @ np.log(s)) - float(np.vdot(tw, z))
+            g = e * (tw_sum / s) - tw
+        gw = (g @ x).T + lam * w
+        loss += 0.5 * float(lam) * float(np.vdot(w, w))
+        return loss, np.concatenate([gw.ravel(), g.sum(axis=1)]).astype(np.float64)
 
     theta0 = (np.concatenate([init.kernel.ravel(), init.bias]) if init is not None
               else np.zeros(d * k + k))
@@ -286,7 +309,7 @@ class Projection:
 def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.ndarray,
                    mirror: Optional[np.ndarray] = None, multi_label: bool = False,
                    grid: Sequence[float] = DEFAULT_C_GRID, weights: Optional[np.ndarray] = None,
-                   max_dim: int = 256) -> CrossValidation:
+                   max_dim: int = 256, held_out_views: bool = False) -> CrossValidation:
     """Chooses the logistic head's regularisation by k-fold cross-validation.
 
     Args:
@@ -303,6 +326,9 @@ def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.n
         max_dim: heads are fitted on the top `max_dim` principal directions of
             the rows (`Projection`); the folds' held-out rows are projected
             with the same directions (label-free, so no label leaks).
+        held_out_views: predict a held-out image from the mean over all its
+            views (and its mirror): test-time augmentation, for the label
+            audit; False predicts it as the exported model does.
 
     Returns:
         The CrossValidation (chosen c, losses, out-of-fold probabilities).
@@ -325,10 +351,9 @@ def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.n
             heads[f] = fit_logistic(_rows(train_views, tr),
                                     np.tile(targets[tr], (len(train_views), 1)), c, multi_label,
                                     init=heads[f], weights=np.tile(w[tr], len(train_views)))
-            p = heads[f].predict(views[0][te])
-            if mirror is not None:
-                p = (p + heads[f].predict(mirror[te])) / 2
-            oof[c][te] = p
+            shown = train_views if held_out_views else views[:1] + (
+                [mirror] if mirror is not None else [])
+            oof[c][te] = np.mean([heads[f].predict(v[te]) for v in shown], axis=0)
         losses[c] = log_loss(oof[c], targets, multi_label)
         # The out-of-fold loss along the path is U-shaped: once PATH_PATIENCE
         # strengths in a row have not improved on the best, weaker ones (the
