@@ -502,3 +502,20 @@ def test_random_resized_crop_stays_inside_the_image_and_is_identity_at_inference
         assert (yin > -1e-3).all() and (yin < 39 + 1e-3).all()
     areas = np.abs(t[:, 0] * t[:, 4] - t[:, 1] * t[:, 3])
     assert areas.min() >= 0.3 - 1e-4 and areas.max() <= 1.0 + 1e-4
+
+
+def test_pipelines_share_one_traced_decoder_and_decode_the_same_pixels():
+    # Each pipeline used to trace the whole decoder (every format's branch,
+    # the header checks) again: about 0.4 s, several times a run.
+    paths = [str(p) for p in _photos("daisy", 3) + _photos("rose", 3)]
+    split = sources_lib.Split(paths, np.array([0, 0, 0, 1, 1, 1]), "train")
+    size = 77  # a size no other test uses: this test sees its first trace
+    first = np.stack([x for x, _ in data_pipeline.image_dataset(split, size, cache=False)
+                      .as_numpy_iterator()])
+    second = np.stack([x for x, _ in data_pipeline.image_dataset(split, size, cache=False)
+                       .as_numpy_iterator()])
+    assert data_pipeline._load_one(size, True).experimental_get_tracing_count() == 1
+    np.testing.assert_array_equal(first, second)
+    want = np.stack([decode_lib.decode_and_resize(tf.io.read_file(p), size).numpy()
+                     for p in paths])
+    np.testing.assert_array_equal(first, want)
