@@ -17,6 +17,7 @@ from PIL import Image
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.report import plots
+from tl_keras.report import montage
 
 CLASSES = ["a", "b", "c"]
 # 8 examples, 3 classes. Rows: true label, probabilities (argmax = prediction).
@@ -166,8 +167,9 @@ def test_pngs_are_real_images_of_the_expected_size(tmp_path):
     mistakes = [{"file": f"f{i}", "true": "daisy", "predicted": "rose", "score": 0.9 - i / 10}
                 for i in range(len(items))]
     grid = plots.mistakes_png(mistakes, items, str(tmp_path / "m.png"))
-    # 5 thumbnails: 4 columns, 2 rows of 3 x 3.5 inches.
-    assert _png(grid) == (1200, 700)
+    # 5 thumbnails: 4 columns, 2 rows of cells (a thumbnail and three caption lines).
+    cell_w, cell_h = montage.CELL + montage.PAD, montage.CELL + 3 * montage.LINE + 2 * montage.PAD
+    assert _png(grid) == (4 * cell_w + montage.PAD, 2 * montage.LINE + montage.PAD + 2 * cell_h)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "cm.png", "m.png"]
 
 
@@ -197,7 +199,10 @@ def test_a_run_without_test_split_reports_its_validation_split(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Validation (8 images; no test split" in md and "optimistic" in md
     assert "| a | 0.667 | 0.667 | 0.667 | 3 |" in md
-    assert _png(tmp_path / "mistakes.png") == (900, 350)  # 3 mistakes in one row
+    # 3 mistakes in one row (montage cells: a thumbnail and three caption lines)
+    assert _png(tmp_path / "mistakes.png") == (
+        3 * (montage.CELL + montage.PAD) + montage.PAD,
+        2 * montage.LINE + montage.PAD + montage.CELL + 3 * montage.LINE + 2 * montage.PAD)
 
 
 def test_split_hash_names_examples_and_labels_not_order_or_location(tmp_path):
