@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tl_keras.data.decode import decode_and_resize
+from tl_keras.data.decode import decode_traced, resize_image
 from tl_keras.data.sources import Split
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -101,16 +101,17 @@ class CacheBudget:
 def _load_one(size: int, read: bool) -> tf.types.experimental.GenericFunction:
     """A file path (`read`) or encoded bytes -> size x size RGB uint8, traced once per process.
 
-    Tracing `decode_and_resize` (every format's branch, the header checks)
-    took about 0.4 s a pipeline, and a run builds several (training and test
-    passes, the parity gate's pixels); later pipelines call the traced function.
+    A run builds several pipelines (training and test passes, the parity
+    gate's pixels); each used to trace the whole decoder again (0.4 s). They
+    call this function, which calls the decoder the pre-flight scan traced
+    (`decode.decode_traced`), and resize as `decode.decode_and_resize` does.
     """
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     def load_one(item):
         # A file changed since the pre-flight scan is refused naming its path.
         data = tf.io.read_file(item) if read else item
-        return decode_and_resize(data, size, name=item if read else None)
+        return resize_image(decode_traced(data, name=item if read else ""), size)
 
     return load_one
 
