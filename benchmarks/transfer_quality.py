@@ -12,7 +12,9 @@ Datasets (MobileNetV2-0.35 at 160 px, the official weights file):
 * flowers5: the shared flowers (1000 photos), 5 stratified folds: each fold
   tests 200 photos, the other 800 train.
 * f128_10 / f128_25: few-shot draws from flowers128: 10 or 25 photos per class
-  (3 draws each) train, the rest tests. The draws come from the REPORT half of
+  (3 draws each) train, the rest tests. f128_150 (not in the default list):
+  150 a class, as many training photos as the flowers split, for choosing
+  defaults for data of that size on the TUNE half. The draws come from the REPORT half of
   the flowers128 photos that are not in flowers/ (a seeded half, see
   `flowers128_halves`); the other half (TUNE) is where defaults may be tuned,
   never reported here.
@@ -94,7 +96,7 @@ def image_splits(name: str, half: str = "report"
             idx = np.flatnonzero(labels == c)
             fold[idx] = np.arange(len(idx)) % 5
         return items, [(np.flatnonzero(fold != f), np.flatnonzero(fold == f)) for f in range(5)]
-    per_class = {"f128_10": 10, "f128_25": 25}[name]
+    per_class = {"f128_10": 10, "f128_25": 25, "f128_150": 150}[name]
     items = flowers128_halves()[0 if half == "tune" else 1]
     labels = np.array([y for _, y in items])
     splits = []
