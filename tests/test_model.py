@@ -123,7 +123,7 @@ def test_mirror_average_inference_model(tmp_path):
     assert model_lib.find_backbone(again).name.startswith("mobilenet")
 
 
-def test_predicting_an_array_traces_once_whatever_its_length():
+def test_predicting_an_array_traces_once_whatever_its_length(monkeypatch):
     # A last batch smaller than the others used to make Keras trace the
     # predict function again (0.5 s for MobileNetV2 at 160 px, in the parity
     # gate's reference); the array is padded to whole batches instead.
@@ -133,7 +133,14 @@ def test_predicting_an_array_traces_once_whatever_its_length():
     model = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(
         keras.layers.Dense(8, activation="relu")(inp)))
     x = np.random.default_rng(0).normal(size=(70, 6)).astype(np.float32)
+    want = np.asarray(model(x, training=False))
     out = loop_lib.predict(model, x, 32)
     assert out.shape == (70, 4)
     assert model.predict_function.experimental_get_tracing_count() == 1
-    np.testing.assert_allclose(out, model.predict_on_batch(x), atol=1e-6)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    # A large array is not copied whole: its whole batches, then the padded
+    # last one, through the same traced function.
+    monkeypatch.setattr(loop_lib, "PAD_COPY_BYTES", 0)
+    out = loop_lib.predict(model, x, 32)
+    assert model.predict_function.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(out, want, atol=1e-6)

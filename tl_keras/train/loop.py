@@ -558,6 +558,10 @@ def predict_on_batch(model: keras.Model, x):
     return parts if isinstance(out, (list, tuple)) else parts[0]
 
 
+# Arrays up to this size are padded to whole batches by copying them (`predict`).
+PAD_COPY_BYTES = 256 * 2 ** 20
+
+
 def predict(model: keras.Model, x, batch_size: int = 32):
     """`model.predict(x, batch_size=..., verbose=0)` under every strategy.
 
@@ -566,12 +570,21 @@ def predict(model: keras.Model, x, batch_size: int = 32):
     """
     if isinstance(x, np.ndarray) and len(x) > batch_size and len(x) % batch_size:
         # A smaller last batch makes the predict function trace again (0.5 s
-        # for a MobileNetV2 at 160 px): the array is padded with copies of its
-        # last row to whole batches, and their predictions dropped.
+        # for a MobileNetV2 at 160 px): the last batch is padded with copies of
+        # the last row (their predictions dropped). A small array is copied
+        # whole (one predict call); a large one goes as a view of its whole
+        # batches, then the padded last batch (a second call, about 0.3 s).
         n = len(x)
-        x = np.concatenate([x, np.repeat(x[-1:], batch_size - n % batch_size, axis=0)])
-        out = predict(model, x, batch_size)
-        return [o[:n] for o in out] if isinstance(out, list) else out[:n]
+        pad = np.repeat(x[-1:], batch_size - n % batch_size, axis=0)
+        if x.nbytes <= PAD_COPY_BYTES:
+            out = predict(model, np.concatenate([x, pad]), batch_size)
+            return [o[:n] for o in out] if isinstance(out, list) else out[:n]
+        whole = n - n % batch_size
+        outs = [predict(model, x[:whole], batch_size),
+                predict(model, np.concatenate([x[whole:], pad]), batch_size)]
+        if isinstance(outs[0], list):
+            return [np.concatenate([a, b[:n - whole]]) for a, b in zip(*outs)]
+        return np.concatenate([outs[0], outs[1][:n - whole]])
     if not uses_custom_loop(model.distribute_strategy):
         if _is_dataset(x):
             return model.predict(x, verbose=0)
