@@ -338,6 +338,10 @@ def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.n
     views = [proj(v) for v in views]
     mirror = proj(mirror) if mirror is not None else None
     train_views = list(views) + ([mirror] if mirror is not None else [])
+    # What a held-out image is predicted from: every view, or as the exported
+    # model sees it (the clean view, averaged with its mirror's).
+    shown = train_views if held_out_views else views[:1] + (
+        [mirror] if mirror is not None else [])
     targets = np.asarray(targets, np.float32)
     w = np.ones(len(targets), np.float32) if weights is None else np.asarray(weights, np.float32)
     k = int(folds.max()) + 1
@@ -351,8 +355,6 @@ def cross_validate(views: Sequence[np.ndarray], targets: np.ndarray, folds: np.n
             heads[f] = fit_logistic(_rows(train_views, tr),
                                     np.tile(targets[tr], (len(train_views), 1)), c, multi_label,
                                     init=heads[f], weights=np.tile(w[tr], len(train_views)))
-            shown = train_views if held_out_views else views[:1] + (
-                [mirror] if mirror is not None else [])
             oof[c][te] = np.mean([heads[f].predict(v[te]) for v in shown], axis=0)
         losses[c] = log_loss(oof[c], targets, multi_label)
         # The out-of-fold loss along the path is U-shaped: once PATH_PATIENCE
