@@ -40,6 +40,7 @@ from tl_keras.data import sources as sources_lib
 from tl_keras.export import parity
 from tl_keras.export import saved_model as export_lib
 from tl_keras.export import tflite as tflite_lib
+from tl_keras.model import open_set
 from tl_keras.run import evaluate as runs
 from tl_keras.run import predict as predict_lib
 from tl_keras.run import setup as setup_lib
@@ -354,12 +355,18 @@ def test_predict_command_on_the_saved_model(trained_run, run_model, tmp_path):
     for pred, w in zip(result["predictions"], want):
         assert len(pred["classes"]) == 2 and pred["classes"][0] == classes[int(w.argmax())]
         assert pred["scores"][0] == pytest.approx(float(w.max()), abs=1e-5)
-    # The table: a header, then one row per image with `class score` cells.
+    # The export's unknown output: the formula of the served probabilities.
+    threshold = json.loads((trained_run / "report.json").read_text())["open_set"]["threshold"]
+    for pred, w in zip(result["predictions"], want):
+        assert pred["ood_score"] == pytest.approx(float(open_set.score(w[None])[0]), abs=1e-4)
+        assert pred["unknown"] == (pred["ood_score"] > threshold)
+    # The table: a header, then one row per image with `class score` cells and the answer.
     table = predict_lib.format_table(result).splitlines()
-    assert table[0].split() == ["image", "top-1", "top-2"]
+    assert table[0].split() == ["image", "top-1", "top-2", "answer"]
     cells = table[1].split()
     assert cells[0] == str(folder / "0.jpg") and cells[1] == classes[int(want[0].argmax())]
     assert float(cells[2]) == pytest.approx(result["predictions"][0]["scores"][0], abs=1e-4)
+    assert cells[-1] == ("unknown" if result["predictions"][0]["unknown"] else cells[1])
 
 
 def test_predict_errors_name_the_flag(trained_run, tmp_path):

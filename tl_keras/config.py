@@ -150,6 +150,12 @@ class Config:
     # report.md show it with the accuracy-coverage curve on the test split, and the export
     # stores it in assets.extra/selective.json. 0: off.
     target_accuracy: float = 0.95
+    # "None of the above" (single-label image runs): the share of held-out known images
+    # that the threshold on the out-of-distribution score keeps (model/open_set.py); the
+    # SavedModel and TFLite files return ood_score and unknown next to the probabilities,
+    # predict prints "unknown", and the export stores the threshold in
+    # assets.extra/open_set.json. 0: off.
+    unknown_keep: float = 0.95
     top_k: int = 3
     export: bool = True
 
@@ -371,6 +377,8 @@ def validate(cfg: Config) -> None:
             raise fail(name, v, "must be > 0")
     if not 0 <= cfg.target_accuracy <= 1:
         raise fail("target_accuracy", cfg.target_accuracy, "must be in [0, 1] (0: off)")
+    if not 0 <= cfg.unknown_keep <= 1:
+        raise fail("unknown_keep", cfg.unknown_keep, "must be in [0, 1] (0: off)")
     if not 0 < cfg.audit_similarity <= 1:
         raise fail("audit_similarity", cfg.audit_similarity, "must be in (0, 1]")
     for name in ("batch_size", "cache_views", "top_k"):

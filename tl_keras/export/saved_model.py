@@ -14,7 +14,9 @@ Signatures:
   serve_images(images: float32[N, H, W, 3])     pixels 0..255, any H, W
   serve_images_uint8(images: uint8[N, H, W, 3])
 each returning probabilities float32[N, C], classes string[N, k] and
-scores float32[N, k] (top-k). Decoding and resizing are `data.decode_and_resize`
+scores float32[N, k] (top-k); with an unknown threshold (`model.open_set`,
+stored in assets.extra/open_set.json) also ood_score float32[N] and
+unknown bool[N] ("none of the above"). Decoding and resizing are `data.decode_and_resize`
 and `data.resize_image`, the very functions the training pipeline used: EXIF
 orientation, transparency on white, 16-bit PNGs and GIF frames as in training.
 Each image's header is read before it is decoded: empty, truncated, non-image
@@ -50,12 +52,14 @@ from tl_keras.data import sources as sources_lib
 from tl_keras.errors import ConfigError, fail
 from tl_keras.export import parity
 from tl_keras.export import tflite as tflite_lib
+from tl_keras.model import open_set
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.train import loop as loop_lib
 
 LABELS_ASSET = os.path.join("assets", "labels.txt")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 DECODING_FILE = os.path.join("assets.extra", "decoding.json")
+OPEN_SET_FILE = os.path.join("assets.extra", "open_set.json")
 # The flag's default (config.Config.max_pixels).
 DEFAULT_MAX_PIXELS = 100_000_000
 SIGNATURES = ("serving_default", "serve_images", "serve_images_uint8")
@@ -74,7 +78,7 @@ class ExportRejected(ConfigError):
 # --------------------------------------------------------------------------
 
 def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_k: int,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
+               max_pixels: int = DEFAULT_MAX_PIXELS, unknown_threshold: Optional[float] = None):
     names = tf.constant(list(class_names))
     k = max(1, min(int(top_k), len(class_names)))
 
@@ -90,7 +94,10 @@ def _endpoints(model: keras.Model, class_names: list[str], image_size: int, top_
             lambda: tf.cast(model(images_uint8, training=False), tf.float32),
             lambda: tf.zeros([0, len(class_names)], tf.float32))
         scores, idx = tf.math.top_k(probs, k=k)
-        return {"probabilities": probs, "classes": tf.gather(names, idx), "scores": scores}
+        out = {"probabilities": probs, "classes": tf.gather(names, idx), "scores": scores}
+        if unknown_threshold is not None:
+            out.update(open_set.graph_outputs(probs, unknown_threshold))
+        return out
 
     def serve_bytes(image_bytes):
         # Each image with its index, which a refusal names.
@@ -137,7 +144,8 @@ def _save_signatures(model: keras.Model, endpoints, path: str) -> None:
 
 def write_saved_model(model: keras.Model, class_names: list[str], image_size: int, path: str,
                       top_k: int = 3, extra_files: dict | None = None,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+                      max_pixels: int = DEFAULT_MAX_PIXELS,
+                      unknown_threshold: Optional[float] = None) -> str:
     """Writes the SavedModel, its labels asset and its warmup requests into `path`.
 
     Not atomic by itself: `path` should be a temporary folder renamed into
@@ -146,8 +154,12 @@ def write_saved_model(model: keras.Model, class_names: list[str], image_size: in
     Args:
         max_pixels: `serving_default` refuses images whose header claims more
             pixels (baked into the graph; also in assets.extra/decoding.json).
+        unknown_threshold: every signature also returns `ood_score` and
+            `unknown` (`open_set`); the threshold is baked into the graph and
+            written to assets.extra/open_set.json. None: no such outputs.
     """
-    _save_signatures(model, _endpoints(model, class_names, image_size, top_k, max_pixels), path)
+    _save_signatures(model, _endpoints(model, class_names, image_size, top_k, max_pixels,
+                                       unknown_threshold), path)
     os.makedirs(os.path.join(path, "assets"), exist_ok=True)
     with open(os.path.join(path, LABELS_ASSET), "w", encoding="utf-8") as f:
         f.write("\n".join(class_names) + "\n")
@@ -157,6 +169,11 @@ def write_saved_model(model: keras.Model, class_names: list[str], image_size: in
                 "limits": list(decode_lib.GRAPH_LIMITS)}
     extra_files = {os.path.basename(DECODING_FILE): json.dumps(decoding, indent=2),
                    **(extra_files or {})}
+    if unknown_threshold is not None:
+        extra_files[os.path.basename(OPEN_SET_FILE)] = json.dumps(
+            {"score": open_set.SCORE, "threshold": float(unknown_threshold),
+             "unknown": "ood_score > threshold",
+             "function": "tl_keras.model.open_set.score"}, indent=2)
     for name, text in extra_files.items():
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
         with open(os.path.join(path, "assets.extra", name), "w", encoding="utf-8") as f:
@@ -232,6 +249,11 @@ class SavedModelClassifier:
                 self.max_pixels = int(json.load(f)["max_pixels"])
         except (OSError, ValueError, KeyError):
             self.max_pixels = None  # an export from before the cap was stored
+        try:
+            with open(os.path.join(path, OPEN_SET_FILE), encoding="utf-8") as f:
+                self.unknown_threshold = float(json.load(f)["threshold"])
+        except (OSError, ValueError, KeyError):
+            self.unknown_threshold = None  # exported without the unknown output
 
     def predict_each(self, encoded: list[bytes], batch_size: int = 32
                      ) -> tuple[list[Optional[np.ndarray]], list[str]]:
@@ -390,6 +412,8 @@ class ExportSpec:
         batch_size: prediction batch size.
         seed: for the parity sample.
         max_pixels: the pixel cap baked into `serving_default` (--max_pixels).
+        unknown_threshold: the SavedModel and TFLite files also return
+            `ood_score` and `unknown` (`open_set`); None: they do not.
     """
 
     top_k: int = 3
@@ -401,6 +425,7 @@ class ExportSpec:
     batch_size: int = 32
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    unknown_threshold: Optional[float] = None
 
 
 def export_version(model: keras.Model, class_names: list[str], image_size: int,
@@ -458,13 +483,15 @@ def export_version(model: keras.Model, class_names: list[str], image_size: int,
     tmp = tempfile.mkdtemp(dir=export_dir, prefix=f"{outputs.TMP_PREFIX}{os.getpid()}.export-")
     try:
         write_saved_model(model, class_names, image_size, tmp, top_k, extra_files,
-                          spec.max_pixels)
+                          spec.max_pixels, spec.unknown_threshold)
         log("wrote the SavedModel; converting TFLite variants" if tflite_variants
             else "wrote the SavedModel")
         paths = tflite_lib.write_variants(model, image_size, tflite_variants, tmp,
-                                          calibration_images, log)
+                                          calibration_images, log, spec.unknown_threshold)
         lites = {v: tflite_lib.TFLiteClassifier(p) for v, p in paths.items()}
         result: dict = {"signatures": list(SIGNATURES), "top_k": top_k, "tflite": {}}
+        if spec.unknown_threshold is not None:
+            result["unknown_threshold"] = float(spec.unknown_threshold)
         for v, p in paths.items():
             result["tflite"][v] = {"file": os.path.basename(p), "bytes": os.path.getsize(p)}
 

@@ -11,6 +11,9 @@ Variants (`--tflite=float,dynamic,float16,int8`):
 Every variant takes one image of the model's size, RGB 0..255 (float32, or
 uint8 for int8), and returns float32 probabilities [1, C]: decoding and
 resizing happen outside, with `data.decode_and_resize`, as in training.
+With an unknown threshold (`model.open_set`), its signature also returns
+`ood_score` float32 [1] and `unknown` bool [1], computed in the file from
+its own probabilities.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tensorflow as tf
 from tl_keras.data import pipeline as data_pipeline
 from tl_keras.data import sources as sources_lib
 from tl_keras.errors import fail
+from tl_keras.model import open_set
 
 VARIANTS = ("float", "dynamic", "float16", "int8")
 
@@ -62,17 +66,28 @@ class ConversionSource:
     deprecated conversion path.
     """
 
-    def __init__(self, model: keras.Model, image_size: int):
+    def __init__(self, model: keras.Model, image_size: int,
+                 unknown_threshold: Optional[float] = None):
         spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="images")
-        fn = tf.function(lambda images: model(images, training=False), input_signature=[spec])
+
+        def forward(images):
+            probs = model(images, training=False)
+            if unknown_threshold is None:
+                return probs
+            return {"probabilities": probs,
+                    **open_set.graph_outputs(probs, unknown_threshold)}
+
+        fn = tf.function(forward, input_signature=[spec])
         self.concrete = fn.get_concrete_function()
         self.trackable = tf.Module()
         self.trackable.tracked_variables = [getattr(v, "value", v) for v in model.variables]
 
 
-def prepare(model: keras.Model, image_size: int) -> ConversionSource:
-    """Traces `model` once for any number of `convert` calls."""
-    return ConversionSource(model, image_size)
+def prepare(model: keras.Model, image_size: int,
+            unknown_threshold: Optional[float] = None) -> ConversionSource:
+    """Traces `model` once for any number of `convert` calls (with the
+    `ood_score` and `unknown` outputs when `unknown_threshold` is given)."""
+    return ConversionSource(model, image_size, unknown_threshold)
 
 
 def convert(source: ConversionSource, variant: str,
@@ -146,7 +161,19 @@ class TFLiteClassifier:
         self.interpreter = tf.lite.Interpreter(**kwargs)
         self.interpreter.allocate_tensors()
         self._in = self.interpreter.get_input_details()[0]
-        self._out = self.interpreter.get_output_details()[0]
+        outs = self.interpreter.get_output_details()
+        # A file with the unknown outputs names them in its signature; the
+        # probabilities are then found by name, not by position.
+        named = {}
+        if len(outs) > 1:
+            signatures = self.interpreter.get_signature_list()
+            runner = self.interpreter.get_signature_runner(next(iter(signatures)))
+            by_index = {d["index"]: d for d in outs}
+            named = {name: by_index[d["index"]]
+                     for name, d in runner.get_output_details().items()}
+        self._out = named.get("probabilities", outs[0])
+        self._extra = {k: d for k, d in named.items() if k in ("ood_score", "unknown")}
+        self.has_unknown = set(self._extra) == {"ood_score", "unknown"}
         shape = self._in["shape"]
         if len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2]:
             raise ValueError(f"expected a square RGB image input, got shape {shape.tolist()}")
@@ -173,21 +200,32 @@ class TFLiteClassifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities float32 [N, C] for images [N, S, S, 3] in 0..255."""
+        return self.predict_outputs(images)["probabilities"]
+
+    def predict_outputs(self, images: np.ndarray) -> dict:
+        """{"probabilities": float32 [N, C]}, with "ood_score" float32 [N] and
+        "unknown" bool [N] when the file has them (`has_unknown`)."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected images [N, {self.image_size}, {self.image_size}, 3], "
                              f"got {list(images.shape)}")
         probs = np.zeros((len(images), self.num_classes), np.float32)
+        extra = {"ood_score": np.zeros(len(images), np.float32),
+                 "unknown": np.zeros(len(images), bool)} if self.has_unknown else {}
         for i in range(len(images)):
             self.interpreter.set_tensor(self._in["index"], self._quantize(images[i:i + 1]))
             self.interpreter.invoke()
             probs[i] = self._dequantize(self.interpreter.get_tensor(self._out["index"]))[0]
-        return probs
+            for name, arr in extra.items():
+                arr[i] = self.interpreter.get_tensor(self._extra[name]["index"]).reshape(-1)[0]
+        return {"probabilities": probs, **extra}
 
 
 def write_variants(model: keras.Model, image_size: int, variants: Iterable[str], folder: str,
-                   representative: Optional[np.ndarray] = None, log=None) -> dict[str, str]:
-    """Converts and writes each variant as `folder/model_<variant>.tflite`.
+                   representative: Optional[np.ndarray] = None, log=None,
+                   unknown_threshold: Optional[float] = None) -> dict[str, str]:
+    """Converts and writes each variant as `folder/model_<variant>.tflite`
+    (with the unknown outputs when `unknown_threshold` is given).
 
     The folder is expected to be a temporary export folder that is renamed
     into place later, so files are written directly.
@@ -198,7 +236,7 @@ def write_variants(model: keras.Model, image_size: int, variants: Iterable[str],
     variants = list(variants)
     if not variants:
         return {}
-    source = prepare(model, image_size)
+    source = prepare(model, image_size, unknown_threshold)
     paths = {}
     for v in variants:
         flat = convert(source, v, representative if v == "int8" else None)

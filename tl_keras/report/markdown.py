@@ -167,6 +167,18 @@ def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
                  f"Cross-validated estimate ({ev['n']} images: held-out predictions of the "
                  "folds, no test split; give --test_data or --test_fraction for a test)")
         lines.append(evaluation_markdown(ev, title, images))
+        if report.get("open_set") and ev.get("open_set"):
+            o, here = report["open_set"], ev["open_set"]
+            lines += ["### None of the above", "",
+                      f"The export also returns `ood_score` (the entropy of the probabilities "
+                      f"over log C: 0 sure of one class, 1 spread evenly) and `unknown` = "
+                      f"ood_score > {o['threshold']:.4f}, a threshold that keeps "
+                      f"{o['known_kept']:.0%} of {o['n']} {o['chosen_on']} (--unknown_keep="
+                      f"{o['keep']}). Here it calls {here['unknown']} of {here['n']} images "
+                      f"unknown ({here['unknown_rate']:.1%}), all of them from known classes. "
+                      "It flags images unlike any class the model is sure of; an image of a "
+                      "class close to a known one can still get that class with confidence.",
+                      ""]
     if report.get("audit"):
         from tl_keras.report import audit as audit_lib
 

@@ -6,6 +6,7 @@ same files, each written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -64,7 +65,8 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
                run_manifest: dict, log: Callable[[str], None] = lambda s: None,
                preflight_report: Optional[dict] = None,
                extra_files: Optional[dict] = None,
-               val_probs: Optional[np.ndarray] = None) -> dict:
+               val_probs: Optional[np.ndarray] = None,
+               unknown_threshold: Optional[float] = None) -> dict:
     """`export_version` with a run's settings: OUT/export, the TFLite variants,
     int8 calibration and parity limits of `cfg`, the run manifest in assets.extra.
 
@@ -82,10 +84,12 @@ def export_run(model: keras.Model, cfg: Config, class_names: list[str], image_si
         extra_files: more {file name: text} for assets.extra (e.g. selective.json).
         val_probs: `model`'s probabilities on `data.val` when the run has them
             (the gate's reference; see `export_version`'s `parity_reference`).
+        unknown_threshold: the served models also return `ood_score` and
+            `unknown` (`model.open_set`); None: they do not.
 
     Returns / Raises: as `export_version`.
     """
-    spec = export_spec(cfg)
+    spec = dataclasses.replace(export_spec(cfg), unknown_threshold=unknown_threshold)
     return export_lib.export_version(
         model, class_names, image_size, os.path.join(out, "export"), spec,
         calibration_images=(tflite_lib.representative_images(

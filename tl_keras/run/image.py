@@ -24,6 +24,7 @@ from tl_keras.export import saved_model as export_lib
 from tl_keras.model import blocks as blocks_lib
 from tl_keras.model import families as families_lib
 from tl_keras.model import classifier as model_lib
+from tl_keras.model import open_set
 from tl_keras.report import calibration
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
@@ -306,7 +307,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     uncalibrated, temperature, val_probs = final, None, None
     if not holdout:
         val_probs = heldout[0]
-    elif cfg.calibrate or multi or cfg.target_accuracy:  # one validation pass serves them all
+    elif cfg.calibrate or multi or cfg.target_accuracy or cfg.unknown_keep:
+        # (one validation pass serves them all)
         val_probs = metrics_lib.predict(final, data.val, size, eval_batch)
     if cfg.calibrate:  # a temperature fitted on the validation predictions
         temperature = calibration.fit_temperature(val_probs, val_split.labels, multi)
@@ -330,6 +332,19 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
             if report["selective"]["reached"] else
             f"no confidence threshold reaches --target_accuracy={cfg.target_accuracy} on "
             "validation"))
+    unknown_threshold = None
+    if cfg.unknown_keep and multi:
+        log("unknown output: single-label runs only (a multi-label model decides each label "
+            "on its own: an image with no label above its threshold already has none)")
+    elif cfg.unknown_keep:  # "none of the above": the score's threshold on known images
+        report["open_set"] = {**open_set.choose_threshold(val_probs, cfg.unknown_keep),
+                              "chosen_on": "validation predictions" if holdout
+                              else "held-out predictions"}
+        unknown_threshold = report["open_set"]["threshold"]
+        log(f"unknown output: ood_score ({open_set.SCORE}) > {unknown_threshold:.4f}, which "
+            f"keeps {report['open_set']['known_kept']:.1%} of the "
+            f"{report['open_set']['n']} {'validation' if holdout else 'held-out'} images "
+            f"(--unknown_keep={cfg.unknown_keep})")
     thresholds = None
     if multi:  # per-label thresholds, chosen on validation (issue 3), calibrated
         thresholds, thresholds_doc = multilabel.choose(val_probs, val_split.labels, classes)
@@ -337,7 +352,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     if eval_name == "cross_validation":  # the held-out predictions, not a new pass
         report[eval_name] = {**_evaluate_probs(heldout[0], temperature, multi, eval_split,
                                                classes, cfg.top_k, thresholds,
-                                               report.get("selective")),
+                                               report.get("selective"), unknown_threshold),
                              "estimate": "out-of-fold" if kept == "stage1" else "trial folds"}
     else:
         def evaluation():
@@ -357,7 +372,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
             if raw is None:
                 raw = metrics_lib.predict(uncalibrated, eval_split, size, eval_batch)
             return _evaluate_probs(raw, temperature, multi, eval_split, classes, cfg.top_k,
-                                   thresholds, report.get("selective"))
+                                   thresholds, report.get("selective"), unknown_threshold)
 
         report[eval_name] = state.once("evaluation", evaluation)
     log(f"{eval_name} accuracy {report[eval_name]['accuracy']:.4f} on "
@@ -389,7 +404,8 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                 final, scaled.replace(finetune_blocks=blocks), classes, size, out, data,
                 gate_split, gate_name, run_manifest, log, preflight_report=scan,
                 extra_files=({"selective.json": json.dumps(report["selective"], indent=2)}
-                             if "selective" in report else None), val_probs=val_probs),
+                             if "selective" in report else None), val_probs=val_probs,
+                unknown_threshold=unknown_threshold),
                 lambda done: os.path.isdir(done.get("path", "")))
         except export_lib.ExportRejected as e:
             report["export"], rejected = e.result, e
@@ -403,14 +419,15 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
 
 
 def _evaluate_probs(raw: np.ndarray, temperature, multi_label: bool, split, classes, top_k: int,
-                    thresholds, chosen: dict | None) -> dict:
+                    thresholds, chosen: dict | None, unknown_threshold=None) -> dict:
     """The evaluation of the calibrated model, with the uncalibrated calibration beside it.
 
     `raw`: the uncalibrated probabilities of the rows of `split`; the
     calibrated ones are the temperature's formula applied to them (what the
     exported model's `Temperature` layer computes). With `chosen` (the
     selective-prediction threshold picked on validation), also the
-    accuracy-coverage curve and what that threshold answers on this split.
+    accuracy-coverage curve and what that threshold answers on this split;
+    with `unknown_threshold`, how many of the split's images it calls unknown.
     """
     probs = raw if temperature is None else calibration.apply_temperature(raw, temperature,
                                                                            multi_label)
@@ -420,6 +437,8 @@ def _evaluate_probs(raw: np.ndarray, temperature, multi_label: bool, split, clas
         ev["selective"] = {**selective.at_threshold(probs, split.labels, chosen["threshold"]),
                            "target_accuracy": chosen["target_accuracy"],
                            "validation": {k: chosen[k] for k in ("coverage", "accuracy")}}
+    if unknown_threshold is not None:
+        ev["open_set"] = open_set.summary(probs, unknown_threshold)
     if temperature is None:
         return ev
     ev["ece_uncalibrated"], ev["calibration_uncalibrated"] = metrics_lib.calibration_of(

@@ -6,7 +6,8 @@ as in training: EXIF orientation, transparency on white, ...), or a .tflite
 file with tf.lite.Interpreter on pixels decoded by `data.decode_image` (the
 same function) and resized as in training. A file the model refuses (not an
 image, truncated, over the pixel cap, a format it does not decode) is
-skipped with the model's reason.
+skipped with the model's reason. An export with the unknown output
+(`model.open_set`) also says, per image, whether it is "none of the above".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tl_keras.data import sources as sources_lib
 from tl_keras.errors import fail
 from tl_keras.export import saved_model as export_lib
 from tl_keras.export import tflite as tflite_lib
+from tl_keras.model import open_set
 
 
 def list_images(spec: str, flag: str = "images") -> list[str]:
@@ -113,7 +115,13 @@ def _predict_saved_model(path: str, files: list[str], batch_size: int, flag: str
             errors[f] = why
         else:
             probs[f] = p
-    return clf.class_names, probs, errors
+    # The served `unknown` is this formula of the served probabilities at the
+    # export's threshold (tests compare the two).
+    unknown = ({} if clf.unknown_threshold is None else
+               {f: (float(open_set.score(p[None])[0]),
+                    bool(open_set.is_unknown(p[None], clf.unknown_threshold)[0]))
+                for f, p in probs.items()})
+    return clf.class_names, probs, errors, unknown
 
 
 def _predict_tflite(path: str, files: list[str], flag: str, max_pixels: int):
@@ -124,6 +132,7 @@ def _predict_tflite(path: str, files: list[str], flag: str, max_pixels: int):
                    f"lists {len(names)} classes")
     probs: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
+    unknown: dict[str, tuple[float, bool]] = {}
     for f in files:
         try:
             with open(f, "rb") as fh:
@@ -135,8 +144,11 @@ def _predict_tflite(path: str, files: list[str], flag: str, max_pixels: int):
             errors[f] = decode_lib.refusal_reason(e).removeprefix("image: ")
             continue
         pixels = decode_lib.resize_image(image, clf.image_size).numpy()
-        probs[f] = clf.predict(pixels[None])[0]
-    return names, probs, errors
+        out = clf.predict_outputs(pixels[None])
+        probs[f] = out["probabilities"][0]
+        if clf.has_unknown:  # the file's own outputs
+            unknown[f] = (float(out["ood_score"][0]), bool(out["unknown"][0]))
+    return names, probs, errors, unknown
 
 
 def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32,
@@ -154,7 +166,8 @@ def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32
             undecoded (decompression bombs).
 
     Returns:
-        {"model": resolved path, "predictions": [{"image", "classes", "scores"}],
+        {"model": resolved path, "predictions": [{"image", "classes", "scores"}
+         (and "ood_score", "unknown" when the export has the unknown output)],
          "skipped": [{"image", "error"}]} in the order the files were listed.
         Files that cannot be read or decoded, or are over `max_pixels`,
         are skipped, not fatal.
@@ -167,32 +180,42 @@ def predict_images(model: str, images: str, top_k: int = 3, batch_size: int = 32
                if (why := preflight.over_pixel_limit(f, max_pixels)) is not None}
     todo = [f for f in files if f not in refused]
     if not todo:
-        names, probs, errors = [], {}, {}
+        names, probs, errors, unknown = [], {}, {}, {}
     elif path.endswith(".tflite"):
-        names, probs, errors = _predict_tflite(path, todo, model_flag, max_pixels)
+        names, probs, errors, unknown = _predict_tflite(path, todo, model_flag, max_pixels)
     else:
-        names, probs, errors = _predict_saved_model(path, todo, batch_size, model_flag)
+        names, probs, errors, unknown = _predict_saved_model(path, todo, batch_size,
+                                                             model_flag)
     errors.update(refused)
     predictions, skipped = [], []
     for f in files:
         if f in probs:
             classes, scores = _top_k(probs[f], names, top_k)
             predictions.append({"image": f, "classes": classes, "scores": scores})
+            if f in unknown:
+                predictions[-1].update(ood_score=round(unknown[f][0], 6),
+                                       unknown=unknown[f][1])
         else:
             skipped.append({"image": f, "error": errors.get(f, "not predicted")})
     return {"model": path, "predictions": predictions, "skipped": skipped}
 
 
 def format_table(result: dict) -> str:
-    """One row per image: the image, then `class score` for each of the top k."""
+    """One row per image: the image, then `class score` for each of the top k;
+    with the unknown output, a last column "answer": the top class, or "unknown"."""
     rows = result["predictions"]
     if not rows:
         return ""
     k = max(len(r["classes"]) for r in rows)
     width = max(len("image"), *(len(r["image"]) for r in rows))
     cells = [[f"{c} {s:.4f}" for c, s in zip(r["classes"], r["scores"])] for r in rows]
+    if any("unknown" in r for r in rows):
+        for r, row in zip(rows, cells):
+            row += [""] * (k - len(row)) + ["unknown" if r.get("unknown") else r["classes"][0]]
     col = max(len("top-1"), *(len(c) for row in cells for c in row))
     head = "image".ljust(width) + "".join(f"  {f'top-{i + 1}':<{col}}" for i in range(k))
+    if any("unknown" in r for r in rows):
+        head += f"  {'answer':<{col}}"
     lines = [head.rstrip()]
     for r, row in zip(rows, cells):
         lines.append((r["image"].ljust(width) + "".join(f"  {c:<{col}}" for c in row)).rstrip())
