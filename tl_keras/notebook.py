@@ -328,7 +328,8 @@ def classify_images(run_dir: str, images: str = "", upload_dir: str = "uploads")
 
     The export is called as a server would call it: `serving_default` on
     the files' encoded bytes (`tl-keras predict`). For each image it prints
-    `NAME: predicted: CLASS (SCORE)` and the top-k classes; files that do not
+    `NAME: predicted: CLASS (SCORE)` (or `unknown` where the export's unknown
+    output says so) and the top-k classes; files that do not
     decode are reported and skipped. For the predictions as values, use
     `tl_keras.run.predict.predict_images`.
 
@@ -354,7 +355,11 @@ def classify_images(run_dir: str, images: str = "", upload_dir: str = "uploads")
         if png is not None:
             _display(Image(data=png))
         name = os.path.basename(p["image"])
-        print(f"{name}: predicted: {p['classes'][0]} ({p['scores'][0]:.2f})")
+        if p.get("unknown"):  # the export's "none of the above" output
+            print(f"{name}: predicted: unknown (ood_score {p['ood_score']:.2f}; nearest class "
+                  f"{p['classes'][0]} {p['scores'][0]:.2f})")
+        else:
+            print(f"{name}: predicted: {p['classes'][0]} ({p['scores'][0]:.2f})")
         print("  top classes: " + ", ".join(f"{c} {s:.2f}"
                                             for c, s in zip(p["classes"], p["scores"])))
     for p in result["skipped"]:
