@@ -102,6 +102,11 @@ def test_the_trial_restores_the_model_and_measures_held_out_folds(mini):
     # probabilities of the cross-validation on the same images (clean view).
     assert 0.5 < trial.head_accuracy <= 1.0
     assert trial.probs.shape == (40, 5)
+    # The discordant pairs: their difference is the difference of the accuracies.
+    assert trial.finetune_only_right - trial.head_only_right == round(
+        (trial.finetune_accuracy - trial.head_accuracy) * 40)
+    right = trial.probs.argmax(1) == mini["labels"][trial.index]
+    assert trial.finetune_only_right <= right.sum() and trial.head_only_right <= 40 - right.sum()
     assert trial.finetune_wins == ((trial.finetune_accuracy, -trial.finetune_loss)
                                    > (trial.head_accuracy, -trial.head_loss))
     assert trial.summary()["finetune_kept"] == trial.finetune_wins

@@ -79,7 +79,15 @@ def open_set_run(tmp_path_factory, data_dir):
 def test_a_model_trained_on_three_classes_flags_the_other_two_more_often(open_set_run):
     out, known, unseen = open_set_run
     report = json.loads((out / "report.json").read_text())
+    # 180 training images: the stage-2 trial ran (on all five folds, to reach
+    # 150 held-out images). The threshold was chosen on held-out predictions
+    # of all 180 (out-of-fold for the head, the trial's for stage 2).
+    trial = report["stage2_trial"]
+    assert trial["folds"] == [0, 1, 2, 3, 4] and trial["images"] == 180
+    assert trial["finetune_only_right"] - trial["head_only_right"] == round(
+        (trial["finetune_accuracy"] - trial["head_accuracy"]) * 180)
     chosen = report["open_set"]
+    assert chosen["n"] == 180
     assert chosen["keep"] == 0.95 and chosen["known_kept"] >= 0.95
     # What the run reports on its test split is what the served model does.
     served = export_lib.SavedModelClassifier(str(out / "export" / "1"))

@@ -158,6 +158,8 @@ def run_markdown(report: dict, manifest: Optional[dict], images: dict) -> str:
                   f"{_f(t['finetune_accuracy'], 4)} fine-tuned; "
                   + ("fine-tuning was kept." if t["finetune_kept"] else
                      "the head was kept, stage 2 did not run on all images."), ""]
+    if report.get("stage2_skipped"):
+        lines += [f"Stage 2 did not run: {report['stage2_skipped']}.", ""]
     split = evaluations.evaluated_split(report)
     if split:
         ev = report[split]

@@ -218,6 +218,12 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         log("stage 2: skipped: without a validation split the folds decide whether it pays, "
             "on cached activations, which this run does not cache (give --val_fraction or "
             "--val_data to fine-tune through the full model)")
+    elif cfg.finetune_epochs and blocks and not holdout and n_train < finetune_trial.MIN_DECIDABLE:
+        report["stage2_skipped"] = (
+            f"{n_train} training images: fewer than {finetune_trial.MIN_DECIDABLE}, too few "
+            "held-out images for the trial to tell fine-tuning from the head (the head is kept)")
+        log(f"stage 2: skipped: {report['stage2_skipped']}; give --val_fraction or --val_data "
+            "to fine-tune anyway")
     elif cfg.finetune_epochs and blocks and not holdout:
         # No validation split: stage 2 is tried on held-out folds first and runs
         # on all images only where it beat the logistic head there.
