@@ -216,9 +216,13 @@ def test_messy_multi_label_list_trains_exports_and_evaluates(tmp_path):
     def tags(c):
         return f"{c}|asteraceae" if c in ASTERACEAE else c
 
-    rows = [f"{p},{tags(c)}" for c in ALL_CLASSES for p in _photos(c, 20)]
-    mini = {p.name for p in _photos("daisy", 20)}
-    others = [p for p in sorted((DATA / "flowers" / "daisy").glob("*.jpg")) if p.name not in mini]
+    def not_in_mini(c):
+        mini = {p.name for p in _photos(c, 20)}
+        return [p for p in sorted((DATA / "flowers" / c).glob("*.jpg")) if p.name not in mini]
+
+    # 30 photos a class: over 100 training images, so the stage-2 trial runs.
+    rows = [f"{p},{tags(c)}" for c in ALL_CLASSES for p in _photos(c, 20) + not_in_mini(c)[:10]]
+    others = not_in_mini("daisy")[10:]
     odds = odd_images.make_odd_files(others[:6], tmp_path / "odd")
     rows += [f"odd/{o.path.name},{tags('daisy')}" for o in odds]
     rows += ["odd/never_downloaded.jpg,rose", rows[0]]  # a missing file; a duplicate row
@@ -248,7 +252,10 @@ def test_messy_multi_label_list_trains_exports_and_evaluates(tmp_path):
     names = ["asteraceae"] + ALL_CLASSES
     assert report["classes"] == names and report["multi_label"] is True
     assert report["class_weight"] is None
-    assert report["stage2"]["epochs"] == 1
+    # The stage-2 trial ran on multi-hot labels (exact match of every label).
+    trial = report["stage2_trial"]
+    assert trial["images"] >= 100 and "stage2_skipped" not in report
+    assert report["stage2"]["epochs"] == (1 if trial["finetune_kept"] else 0)
     test = report["test"]
     for m in test["per_label"].values():
         assert {"threshold", "precision", "recall", "f1", "average_precision", "support"} <= set(m)
