@@ -166,3 +166,26 @@ def test_unknown_keep_is_validated():
     with pytest.raises(ConfigError, match=r"--unknown_keep=1\.5"):
         validate(Config(data="x", unknown_keep=1.5))
     validate(Config(data="x", unknown_keep=0.0))  # 0: off
+
+
+def test_without_a_threshold_the_exports_return_the_probabilities_alone(tmp_path):
+    # --unknown_keep=0 (or a multi-label run) exports no threshold: the SavedModel's
+    # signatures and the TFLite file return what they returned before.
+    images = keras.Input((16, 16, 3))
+    probs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(images))
+    model = keras.Model(images, probs)
+    outputs = {}
+    for name, threshold in (("off", None), ("on", 0.5)):
+        path = export_lib.write_saved_model(model, ["a", "b", "c"], 16, str(tmp_path / name),
+                                            unknown_threshold=threshold)
+        outputs[name] = set(tf.saved_model.load(path).signatures["serve_images"]
+                            .structured_outputs)
+        assert (tmp_path / name / export_lib.OPEN_SET_FILE).is_file() == (threshold is not None)
+        lite = tflite_lib.TFLiteClassifier(tflite_lib.convert(
+            tflite_lib.prepare(model, 16, threshold), "float"))
+        assert lite.has_unknown == (threshold is not None)
+        pixels = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.float32)
+        np.testing.assert_allclose(lite.predict(pixels), model.predict(pixels, verbose=0),
+                                   atol=1e-5)
+    assert outputs["off"] == {"probabilities", "classes", "scores"}
+    assert outputs["on"] == outputs["off"] | {"ood_score", "unknown"}
