@@ -107,6 +107,8 @@ def test_evaluate_command_reproduces_the_test_block(trained_run, tmp_path):
     assert printed["test"]["accuracy"] == pytest.approx(report["test"]["accuracy"])
     written = json.loads((trained_run / "evaluation.json").read_text())
     assert written["test"] == printed["test"]
+    # ... and as many of them called unknown at the run's threshold.
+    assert printed["test"]["open_set"] == report["test"]["open_set"]
 
 
 def test_flagfile_with_override(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
@@ -12,6 +13,7 @@ from tl_keras.data import sources as sources_lib
 from tl_keras.errors import fail
 from tl_keras.model import layers  # noqa: F401  (registers tl_keras layers for loading)
 from tl_keras.model import model_files as model_files_lib
+from tl_keras.model import open_set
 from tl_keras.report import markdown as markdown_lib
 from tl_keras.report import metrics as metrics_lib
 from tl_keras.text import model as text_model
@@ -59,7 +61,9 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3,
 
     Returns:
         {"data": data, "test": {"accuracy", "n", ...}}, the same test block
-        `train` writes to report.json (see `report.evaluation`).
+        `train` writes to report.json (see `report.evaluation`), with
+        "open_set" (how many images the run's unknown threshold flags) when
+        the run chose one.
     """
     model, classes, cfg = load_run(path)
     if not data:
@@ -83,9 +87,21 @@ def evaluate_run(path: str, data: str, batch_size: int = 64, top_k: int = 3,
     split, scan = preflight.scan_for_evaluation(split, classes, cfg.max_pixels,
                                                 cfg.cache_dir or os.path.join(run_dir, "cache"))
     thresholds = multilabel.read_thresholds(run_dir, classes) if multi else None
-    test = metrics_lib.evaluate_split(model, split, classes, cfg.image_size, batch_size, top_k,
-                                      thresholds)
+    probs = metrics_lib.predict(model, split, cfg.image_size, batch_size)
+    test = metrics_lib.evaluate_probs(probs, split, classes, top_k, thresholds)
+    unknown_threshold = _unknown_threshold(run_dir)
+    if unknown_threshold is not None and not multi:  # how often the export would say "unknown"
+        test["open_set"] = open_set.summary(probs, unknown_threshold)
     result = {"data": data, "test": test, "skipped": scan["skipped"]}
     outputs.atomic_write_json(os.path.join(run_dir, "evaluation.json"), result)
     markdown_lib.write_evaluation_files(run_dir, result, split.items)
     return result
+
+
+def _unknown_threshold(run_dir: str):
+    """The run's "none of the above" threshold (report.json's open_set), or None."""
+    try:
+        with open(os.path.join(run_dir, "report.json"), encoding="utf-8") as f:
+            return float(json.load(f)["open_set"]["threshold"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
