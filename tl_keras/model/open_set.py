@@ -15,8 +15,10 @@ separated the unseen classes better than max-probability (AUROC 0.649
 against 0.637), and no other score was ahead by more than its standard error
 (about 0.02): relative Mahalanobis distance 0.675, the head's energy 0.662,
 class centroids 0.654, k nearest neighbours 0.62. Entropy is a function of
-the served probabilities, so the SavedModel, every TFLite variant and the
-formula here agree exactly, and no feature statistics need to travel with
+the served probabilities, so the SavedModel, the float TFLite file and the
+formula here agree exactly (a quantized TFLite file computes it from its own
+probabilities, int8 in integer arithmetic: the same `unknown` on 99-99.7% of
+test photos), and no feature statistics need to travel with
 the model. Near-unknown classes (a tulip when only roses are known) are not
 separable this way: benchmarks/README.md has what it achieves and what not.
 
