@@ -226,6 +226,15 @@ def read_labels(path: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
+def _stored(path: str, name: str, key: str, kind):
+    """`kind(value)` of `key` in the export's JSON file `name`, or None if it has none."""
+    try:
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            return kind(json.load(f)[key])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class SavedModelClassifier:
     """A loaded export, called through `serving_default` on encoded bytes.
 
@@ -244,16 +253,9 @@ class SavedModelClassifier:
         if not os.path.isfile(os.path.join(path, LABELS_ASSET)):
             raise fail(flag, path, f"no {LABELS_ASSET} in this export")
         self.class_names = read_labels(path)
-        try:
-            with open(os.path.join(path, DECODING_FILE), encoding="utf-8") as f:
-                self.max_pixels = int(json.load(f)["max_pixels"])
-        except (OSError, ValueError, KeyError):
-            self.max_pixels = None  # an export from before the cap was stored
-        try:
-            with open(os.path.join(path, OPEN_SET_FILE), encoding="utf-8") as f:
-                self.unknown_threshold = float(json.load(f)["threshold"])
-        except (OSError, ValueError, KeyError):
-            self.unknown_threshold = None  # exported without the unknown output
+        # None: an export from before the cap was stored; one without the unknown output.
+        self.max_pixels = _stored(path, DECODING_FILE, "max_pixels", int)
+        self.unknown_threshold = _stored(path, OPEN_SET_FILE, "threshold", float)
 
     def predict_each(self, encoded: list[bytes], batch_size: int = 32
                      ) -> tuple[list[Optional[np.ndarray]], list[str]]:

@@ -209,12 +209,13 @@ def format_table(result: dict) -> str:
     k = max(len(r["classes"]) for r in rows)
     width = max(len("image"), *(len(r["image"]) for r in rows))
     cells = [[f"{c} {s:.4f}" for c, s in zip(r["classes"], r["scores"])] for r in rows]
-    if any("unknown" in r for r in rows):
+    answers = any("unknown" in r for r in rows)
+    if answers:
         for r, row in zip(rows, cells):
             row += [""] * (k - len(row)) + ["unknown" if r.get("unknown") else r["classes"][0]]
     col = max(len("top-1"), *(len(c) for row in cells for c in row))
     head = "image".ljust(width) + "".join(f"  {f'top-{i + 1}':<{col}}" for i in range(k))
-    if any("unknown" in r for r in rows):
+    if answers:
         head += f"  {'answer':<{col}}"
     lines = [head.rstrip()]
     for r, row in zip(rows, cells):

@@ -137,14 +137,7 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
     index = np.concatenate(idx)
     p1, p2 = np.concatenate(head_p), np.concatenate(tuned_p)
     t = targets[index]
-    right1, right2 = _right(p1, labels[index]), _right(p2, labels[index])
+    right1, right2 = kfold.correct(p1, labels[index]), kfold.correct(p2, labels[index])
     return Trial(tried, len(index), float(right1.mean()), float(right2.mean()),
                  kfold.log_loss(p1, t, multi), kfold.log_loss(p2, t, multi), p2, index,
                  int((right1 & ~right2).sum()), int((right2 & ~right1).sum()))
-
-
-def _right(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """[N] bool: the argmax is the label (multi-label: every label decided right at 0.5)."""
-    if labels.ndim == 2:
-        return np.all((probs >= 0.5) == (labels > 0.5), axis=1)
-    return probs.argmax(axis=1) == labels

@@ -239,12 +239,17 @@ class CrossValidation:
         return accuracy(self.oof_probs, labels)
 
 
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of probabilities: argmax for class ids, exact match of every
-    label at 0.5 for [N, C] multi-hot rows."""
+def correct(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[N] bool: each row predicted right (the argmax for class ids, every label
+    decided right at 0.5 for [N, C] multi-hot rows)."""
     if labels.ndim == 2:
-        return float(np.mean(((probs >= 0.5) == (labels > 0.5)).all(axis=1)))
-    return float(np.mean(probs.argmax(axis=1) == labels))
+        return ((probs >= 0.5) == (labels > 0.5)).all(axis=1)
+    return probs.argmax(axis=1) == labels
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of probabilities: the mean of `correct`."""
+    return float(np.mean(correct(probs, labels)))
 
 
 def log_loss(probs: np.ndarray, targets: np.ndarray, multi_label: bool) -> float:
