@@ -519,3 +519,24 @@ def test_pipelines_share_one_traced_decoder_and_decode_the_same_pixels():
     want = np.stack([decode_lib.decode_and_resize(tf.io.read_file(p), size).numpy()
                      for p in paths])
     np.testing.assert_array_equal(first, want)
+
+
+def test_resize_antialiases_only_beyond_twice_the_size():
+    # A real photo (flowers_mini: 320x240 and the like) shrunk at most 2x
+    # per axis: plain bilinear (cheap); shrunk more: antialiased (a plain
+    # resize would skip pixels). Batches follow the same rule.
+    image = decode_lib.decode_bytes(_photos("daisy", 1)[0].read_bytes())
+    h, w = image.shape[:2]
+
+    def resized(size, antialias):
+        x = tf.image.resize(tf.cast(image, tf.float32), [size, size], antialias=antialias)
+        return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8).numpy()
+
+    mild = -(-max(h, w) // 2)  # the longer side shrinks by 2x at most
+    np.testing.assert_array_equal(decode_lib.resize_image(image, mild).numpy(),
+                                  resized(mild, False))
+    strong = min(h, w) // 3
+    got = decode_lib.resize_image(image, strong).numpy()
+    np.testing.assert_array_equal(got, resized(strong, True))
+    assert np.abs(got.astype(int) - resized(strong, False)).mean() > 1.0  # a different filter
+    np.testing.assert_array_equal(decode_lib.resize_image(image[None], strong).numpy()[0], got)

@@ -53,15 +53,38 @@ GRAPH_LIMITS = (
 _BYTE = [bytes([i]) for i in range(256)]
 
 
+# Downscale factor (on either axis) above which the resize is antialiased.
+# Up to 2x, bilinear interpolation with half-pixel centres already averages
+# the two nearest source pixels per axis (at exactly 2x it is a 2x2 box
+# filter), as the backbones' own ImageNet training resized (TF-slim's
+# bilinear `resize_images`, no antialiasing); beyond that it would skip
+# pixels and alias (phone photos). TensorFlow's antialiased kernel costs
+# 0.6 CPU ms per flowers photo (320x240 to 160 px) against 0.04 ms for plain
+# bilinear: half of each image's decode + resize (benchmarks/README.md,
+# "Antialiasing only beyond 2x").
+ANTIALIAS_ABOVE = 2.0
+
+
 def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
     """Resizes an RGB image (any dtype, 0..255) to size x size uint8.
 
-    Antialiased bilinear resize, then rounding to uint8: this is what both the
-    training pipeline and the exported SavedModel do, so they see identical
-    pixels.
+    Bilinear resize, antialiased when the image shrinks by more than
+    `ANTIALIAS_ABOVE` on either axis, then rounding to uint8: this is what
+    both the training pipeline and the exported SavedModel do, so they see
+    identical pixels.
     """
-    x = tf.image.resize(tf.cast(image, tf.float32), [size, size], method="bilinear",
-                        antialias=True)
+    x = tf.cast(image, tf.float32)
+    shape = tf.shape(image)
+    limit = tf.cast(tf.math.ceil(ANTIALIAS_ABOVE * size), tf.int32)
+    shrinks = tf.reduce_any(shape[-3:-1] > limit)
+
+    def smooth():
+        return tf.image.resize(x, [size, size], method="bilinear", antialias=True)
+
+    def plain():
+        return tf.image.resize(x, [size, size], method="bilinear")
+
+    x = tf.cond(shrinks, smooth, plain)
     return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
 
