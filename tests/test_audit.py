@@ -124,8 +124,9 @@ def test_audit_through_the_stage2_cut_finds_the_same(planted, audited):
                               cache_dir=str(planted["root"] / "cut_cache"))
     result = audit.audit(cfg)
     kinds = [f.split(".")[-2] for f in os.listdir(cfg.cache_dir) if f.endswith(".npy")]
-    # Train and test cut (no validation split: the run cross-validates).
-    assert kinds.count("a") == 2 and kinds.count("am") == 1 and kinds.count("g") == 2
+    # Train, its mirror pass (the stage-2 trial's held-out mirrors) and test
+    # cut (no validation split: the run cross-validates).
+    assert kinds.count("a") == 3 and kinds.count("am") == 1 and kinds.count("g") == 2
     assert result["near_duplicates"] == audited[0]["near_duplicates"]
     assert result["label_issues"] == audited[0]["label_issues"]
 
@@ -249,11 +250,14 @@ def test_dropped_copies_leave_cached_rows_in_the_smaller_splits_order():
     tr = {"f": rows[:, None], "y": np.concatenate([order, order]) % 2}
     va = {"f": np.zeros((0, 1), np.float32), "y": np.zeros(0, int)}
     result = {"near_duplicates": [{"drop": {"split": "train", "index": 3}}]}
-    mirror = order.astype(np.float32)[:, None]  # one row per image, in the same order
+    # The mirror pass: one row per image, in the same order (features and activations).
+    mirror = {"f": order.astype(np.float32)[:, None],
+              "a": order.astype(np.float32)[:, None, None, None]}
     data, tr, va, mirror, dropped = audit.drop_copies(result, data, tr, va, seed, mirror)
     assert dropped == {"train": 1} and len(data.train) == 9
     names = [data.train.items[i] for i in data_pipeline.example_order(9, seed)]
-    assert [f"{int(i)}.jpg" for i in mirror[:, 0]] == names
+    assert [f"{int(i)}.jpg" for i in mirror["f"][:, 0]] == names
+    assert [f"{int(i)}.jpg" for i in mirror["a"][:, 0, 0, 0]] == names
     for view in (0, 1):
         got = tr["f"][view * 9:(view + 1) * 9, 0]
         assert [f"{int(i)}.jpg" for i in got] == names

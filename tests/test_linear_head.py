@@ -31,10 +31,11 @@ def mini():
     aug = augment.Augment(flip=True, rotation=0.03, zoom=0.1)
     (acts, feats), labels, _ = features.extract(cut.joint, images, 32, views=2, augmenter=aug,
                                                 seed=3, progress=False)
-    mirror, _, _ = features.extract(clf.features, images.map(
+    (mirror_acts, mirror), _, _ = features.extract(cut.joint, images.map(
         lambda x, y: (tf.image.flip_left_right(x), y)), 32, progress=False)
     n = len(split)
     return dict(clf=clf, fam=fam, cut=cut, n=n, labels=labels[:n], mirror=mirror,
+                mirror_acts=mirror_acts,
                 feats=[feats[:n], feats[n:]], acts=[acts[:n], acts[n:]],
                 targets=np.eye(len(classes), dtype=np.float32)[labels[:n]])
 
@@ -110,6 +111,39 @@ def test_the_trial_restores_the_model_and_measures_held_out_folds(mini):
     assert trial.finetune_wins == ((trial.finetune_accuracy, -trial.finetune_loss)
                                    > (trial.head_accuracy, -trial.head_loss))
     assert trial.summary()["finetune_kept"] == trial.finetune_wins
+
+
+def test_with_mirror_activations_the_trial_probabilities_are_as_served(mini):
+    # The exported model averages each image with its mirror: the trial's
+    # held-out probabilities, which calibrate a kept stage 2 and place its
+    # thresholds, do too; its figures (the decision) are the clean views'.
+    clf, fam, cut = mini["clf"], mini["fam"], mini["cut"]
+    _, cv = linear_head.fit_head_cv(clf.model, mini["feats"], mini["labels"], mini["targets"],
+                                    linear_head.HeadCVSpec(seed=1), mirror=mini["mirror"])
+    blocks_lib.set_trainable_top_blocks(clf.backbone, fam, 1)
+    spec = stages.StageSpec(epochs=2, learning_rate=3e-4, batch_size=16, warmup_epochs=1)
+    args = (clf.model, cut.trainer, mini["acts"], mini["feats"], mini["labels"],
+            mini["targets"], cv, spec)
+
+    def trial(mirror_acts):
+        t = finetune_trial.try_finetune(*args, mirror=mini["mirror"],
+                                        mirror_activations=mirror_acts, min_heldout=30)
+        t_targets = mini["targets"][t.index]
+        return t, kfold.log_loss(t.probs, t_targets, False)
+
+    clean, clean_loss = trial(None)
+    # "Mirrors" that are the clean views themselves: the average is the clean
+    # prediction, so the probabilities give the trial's own fine-tuned figures.
+    same, same_loss = trial(mini["acts"][0])
+    served, served_loss = trial(mini["mirror_acts"])
+    clf.backbone.trainable = False
+    for t, loss in ((clean, clean_loss), (same, same_loss)):
+        assert loss == pytest.approx(t.finetune_loss, rel=1e-5)
+        assert kfold.correct(t.probs, mini["labels"][t.index]).mean() == t.finetune_accuracy
+    # Real mirrors: probabilities of another input, averaged in.
+    assert abs(served_loss - served.finetune_loss) > 1e-3
+    np.testing.assert_allclose(served.probs.sum(axis=1), 1.0, atol=1e-5)
+    assert served.probs.shape == (40, 5) and served.index.tolist() == clean.index.tolist()
 
 
 def test_a_stage_without_validation_runs_its_whole_schedule(mini):

@@ -89,7 +89,7 @@ def _audit(cfg: Config, dist) -> dict:
                                images(1) if len(data.val) else None, "val", 1, None,
                                cache, key_parts, engine, copy_grid=True)
     mirror = (views.mirror_features(scaled, step.clf, images(0), cache, key_parts, engine, cut,
-                                    copy_grid=True) if mirrored else None)
+                                    copy_grid=True)["f"] if mirrored else None)
     t_cache = time.perf_counter() - t0 - build_seconds[0]
     log(f"audit: backbone features {'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
     # The test split's pass (train evaluates its kept head on the same entry).
@@ -202,7 +202,7 @@ def on_features(cfg: Config, data: sources_lib.Dataset, tr: dict, va: dict, clf,
 
 
 def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, seed: int,
-                mirror: Optional[np.ndarray] = None):
+                mirror: Optional[dict] = None):
     """Drops the training-side copies of cross-split near-duplicates (--drop_leakage).
 
     Args:
@@ -210,7 +210,7 @@ def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, see
         data: the run's dataset.
         tr, va: `views.cached_views` of train and val.
         seed: the run's seed (the cached training rows' order).
-        mirror: the mirrored training images' features (`views.mirror_features`), or None.
+        mirror: the mirrored training images' outputs (`views.mirror_features`), or None.
 
     Returns:
         (the dataset without them, tr, va and mirror without their rows,
@@ -230,7 +230,7 @@ def drop_copies(result: dict, data: sources_lib.Dataset, tr: dict, va: dict, see
     rows = [row_of[kept[k]] for k in data_pipeline.example_order(len(kept), seed).tolist()]
     tr = views.keep_rows(tr, n, rows)
     if mirror is not None:
-        mirror = np.asarray(mirror)[rows]
+        mirror = {k: np.asarray(a)[rows] for k, a in mirror.items()}
     train = data.train.subset(kept)
     gone_val = set(drop.get("val", []))
     keep_val = [j for j in range(len(data.val)) if j not in gone_val]

@@ -150,9 +150,10 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     va, _ = views.cached_views(scaled, blocks, clf, cut, val_images, "val", 1, None, cache,
                                key_parts, engine, copy_grid=cfg.audit)
     # The exported model averages each image with its mirror (--tta): the
-    # cross-validated head is trained and judged on the mirrored images too.
-    mirror = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine, cut,
-                                    copy_grid=cfg.audit) if mirrored else None)
+    # cross-validated head is trained and judged on the mirrored images too,
+    # and the stage-2 trial judges both on image + mirror.
+    mirrors = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine, cut,
+                                     copy_grid=cfg.audit) if mirrored else {})
     t_cache = time.perf_counter() - t0
     log(f"stage 1: backbone outputs of {cfg.cache_views} view(s) per training image "
         f"{'read from cache' if hit else 'computed'} in {t_cache:.1f}s")
@@ -161,16 +162,17 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
     audited = None
     if cfg.audit and dist.num_workers == 1:
         audited = audit_run.on_features(scaled, data, tr, va, clf, size, cache, key_parts, out,
-                                        cut, engine, mirror)
+                                        cut, engine, mirrors.get("f"))
         if cfg.drop_leakage:
-            data, tr, va, mirror, dropped = audit_run.drop_copies(audited, data, tr, va, cfg.seed,
-                                                                  mirror)
+            data, tr, va, mirrors, dropped = audit_run.drop_copies(audited, data, tr, va,
+                                                                   cfg.seed, mirrors)
             audited["dropped"] = dropped
             if dropped:  # the images stage 2 and the export read
                 train_images, val_images = views.split_images(cfg, dist, data, size,
                                                               image_cache)
     elif cfg.audit:
         log("audit: skipped with several workers (run tl-keras audit on one machine)")
+    mirror = mirrors.get("f")  # the mirrored training images' features
     head_spec, finetune_spec = _stage_specs(scaled, multi, class_weight, jit)
     n_train = len(data.train)
     cv = None
@@ -231,7 +233,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
         trial = state.once("stage2_trial", lambda: _trial_record(finetune_trial.try_finetune(
             clf.model, cut.trainer, _per_view(tr["a"], n_train), _per_view(tr["f"], n_train),
             tr["y"][:n_train], sources_lib.targets(tr["y"][:n_train], n_cls), cv,
-            finetune_spec, mirror=mirror)))
+            finetune_spec, mirror=mirror, mirror_activations=mirrors.get("a"))))
         report["stage2_trial"] = {k: v for k, v in trial.items() if k not in ("probs", "index")}
         log(f"stage 2 trial on fold(s) {trial['folds']} ({trial['images']} held-out images): "
             f"accuracy {trial['head_accuracy']:.4f} with the logistic head, "

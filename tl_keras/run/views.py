@@ -215,18 +215,23 @@ def images_to_pass(cfg: Config, data: sources_lib.Dataset, mirrored: bool) -> in
 
 
 def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=None, cut=None,
-                    copy_grid: bool = False) -> np.ndarray:
-    """Pooled features of the mirrored training images (cached like the views).
+                    copy_grid: bool = False) -> dict:
+    """Backbone outputs of the mirrored training images (cached like the views).
 
     The exported model averages each image's prediction with its mirror's
-    (--tta), so the cross-validated head is judged, and trained, on them too.
-    Rows are in the training images' cached order, like the views'. The pass
-    runs the model of the views' pass (`cut`, `copy_grid` as given to
-    `cached_views`: no second conversion or trace) on `engine`, keeping only
-    its pooled features; `images` may be a function that builds the dataset
-    (only on a cache miss).
+    (--tta), so the cross-validated head is judged, and trained, on them too,
+    and the stage-2 trial judges its held-out images the same way. Rows are
+    in the training images' cached order, like the views'. The pass runs the
+    model of the views' pass (`cut`, `copy_grid` as given to `cached_views`:
+    no second conversion or trace) on `engine`; `images` may be a function
+    that builds the dataset (only on a cache miss).
+
+    Returns:
+        {"f": pooled features [N, D]} and, with a `cut`, "a": the
+        activations below it [N, ...].
     """
     key = cache_lib.make_key(what="mirror", split="train", **key_parts)
+    names = ("a",) * (cut is not None) + ("f",)
 
     def compute():
         ds = images() if callable(images) else images
@@ -234,10 +239,11 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=Non
         model = pass_model(clf, cut, copy_grid)
         out = features.extract(model, flipped, features.inference_batch_size(cfg.batch_size),
                                progress=False, predict=engine and engine.predictor(model))[0]
-        return (_named_outputs(out, cut, copy_grid and copies.available(clf))["f"],)
+        named = _named_outputs(out, cut, copy_grid and copies.available(clf))
+        return tuple(named[n] for n in names)
 
-    (arrays,), _ = cache.get_or_compute(key, ("f",), compute, log)
-    return arrays
+    arrays, _ = cache.get_or_compute(key, names, compute, log)
+    return dict(zip(names, arrays))
 
 
 def test_features(cfg: Config, clf, split: sources_lib.Split, size: int, cache,

@@ -46,8 +46,10 @@ class Trial:
         head_accuracy / finetune_accuracy: of the fold's logistic head and of
             the same head after stage 2, on those images.
         head_loss / finetune_loss: their log losses.
-        probs: [images, C] stage 2's held-out probabilities (for calibration
-            when it is kept), rows in `index` order.
+        probs: [images, C] stage 2's held-out probabilities as the model is
+            served (averaged with the mirror's when the trial had mirror
+            activations), rows in `index` order: they calibrate a kept
+            stage 2 and place its thresholds.
         index: the held-out images' indices.
         head_only_right / finetune_only_right: held-out images only the head,
             or only the fine-tuned model, got right (the discordant pairs).
@@ -84,8 +86,9 @@ class Trial:
 def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence[np.ndarray],
                  features: Sequence[np.ndarray], labels: np.ndarray, targets: np.ndarray,
                  cv: kfold.CrossValidation, spec: stages_lib.StageSpec,
-                 mirror: Optional[np.ndarray] = None, min_heldout: int = MIN_HELDOUT,
-                 batch_size: int = 256) -> Trial:
+                 mirror: Optional[np.ndarray] = None,
+                 mirror_activations: Optional[np.ndarray] = None,
+                 min_heldout: int = MIN_HELDOUT, batch_size: int = 256) -> Trial:
     """Runs stage 2 on held-out folds and compares it with the logistic head.
 
     The model must be set up for stage 2 (top blocks unfrozen); its weights
@@ -102,6 +105,14 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
         cv: the head's cross-validation (folds and chosen strength).
         spec: stage 2's settings (its whole schedule runs, no early stopping).
         mirror: [N, D] mirrored images' features (a head training view).
+        mirror_activations: [N, ...] the mirrored images' activations, or
+            None. Given (the exported model averages each image with its
+            mirror), `Trial.probs`, which calibrate a kept stage 2 and place
+            its thresholds, average each held-out image's prediction with its
+            mirror's, as the model is served. The decision itself compares
+            the clean views: judging both models on image + mirror changed
+            the decision on one TUNE split of six, where it cost 2.7 points
+            (benchmarks/README.md, session 12).
         min_heldout: folds are tried until this many images were held out.
         batch_size: prediction batch size.
 
@@ -109,10 +120,14 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
         The Trial.
     """
     start = stages_lib.snapshot(model)
+
+    def predict(x):
+        return np.asarray(trainer.predict(x, batch_size=batch_size, verbose=0), np.float32)
+
     dense = model.get_layer(HEAD_LAYER)
     k = int(cv.folds.max()) + 1
     multi = labels.ndim == 2
-    tried, idx, head_p, tuned_p = [], [], [], []
+    tried, idx, head_p, tuned_p, served_p = [], [], [], [], []
     try:
         for f in range(k):
             tr, te = np.flatnonzero(cv.folds != f), np.flatnonzero(cv.folds == f)
@@ -126,8 +141,9 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
             y = np.tile(targets[tr], (len(activations), 1))
             stages_lib.fit_finetune(trainer, (x, y), None, spec, initial_epoch=0,
                                     steps_per_epoch=-(-len(tr) // spec.batch_size), verbose=0)
-            tuned_p.append(np.asarray(trainer.predict(activations[0][te], batch_size=batch_size,
-                                                      verbose=0), np.float32))
+            tuned_p.append(predict(activations[0][te]))
+            if mirror_activations is not None:
+                served_p.append((tuned_p[-1] + predict(mirror_activations[te])) / 2)
             tried.append(f)
             idx.append(te)
             if sum(len(i) for i in idx) >= min_heldout:
@@ -139,5 +155,6 @@ def try_finetune(model: keras.Model, trainer: keras.Model, activations: Sequence
     t = targets[index]
     right1, right2 = kfold.correct(p1, labels[index]), kfold.correct(p2, labels[index])
     return Trial(tried, len(index), float(right1.mean()), float(right2.mean()),
-                 kfold.log_loss(p1, t, multi), kfold.log_loss(p2, t, multi), p2, index,
+                 kfold.log_loss(p1, t, multi), kfold.log_loss(p2, t, multi),
+                 np.concatenate(served_p) if served_p else p2, index,
                  int((right1 & ~right2).sum()), int((right2 & ~right1).sum()))
