@@ -151,7 +151,7 @@ def _train(cfg: Config, dist: strategy_lib.Distribution) -> dict:
                                key_parts, engine, copy_grid=cfg.audit)
     # The exported model averages each image with its mirror (--tta): the
     # cross-validated head is trained and judged on the mirrored images too,
-    # and the stage-2 trial judges both on image + mirror.
+    # and a kept stage 2 is calibrated on its trial's image + mirror averages.
     mirrors = (views.mirror_features(scaled, clf, train_images, cache, key_parts, engine, cut,
                                      copy_grid=cfg.audit) if mirrored else {})
     t_cache = time.perf_counter() - t0

@@ -220,7 +220,8 @@ def mirror_features(cfg: Config, clf, images, cache, key_parts: dict, engine=Non
 
     The exported model averages each image's prediction with its mirror's
     (--tta), so the cross-validated head is judged, and trained, on them too,
-    and the stage-2 trial judges its held-out images the same way. Rows are
+    and the stage-2 trial's held-out probabilities (which calibrate a kept
+    stage 2) are averaged the same way (the activations). Rows are
     in the training images' cached order, like the views'. The pass runs the
     model of the views' pass (`cut`, `copy_grid` as given to `cached_views`:
     no second conversion or trace) on `engine`; `images` may be a function
