@@ -13,7 +13,8 @@ that keeps 95% of the known test photos (chosen on them: a diagnostic).
 Scores: from the head's probabilities (max-probability, entropy), from its
 logits (energy = -logsumexp, max logit) and from the features (cosine k
 nearest neighbours, class centroids, Mahalanobis and relative Mahalanobis on
-principal directions, the residual outside them).
+principal directions, the residual outside them), and entropy combined with
+four of them by the mean of their ranks.
 
 Usage (from the repo root): PYTHONPATH=. python benchmarks/tune_explorations/open_set_scores.py
 Features are cached in $TUNE_WORK (default /tmp).
@@ -29,6 +30,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import numpy as np  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from transfer_quality import WEIGHTS, flowers128_halves  # noqa: E402
@@ -126,6 +128,12 @@ def scores_for(known, clean, mirror, y):
         out[f"Mahalanobis, {dim} dims"], out[f"relative Mahalanobis, {dim} dims"] = md, rel
         out[f"residual outside {dim} dims"] = (np.linalg.norm(zt - (zt @ basis) @ basis.T, axis=1)
                                                / np.linalg.norm(zt, axis=1))
+    # Session 13: the served score (entropy) combined with a feature-space one,
+    # as the mean of their ranks over the test photos (an upper bound for any
+    # served combination, whose scales would have to be fixed in advance).
+    for name in ("relative Mahalanobis, 128 dims", "kNN cosine, k=10", "class centroid cosine",
+                 "energy (logits)"):
+        out[f"entropy + {name} (ranks)"] = (rankdata(out["entropy"]) + rankdata(out[name])) / 2
     return out, unseen
 
 
