@@ -18,15 +18,15 @@ Prints precision, recall and F1 of the flagged set against the flipped labels.
 """
 import argparse
 import os
-import shutil
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
-import audit_quality as aq  # noqa: E402
+import audit_rounds  # noqa: E402
 from tl_keras.report import audit as audit_lib  # noqa: E402
 from tl_keras.train import kfold  # noqa: E402
 
@@ -82,23 +82,7 @@ def main():
     ap.add_argument("--work", default="/tmp/audit_heads")
     args = ap.parse_args()
     audit_lib.label_issues = label_issues
-    photos = aq.tune_photos(400)
-    rows = {}
-    for seed in (0, 1, 2):
-        data_dir, out = os.path.join(args.work, "data"), os.path.join(args.work, "out")
-        truth = aq.plant(photos, data_dir, seed=seed, flip_fraction=0.05, copies=0)
-        shutil.rmtree(out, ignore_errors=True)
-        for name in ["default", *args.variants]:  # the first computes the features
-            VARIANT["name"] = name
-            r = aq.score(aq.run_audit(data_dir, out, 160, 0.72), truth)
-            f1 = 2 * r["precision"] * r["recall"] / max(1e-9, r["precision"] + r["recall"])
-            rows.setdefault(name, []).append((r["precision"], r["recall"], f1, r["flagged"]))
-            print(seed, name, rows[name][-1], flush=True)
-    for name, v in rows.items():
-        v = np.array(v)
-        print(f"{name}: precision {v[:, 0].mean():.3f} recall {v[:, 1].mean():.3f} "
-              f"F1 {v[:, 2].mean():.3f} flagged {v[:, 3].mean():.0f} "
-              f"(F1 per planting {np.round(v[:, 2], 3).tolist()})")
+    audit_rounds.compare(args.variants, VARIANT, args.work)
 
 
 if __name__ == "__main__":

@@ -58,28 +58,40 @@ def label_issues(features, labels, num_classes, seed, groups=None, folds=audit_l
     return {**first, "issues": np.asarray(issues, int), "probs": p, "suggested": p.argmax(1)}
 
 
+def compare(variants, state, work):
+    """Runs the default and each variant on the three tune plantings; prints their scores.
+
+    Args:
+        variants: names the patched `label_issues` understands.
+        state: the dict whose "name" selects the variant of the patched function.
+        work: scratch folder (the planted data and the audit's output).
+    """
+    photos = aq.tune_photos(400)
+    rows = {}
+    for seed in (0, 1, 2):
+        data_dir, out = os.path.join(work, "data"), os.path.join(work, "out")
+        truth = aq.plant(photos, data_dir, seed=seed, flip_fraction=0.05, copies=0)
+        shutil.rmtree(out, ignore_errors=True)
+        for name in ["default", *variants]:  # the first computes the features
+            state["name"] = name
+            r = aq.score(aq.run_audit(data_dir, out, 160, 0.72), truth)
+            f1 = 2 * r["precision"] * r["recall"] / max(1e-9, r["precision"] + r["recall"])
+            rows.setdefault(name, []).append((r["precision"], r["recall"], f1, r["flagged"]))
+            print(seed, name, rows[name][-1], flush=True)
+    for name, v in rows.items():
+        v = np.array(v)
+        print(f"{name}: precision {v[:, 0].mean():.3f} recall {v[:, 1].mean():.3f} "
+              f"F1 {v[:, 2].mean():.3f} flagged {v[:, 3].mean():.0f} "
+              f"(F1 per planting {np.round(v[:, 2], 3).tolist()})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="+", default=["relabel", "folds10"])
     ap.add_argument("--work", default="/tmp/audit_rounds")
     args = ap.parse_args()
     audit_lib.label_issues = label_issues
-    photos = aq.tune_photos(400)
-    rows = {}
-    for seed in (0, 1, 2):
-        data_dir, out = os.path.join(args.work, "data"), os.path.join(args.work, "out")
-        truth = aq.plant(photos, data_dir, seed=seed, flip_fraction=0.05, copies=0)
-        shutil.rmtree(out, ignore_errors=True)
-        for name in ["default", *args.variants]:  # the first computes the features
-            VARIANT["name"] = name
-            r = aq.score(aq.run_audit(data_dir, out, 160, 0.72), truth)
-            f1 = 2 * r["precision"] * r["recall"] / max(1e-9, r["precision"] + r["recall"])
-            rows.setdefault(name, []).append((r["precision"], r["recall"], f1))
-            print(seed, name, rows[name][-1], flush=True)
-    for name, v in rows.items():
-        v = np.array(v)
-        print(f"{name}: precision {v[:, 0].mean():.3f} recall {v[:, 1].mean():.3f} "
-              f"F1 {v[:, 2].mean():.3f} (per planting {np.round(v[:, 2], 3).tolist()})")
+    compare(args.variants, VARIANT, args.work)
 
 
 if __name__ == "__main__":
