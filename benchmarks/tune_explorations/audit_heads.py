@@ -30,7 +30,6 @@ import audit_rounds  # noqa: E402
 from tl_keras.report import audit as audit_lib  # noqa: E402
 from tl_keras.train import kfold  # noqa: E402
 
-DEFAULT = audit_lib.label_issues
 VARIANT = {"name": "default"}
 
 
@@ -40,40 +39,20 @@ def _oof(features, views, mirror, targets, fid, c):
     return cv.oof_probs.astype(np.float64)
 
 
-def label_issues(features, labels, num_classes, seed, groups=None, folds=audit_lib.AUDIT_FOLDS,
-                 views=(), mirror=None):
-    first = DEFAULT(features, labels, num_classes, seed, groups, folds, views, mirror)
-    name = VARIANT["name"]
-    if name == "default" or np.asarray(labels).ndim == 2:
-        return first
-    import cleanlab.count
-    import cleanlab.filter
-
-    y = np.asarray(labels).astype(int)
+def variant(name, first, y, fid, features, views, mirror, num_classes):
     p = first["probs"]
-    if name in ("c_down", "c_path"):
-        grid = sorted(kfold.DEFAULT_C_GRID)
-        i = grid.index(first["c"])
-        k = int(min(folds, max(2, min(np.bincount(y, minlength=num_classes)))))
-        fid = kfold.fold_ids(y, k, seed, groups=None if groups is None else groups.tolist())
-        t = np.eye(num_classes, dtype=np.float32)[y]
-        if name == "c_down":
-            p = _oof(features, views, mirror, t, fid, grid[max(0, i - 1)])
-        else:
-            cs = grid[max(0, i - 1):i + 2]
-            p = np.mean([_oof(features, views, mirror, t, fid, c) for c in cs], axis=0)
-        p = np.clip(p, 1e-6, 1)
-        p /= p.sum(1, keepdims=True)
-        issues = cleanlab.filter.find_label_issues(y, p, filter_by=audit_lib.LABEL_FILTER,
-                                                   return_indices_ranked_by="self_confidence",
-                                                   n_jobs=1)
-    elif name == "calibrated":
+    if name == "calibrated":
+        import cleanlab.count
+
         n = cleanlab.count.num_label_issues(y, p, estimation_method="off_diagonal_calibrated")
-        sc = p[np.arange(len(y)), y]
-        issues = np.argsort(sc, kind="stable")[:n]
-    else:
-        raise ValueError(name)
-    return {**first, "issues": np.asarray(issues, int), "probs": p, "suggested": p.argmax(1)}
+        issues = np.argsort(p[np.arange(len(y)), y], kind="stable")[:n]
+        return {**first, "issues": np.asarray(issues, int)}
+    grid = sorted(kfold.DEFAULT_C_GRID)
+    i = grid.index(first["c"])
+    t = np.eye(num_classes, dtype=np.float32)[y]
+    strengths = grid[max(0, i - 1):max(1, i)] if name == "c_down" else grid[max(0, i - 1):i + 2]
+    return audit_rounds.flag(first, y, np.mean(
+        [_oof(features, views, mirror, t, fid, c) for c in strengths], axis=0))
 
 
 def main():
@@ -81,7 +60,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=["c_down", "c_path", "calibrated"])
     ap.add_argument("--work", default="/tmp/audit_heads")
     args = ap.parse_args()
-    audit_lib.label_issues = label_issues
+    audit_lib.label_issues = audit_rounds.patched(variant, VARIANT)
     audit_rounds.compare(args.variants, VARIANT, args.work)
 
 

@@ -32,6 +32,42 @@ DEFAULT = audit_lib.label_issues
 VARIANT = {"name": "default"}
 
 
+def heldout_folds(labels, num_classes, seed, groups, folds):
+    """The audit's class ids and fold ids (as `report.audit.label_issues` draws them)."""
+    y = np.asarray(labels).astype(int)
+    k = int(min(folds, max(2, min(np.bincount(y, minlength=num_classes)))))
+    return y, kfold.fold_ids(y, k, seed, groups=None if groups is None else groups.tolist())
+
+
+def flag(first, y, probs):
+    """`first` (the default result) with the images cleanlab flags on `probs` instead."""
+    import cleanlab.filter
+
+    p = np.clip(np.asarray(probs, np.float64), 1e-6, 1)
+    p /= p.sum(1, keepdims=True)
+    issues = cleanlab.filter.find_label_issues(y, p, filter_by=audit_lib.LABEL_FILTER,
+                                               return_indices_ranked_by="self_confidence",
+                                               n_jobs=1)
+    return {**first, "issues": np.asarray(issues, int), "probs": p, "suggested": p.argmax(1)}
+
+
+def patched(variant, state):
+    """A `label_issues` that runs the default, then `variant` for the variant `state` names.
+
+    `variant(name, first, y, folds, features, views, mirror, num_classes)`
+    returns the result (see `flag`); "default" and multi-label data keep `first`.
+    """
+    def label_issues(features, labels, num_classes, seed, groups=None,
+                     folds=audit_lib.AUDIT_FOLDS, views=(), mirror=None):
+        first = DEFAULT(features, labels, num_classes, seed, groups, folds, views, mirror)
+        if state["name"] == "default" or np.asarray(labels).ndim == 2:
+            return first
+        y, fid = heldout_folds(labels, num_classes, seed, groups, folds)
+        return variant(state["name"], first, y, fid, features, views, mirror, num_classes)
+
+    return label_issues
+
+
 def label_issues(features, labels, num_classes, seed, groups=None, folds=audit_lib.AUDIT_FOLDS,
                  views=(), mirror=None):
     name = VARIANT["name"]
@@ -40,22 +76,13 @@ def label_issues(features, labels, num_classes, seed, groups=None, folds=audit_l
     first = DEFAULT(features, labels, num_classes, seed, groups, folds, views, mirror)
     if name == "default" or np.asarray(labels).ndim == 2:
         return first
-    import cleanlab.filter
-
-    y = np.asarray(labels).astype(int)
+    y, fid = heldout_folds(labels, num_classes, seed, groups, folds)
     relabelled = y.copy()
     relabelled[first["issues"]] = first["suggested"][first["issues"]]
-    k = int(min(folds, max(2, min(np.bincount(y, minlength=num_classes)))))
-    fid = kfold.fold_ids(y, k, seed, groups=None if groups is None else groups.tolist())
     cv = kfold.cross_validate([features, *views], np.eye(num_classes, dtype=np.float32)[relabelled],
                               fid, mirror=mirror, max_dim=audit_lib.PRINCIPAL_DIM,
                               held_out_views=True)
-    p = np.clip(cv.oof_probs.astype(np.float64), 1e-6, 1)
-    p /= p.sum(1, keepdims=True)
-    issues = cleanlab.filter.find_label_issues(y, p, filter_by=audit_lib.LABEL_FILTER,
-                                               return_indices_ranked_by="self_confidence",
-                                               n_jobs=1)
-    return {**first, "issues": np.asarray(issues, int), "probs": p, "suggested": p.argmax(1)}
+    return flag(first, y, cv.oof_probs)
 
 
 def compare(variants, state, work):
